@@ -1,0 +1,40 @@
+// Architecture hyper-parameters of a LLaMA-family decoder, whatever file they came from.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace quantkv {
+
+enum class RopeScalingType { kNone, kLinear, kYarn, kLlama3 };
+
+struct RopeConfig {
+  float theta = 10000.0f;
+  RopeScalingType scaling = RopeScalingType::kNone;
+  float factor = 1.0f;                    // linear / yarn / llama3 scale factor
+  int64_t original_context = 0;           // yarn / llama3: pre-scaling context length
+  float yarn_beta_fast = 32.0f;
+  float yarn_beta_slow = 1.0f;
+  float yarn_attn_factor = 1.0f;  // multiplies the yarn magnitude correction
+  float llama3_low_freq_factor = 1.0f;
+  float llama3_high_freq_factor = 4.0f;
+};
+
+struct ModelConfig {
+  std::string architecture = "llama";  // llama, mistral, qwen2
+  std::string name;
+  int64_t n_layers = 0;
+  int64_t hidden = 0;
+  int64_t intermediate = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t vocab_size = 0;
+  int64_t context_length = 2048;
+  float rms_eps = 1e-5f;
+  RopeConfig rope;
+  bool tied_embeddings = false;
+  bool attention_bias = false;  // qwen2 has q/k/v biases
+};
+
+}  // namespace quantkv
