@@ -1,0 +1,135 @@
+#include "kernels/matmul.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "kernels/cpu/quant_dot.h"
+#include "kernels/dequantize.h"
+
+namespace quantkv::kernels {
+namespace {
+
+constexpr int64_t kGemmTileRows = 32;
+
+// Our threads split the work; OpenBLAS must not start its own pool on top.
+void SingleThreadedBlas() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
+absl::Status CheckShapes(const WeightMatrix& w, int64_t m) {
+  if (w.data == nullptr || w.rows <= 0 || w.cols <= 0 || m < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("MatMul: bad shapes (rows %d, cols %d, m %d)", w.rows, w.cols, m));
+  }
+  const GgmlTypeInfo& info = GgmlTypeInfoOf(w.type);
+  if (w.cols % info.block_size != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MatMul: %d columns are not a multiple of the %s block size", w.cols, info.name));
+  }
+  if (!info.dequantizable) {
+    return absl::UnimplementedError(
+        absl::StrFormat("MatMul: weight type %s is not supported", info.name));
+  }
+  return absl::OkStatus();
+}
+
+void ParallelRows(ThreadPool* pool, int64_t rows, int64_t grain,
+                  const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (pool == nullptr) {
+    fn(0, rows, 0);
+  } else {
+    pool->ParallelFor(rows, fn, grain);
+  }
+}
+
+// Int8 activations against Q4_0/Q4_1/Q8_0 weight rows.
+void MatMulInt8(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
+                internal::QuantDotFn dot, int64_t row_bytes) {
+  const int64_t nb = w.cols / internal::kQ8Block;
+  std::vector<internal::ActQ8Block> act(static_cast<size_t>(nb * m));
+  for (int64_t i = 0; i < m; ++i) {
+    internal::QuantizeActivationsQ8(x + i * w.cols, w.cols, act.data() + i * nb);
+  }
+  ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w.data + r * row_bytes;
+      for (int64_t i = 0; i < m; ++i) y[i * w.rows + r] = dot(row, act.data() + i * nb, nb);
+    }
+  });
+}
+
+// fp32 activations, few rows: dequantize each weight row once and dot with every x row.
+void MatMulFloatRows(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
+                     int64_t row_bytes) {
+  ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
+    std::vector<float> buf(static_cast<size_t>(w.cols));
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* wr;
+      if (w.type == GgmlType::kF32) {
+        wr = reinterpret_cast<const float*>(w.data + r * row_bytes);
+      } else {
+        // Type and shape were validated up front, so this cannot fail.
+        (void)DequantizeRow(w.type, w.data + r * row_bytes, buf.data(), w.cols);
+        wr = buf.data();
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        y[i * w.rows + r] = internal::DotF32(wr, x + i * w.cols, w.cols);
+      }
+    }
+  });
+}
+
+// Many rows: dequantize a tile of weight rows and let SGEMM do m x tile x cols.
+void MatMulGemm(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
+                int64_t row_bytes) {
+  SingleThreadedBlas();
+  const int64_t n_tiles = (w.rows + kGemmTileRows - 1) / kGemmTileRows;
+  ParallelRows(pool, n_tiles, 1, [&](int64_t t0, int64_t t1, int) {
+    std::vector<float> tile(static_cast<size_t>(kGemmTileRows * w.cols));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kGemmTileRows;
+      const int64_t nr = std::min(kGemmTileRows, w.rows - r0);
+      const float* wt;
+      if (w.type == GgmlType::kF32) {
+        wt = reinterpret_cast<const float*>(w.data + r0 * row_bytes);
+      } else {
+        (void)DequantizeRows(w.type, w.data + r0 * row_bytes, tile.data(), nr, w.cols);
+        wt = tile.data();
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
+                  static_cast<int>(nr), static_cast<int>(w.cols), 1.0f, x,
+                  static_cast<int>(w.cols), wt, static_cast<int>(w.cols), 0.0f, y + r0,
+                  static_cast<int>(w.rows));
+    }
+  });
+}
+
+}  // namespace
+
+absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
+                    const MatMulOptions& options) {
+  if (absl::Status s = CheckShapes(w, m); !s.ok()) return s;
+  if (m == 0) return absl::OkStatus();
+  const int64_t row_bytes = *GgmlRowBytes(w.type, w.cols);
+  if (m >= options.gemm_min_rows) {
+    MatMulGemm(w, x, m, y, pool, row_bytes);
+    return absl::OkStatus();
+  }
+  if (options.activations == ActivationPrecision::kInt8) {
+    if (internal::QuantDotFn dot = internal::GetQuantDot(w.type)) {
+      MatMulInt8(w, x, m, y, pool, dot, row_bytes);
+      return absl::OkStatus();
+    }
+  }
+  MatMulFloatRows(w, x, m, y, pool, row_bytes);
+  return absl::OkStatus();
+}
+
+const char* MatMulIsa() { return internal::QuantDotIsa(); }
+
+}  // namespace quantkv::kernels

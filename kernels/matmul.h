@@ -1,0 +1,42 @@
+// y = x · Wᵀ for weights stored in a ggml block format, used in place (no fp copy of the
+// model). Decode (few rows) quantizes the activations to 8 bits per 32-block and runs
+// integer dot products against the weight blocks, llama.cpp's scheme, so a token reads
+// ~5 bits per Q4 weight. Many rows (prefill) dequantize weight tiles into an OpenBLAS SGEMM.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kernels/ggml_types.h"
+#include "kernels/thread_pool.h"
+
+namespace quantkv::kernels {
+
+// A row-major [rows x cols] weight matrix: `rows` output features, each row `cols` inputs
+// in ggml blocks (GGUF dims are {cols, rows}).
+struct WeightMatrix {
+  GgmlType type = GgmlType::kF32;
+  const uint8_t* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+enum class ActivationPrecision {
+  kFloat32,  // activations stay fp32: weights are dequantized and dotted in fp32
+  kInt8,     // activations quantized to int8 per 32 (Q8/Q4 weights only; others use fp32)
+};
+
+struct MatMulOptions {
+  ActivationPrecision activations = ActivationPrecision::kInt8;
+  // From this many activation rows on, dequantize weight tiles and call SGEMM.
+  int64_t gemm_min_rows = 8;
+};
+
+// x: [m x w.cols], y: [m x w.rows] (row stride w.rows). pool may be null (one thread).
+absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
+                    const MatMulOptions& options = {});
+
+// Which SIMD level the int8 dot products use on this CPU ("avx512vnni", "avx2", "scalar").
+const char* MatMulIsa();
+
+}  // namespace quantkv::kernels

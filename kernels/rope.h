@@ -1,0 +1,44 @@
+// Rotary position embedding with the scaling variants HF transformers implements
+// (none, linear, YaRN, llama3), applied in place to [tokens][heads][head_dim] rows.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace quantkv::kernels {
+
+enum class RopeScaling { kNone, kLinear, kYarn, kLlama3 };
+
+struct RopeSpec {
+  int64_t head_dim = 64;
+  double theta = 10000.0;
+  RopeScaling scaling = RopeScaling::kNone;
+  double factor = 1.0;
+  int64_t original_context = 0;  // YaRN / llama3
+  double yarn_beta_fast = 32.0;
+  double yarn_beta_slow = 1.0;
+  double yarn_attn_factor = 1.0;  // extra multiplier on YaRN's 0.1*ln(s)+1 magnitude
+  double llama3_low_freq_factor = 1.0;
+  double llama3_high_freq_factor = 4.0;
+  // false: rotate adjacent pairs (x[2i], x[2i+1]) — GGUF's LLaMA layout;
+  // true: rotate (x[i], x[i + d/2]) — NeoX / HF rotate_half layout (Qwen2 in GGUF).
+  bool neox = false;
+};
+
+class RopeTable {
+ public:
+  explicit RopeTable(const RopeSpec& spec);
+  const RopeSpec& spec() const { return spec_; }
+  const std::vector<double>& inv_freq() const { return inv_freq_; }
+  double magnitude() const { return magnitude_; }  // YaRN scales cos/sin by this
+
+  // x: n_tokens rows of n_heads * head_dim; token t is at positions[t].
+  void Apply(float* x, int64_t n_tokens, int64_t n_heads, const int32_t* positions) const;
+
+ private:
+  RopeSpec spec_;
+  std::vector<double> inv_freq_;
+  double magnitude_ = 1.0;
+};
+
+}  // namespace quantkv::kernels

@@ -1,0 +1,352 @@
+#include "runtime/engine/engine.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_format.h"
+#include "kernels/activation.h"
+#include "kernels/attention.h"
+#include "kernels/dequantize.h"
+#include "kernels/rmsnorm.h"
+#include "runtime/util/status_macros.h"
+
+namespace quantkv {
+namespace {
+
+kernels::RopeSpec RopeSpecFor(const ModelConfig& c) {
+  kernels::RopeSpec s;
+  s.head_dim = c.head_dim;
+  s.theta = c.rope.theta;
+  s.factor = c.rope.factor;
+  s.original_context = c.rope.original_context;
+  s.yarn_beta_fast = c.rope.yarn_beta_fast;
+  s.yarn_beta_slow = c.rope.yarn_beta_slow;
+  s.yarn_attn_factor = c.rope.yarn_attn_factor;
+  s.llama3_low_freq_factor = c.rope.llama3_low_freq_factor;
+  s.llama3_high_freq_factor = c.rope.llama3_high_freq_factor;
+  s.neox = c.rope_neox;
+  switch (c.rope.scaling) {
+    case RopeScalingType::kNone: s.scaling = kernels::RopeScaling::kNone; break;
+    case RopeScalingType::kLinear: s.scaling = kernels::RopeScaling::kLinear; break;
+    case RopeScalingType::kYarn: s.scaling = kernels::RopeScaling::kYarn; break;
+    case RopeScalingType::kLlama3: s.scaling = kernels::RopeScaling::kLlama3; break;
+  }
+  return s;
+}
+
+std::string DimsString(const std::vector<int64_t>& dims) {
+  std::string s = "{";
+  for (size_t i = 0; i < dims.size(); ++i) s += absl::StrFormat("%s%d", i ? ", " : "", dims[i]);
+  return s + "}";
+}
+
+// A [rows x cols] matrix tensor (GGUF dims {cols, rows}) checked against the config.
+absl::StatusOr<kernels::WeightMatrix> Matrix(const WeightSource& w, const std::string& name,
+                                             int64_t rows, int64_t cols) {
+  const WeightTensor* t = w.Find(name);
+  if (t == nullptr) {
+    return absl::NotFoundError(absl::StrFormat("%s: missing tensor '%s'", w.origin(), name));
+  }
+  if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: tensor '%s' has dims %s, the config implies {%d, %d}", w.origin(), name,
+        DimsString(t->dims), cols, rows));
+  }
+  if (!kernels::GgmlTypeInfoOf(t->type).dequantizable) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: tensor '%s' has type %s, which QuantKV cannot compute with", w.origin(), name,
+        kernels::GgmlTypeInfoOf(t->type).name));
+  }
+  return kernels::WeightMatrix{t->type, t->data, rows, cols};
+}
+
+// A vector tensor dequantized to fp32 (norm weights, biases).
+absl::StatusOr<std::vector<float>> Vector(const WeightSource& w, const std::string& name,
+                                          int64_t n) {
+  const WeightTensor* t = w.Find(name);
+  if (t == nullptr) {
+    return absl::NotFoundError(absl::StrFormat("%s: missing tensor '%s'", w.origin(), name));
+  }
+  if (t->dims.size() != 1 || t->dims[0] != n) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: tensor '%s' has dims %s, the config implies {%d}", w.origin(), name,
+        DimsString(t->dims), n));
+  }
+  std::vector<float> v(static_cast<size_t>(n));
+  QKV_RETURN_IF_ERROR(kernels::DequantizeRow(t->type, t->data, v.data(), n));
+  return v;
+}
+
+}  // namespace
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSource> weights,
+                                                       const EngineConfig& config) {
+  if (config.threads < 1 || config.max_chunk_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("engine: threads (%d) and max_chunk_tokens (%d) must be positive",
+                        config.threads, config.max_chunk_tokens));
+  }
+  std::unique_ptr<Engine> e(new Engine());
+  e->config_ = config;
+  e->weights_ = std::move(weights);
+  QKV_RETURN_IF_ERROR(e->LoadWeights());
+  const ModelConfig& c = e->weights_->config();
+  KvCacheConfig kv;
+  kv.n_layers = c.n_layers;
+  kv.n_kv_heads = c.n_kv_heads;
+  kv.head_dim = c.head_dim;
+  kv.block_tokens = config.kv_block_tokens;
+  kv.format = config.kv_format;
+  kv.max_bytes = config.kv_max_bytes;
+  QKV_ASSIGN_OR_RETURN(e->kv_, PagedKvCache::Create(kv));
+  e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
+  e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
+  return e;
+}
+
+absl::Status Engine::LoadWeights() {
+  const WeightSource& w = *weights_;
+  const ModelConfig& c = w.config();
+  const int64_t q_dim = c.n_heads * c.head_dim;
+  const int64_t kv_dim = c.n_kv_heads * c.head_dim;
+  QKV_ASSIGN_OR_RETURN(embedding_, Matrix(w, "token_embd.weight", c.vocab_size, c.hidden));
+  if (w.Find("output.weight") != nullptr) {
+    QKV_ASSIGN_OR_RETURN(lm_head_, Matrix(w, "output.weight", c.vocab_size, c.hidden));
+  } else {
+    lm_head_ = embedding_;  // tied embeddings
+  }
+  QKV_ASSIGN_OR_RETURN(output_norm_, Vector(w, "output_norm.weight", c.hidden));
+  layers_.resize(c.n_layers);
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    Layer& l = layers_[i];
+    const std::string p = absl::StrFormat("blk.%d.", i);
+    QKV_ASSIGN_OR_RETURN(l.q, Matrix(w, p + "attn_q.weight", q_dim, c.hidden));
+    QKV_ASSIGN_OR_RETURN(l.k, Matrix(w, p + "attn_k.weight", kv_dim, c.hidden));
+    QKV_ASSIGN_OR_RETURN(l.v, Matrix(w, p + "attn_v.weight", kv_dim, c.hidden));
+    QKV_ASSIGN_OR_RETURN(l.o, Matrix(w, p + "attn_output.weight", c.hidden, q_dim));
+    QKV_ASSIGN_OR_RETURN(l.gate, Matrix(w, p + "ffn_gate.weight", c.intermediate, c.hidden));
+    QKV_ASSIGN_OR_RETURN(l.up, Matrix(w, p + "ffn_up.weight", c.intermediate, c.hidden));
+    QKV_ASSIGN_OR_RETURN(l.down, Matrix(w, p + "ffn_down.weight", c.hidden, c.intermediate));
+    QKV_ASSIGN_OR_RETURN(l.attn_norm, Vector(w, p + "attn_norm.weight", c.hidden));
+    QKV_ASSIGN_OR_RETURN(l.ffn_norm, Vector(w, p + "ffn_norm.weight", c.hidden));
+    if (c.attention_bias) {
+      QKV_ASSIGN_OR_RETURN(l.q_bias, Vector(w, p + "attn_q.bias", q_dim));
+      QKV_ASSIGN_OR_RETURN(l.k_bias, Vector(w, p + "attn_k.bias", kv_dim));
+      QKV_ASSIGN_OR_RETURN(l.v_bias, Vector(w, p + "attn_v.bias", kv_dim));
+    }
+  }
+  return absl::OkStatus();
+}
+
+SequenceId Engine::NewSequence() {
+  const SequenceId id = next_seq_++;
+  sequences_.emplace(id, SequenceBlocks{});
+  return id;
+}
+
+absl::Status Engine::Release(SequenceId seq) {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
+  }
+  kv_->Free(it->second);
+  sequences_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Engine::SequenceLength(SequenceId seq) const {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
+  }
+  return it->second.length;
+}
+
+void Engine::Embed(std::span<const int32_t> tokens, float* out) const {
+  const int64_t hidden = embedding_.cols;
+  const int64_t row_bytes = *kernels::GgmlRowBytes(embedding_.type, hidden);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    (void)kernels::DequantizeRow(embedding_.type, embedding_.data + tokens[i] * row_bytes,
+                                 out + i * hidden, hidden);
+  }
+}
+
+int64_t Engine::WeightBytesPerToken() const {
+  auto bytes = [](const kernels::WeightMatrix& m) {
+    return m.rows * *kernels::GgmlRowBytes(m.type, m.cols);
+  };
+  int64_t total = bytes(lm_head_) + *kernels::GgmlRowBytes(embedding_.type, embedding_.cols);
+  for (const Layer& l : layers_) {
+    total += bytes(l.q) + bytes(l.k) + bytes(l.v) + bytes(l.o) + bytes(l.gate) + bytes(l.up) +
+             bytes(l.down);
+  }
+  return total;
+}
+
+absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
+  const auto start = std::chrono::steady_clock::now();
+  const ModelConfig& c = weights_->config();
+  // Validate everything before touching any sequence.
+  int64_t total = 0;
+  for (const StepInput& in : inputs) {
+    if (!sequences_.contains(in.seq)) {
+      return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", in.seq));
+    }
+    if (in.tokens.empty() || static_cast<int64_t>(in.tokens.size()) > config_.max_chunk_tokens) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "engine: a step input has %d tokens (1..%d allowed)", in.tokens.size(),
+          config_.max_chunk_tokens));
+    }
+    for (int32_t t : in.tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("engine: token id %d outside the vocabulary [0, %d)", t,
+                            c.vocab_size));
+      }
+    }
+    const int64_t end = sequences_[in.seq].length + static_cast<int64_t>(in.tokens.size());
+    if (end > c.context_length * 16) {  // far past any trained/scaled window: refuse
+      return absl::OutOfRangeError(absl::StrFormat(
+          "engine: sequence %d would reach %d tokens, beyond 16x the context length %d",
+          in.seq, end, c.context_length));
+    }
+    total += static_cast<int64_t>(in.tokens.size());
+  }
+  // Reserve cache blocks for all inputs; undo on failure so nothing changes.
+  std::vector<size_t> had_blocks;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    SequenceBlocks& sb = sequences_[inputs[i].seq];
+    had_blocks.push_back(sb.blocks.size());
+    absl::Status s = kv_->Reserve(sb, sb.length + static_cast<int64_t>(inputs[i].tokens.size()));
+    if (!s.ok()) {
+      for (size_t j = 0; j < i; ++j) {
+        SequenceBlocks& sj = sequences_[inputs[j].seq];
+        for (size_t b = had_blocks[j]; b < sj.blocks.size(); ++b) {
+          (void)kv_->allocator().Release(sj.blocks[b]);
+        }
+        sj.blocks.resize(had_blocks[j]);
+      }
+      return s;
+    }
+  }
+
+  const int64_t H = c.hidden;
+  const int64_t q_dim = c.n_heads * c.head_dim;
+  const int64_t kv_dim = c.n_kv_heads * c.head_dim;
+  const int64_t I = c.intermediate;
+  std::vector<int32_t> tokens, positions;
+  tokens.reserve(total);
+  positions.reserve(total);
+  for (const StepInput& in : inputs) {
+    const int64_t base = sequences_[in.seq].length;
+    for (size_t i = 0; i < in.tokens.size(); ++i) {
+      tokens.push_back(in.tokens[i]);
+      positions.push_back(static_cast<int32_t>(base + i));
+    }
+  }
+  std::vector<float> h(total * H), xn(total * H), q(total * q_dim), k(total * kv_dim),
+      v(total * kv_dim), attn(total * q_dim), proj(total * H), gate(total * I), up(total * I);
+  Embed(tokens, h.data());
+
+  kernels::MatMulOptions mm;
+  mm.activations = config_.decode_activations;
+  kernels::ThreadPool* pool = pool_.get();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  auto add_bias = [total](std::vector<float>& x, const std::vector<float>& b) {
+    if (b.empty()) return;
+    const int64_t n = static_cast<int64_t>(b.size());
+    for (int64_t r = 0; r < total; ++r) {
+      for (int64_t i = 0; i < n; ++i) x[r * n + i] += b[i];
+    }
+  };
+
+  for (int64_t li = 0; li < c.n_layers; ++li) {
+    const Layer& l = layers_[li];
+    kernels::RmsNorm(h.data(), l.attn_norm.data(), xn.data(), total, H, c.rms_eps);
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.q, xn.data(), total, q.data(), pool, mm));
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.k, xn.data(), total, k.data(), pool, mm));
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.v, xn.data(), total, v.data(), pool, mm));
+    add_bias(q, l.q_bias);
+    add_bias(k, l.k_bias);
+    add_bias(v, l.v_bias);
+    rope_->Apply(q.data(), total, c.n_heads, positions.data());
+    rope_->Apply(k.data(), total, c.n_kv_heads, positions.data());
+    int64_t row = 0;
+    for (const StepInput& in : inputs) {
+      const SequenceBlocks& sb = sequences_[in.seq];
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      kv_->Write(sb, li, sb.length, n, k.data() + row * kv_dim, v.data() + row * kv_dim);
+      kernels::AttentionQuery aq;
+      aq.q = q.data() + row * q_dim;
+      aq.n_q = n;
+      aq.n_heads = c.n_heads;
+      aq.positions = positions.data() + row;
+      aq.scale = scale;
+      kernels::PagedAttention(aq, kv_->View(sb, li, sb.length + n), attn.data() + row * q_dim,
+                              pool);
+      row += n;
+    }
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));
+    kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.gate, xn.data(), total, gate.data(), pool, mm));
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.up, xn.data(), total, up.data(), pool, mm));
+    kernels::SwiGlu(gate.data(), up.data(), gate.data(), total * I);
+    QKV_RETURN_IF_ERROR(kernels::MatMul(l.down, gate.data(), total, proj.data(), pool, mm));
+    for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];
+  }
+
+  // Final norm and lm_head only for the rows whose logits were asked for.
+  std::vector<int64_t> out_rows;
+  int64_t row = 0;
+  for (const StepInput& in : inputs) {
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    if (in.all_logits) {
+      for (int64_t i = 0; i < n; ++i) out_rows.push_back(row + i);
+    } else {
+      out_rows.push_back(row + n - 1);
+    }
+    row += n;
+  }
+  const int64_t n_out = static_cast<int64_t>(out_rows.size());
+  std::vector<float> final_h(n_out * H);
+  for (int64_t i = 0; i < n_out; ++i) {
+    kernels::RmsNorm(h.data() + out_rows[i] * H, output_norm_.data(), final_h.data() + i * H, 1,
+                     H, c.rms_eps);
+  }
+  const size_t offset = logits->size();
+  logits->resize(offset + n_out * c.vocab_size);
+  QKV_RETURN_IF_ERROR(
+      kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset, pool, mm));
+
+  for (const StepInput& in : inputs) {
+    sequences_[in.seq].length += static_cast<int64_t>(in.tokens.size());
+  }
+  last_step_.tokens = total;
+  last_step_.forward_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                              std::chrono::steady_clock::now() - start)
+                              .count();
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Forward(SequenceId seq, std::span<const int32_t> tokens, bool all_logits,
+                             std::vector<float>* logits) {
+  if (tokens.empty()) return absl::InvalidArgumentError("engine: Forward with no tokens");
+  std::vector<float> last;
+  for (size_t pos = 0; pos < tokens.size(); pos += config_.max_chunk_tokens) {
+    const size_t n = std::min<size_t>(config_.max_chunk_tokens, tokens.size() - pos);
+    const bool final_chunk = pos + n == tokens.size();
+    StepInput in{seq, tokens.subspan(pos, n), all_logits};
+    if (all_logits) {
+      QKV_RETURN_IF_ERROR(Step({&in, 1}, logits));
+    } else {
+      last.clear();
+      QKV_RETURN_IF_ERROR(Step({&in, 1}, &last));
+      if (final_chunk) logits->insert(logits->end(), last.begin(), last.end());
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace quantkv

@@ -1,0 +1,99 @@
+// The CPU forward pass of a LLaMA-family decoder over the paged KV cache. One Step runs
+// any mix of prefill chunks and decode tokens from several sequences as one batch: the
+// linear layers see all rows at once, attention runs per sequence over its own blocks.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "kernels/matmul.h"
+#include "kernels/rope.h"
+#include "kernels/thread_pool.h"
+#include "runtime/kv/paged_kv_cache.h"
+#include "runtime/model/weight_source.h"
+
+namespace quantkv {
+
+struct EngineConfig {
+  int threads = 1;
+  KvFormat kv_format = KvFormat::kF16;
+  int64_t kv_block_tokens = 16;
+  int64_t kv_max_bytes = int64_t{1} << 30;
+  // Longest run of tokens of one sequence in a Step; longer inputs are split.
+  int64_t max_chunk_tokens = 512;
+  // kInt8 is llama.cpp's decode path (int8 activations against Q4/Q8 weights); kFloat32
+  // keeps activations exact for bit-for-bit comparisons with a float reference.
+  kernels::ActivationPrecision decode_activations = kernels::ActivationPrecision::kInt8;
+};
+
+using SequenceId = int64_t;
+
+// Tokens to append to one sequence in a Step, and which logits to return for them.
+struct StepInput {
+  SequenceId seq = 0;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;  // false: only the last token's logits
+};
+
+struct StepTimings {
+  int64_t forward_ns = 0;
+  int64_t tokens = 0;
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(std::unique_ptr<WeightSource> weights,
+                                                        const EngineConfig& config);
+  ~Engine();
+
+  const ModelConfig& model_config() const { return weights_->config(); }
+  const EngineConfig& config() const { return config_; }
+  const WeightSource& weights() const { return *weights_; }
+  const PagedKvCache& kv_cache() const { return *kv_; }
+
+  SequenceId NewSequence();
+  absl::Status Release(SequenceId seq);
+  absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const;
+
+  // Runs the inputs (at most max_chunk_tokens each) as one batch. Logits rows are appended
+  // to `logits` in input order: every token's row for all_logits inputs, else the last one.
+  // On error no sequence is changed.
+  absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits);
+
+  // Convenience: appends `tokens` to `seq` in chunks; returns the logits of the last token,
+  // or of every token when all_logits.
+  absl::Status Forward(SequenceId seq, std::span<const int32_t> tokens, bool all_logits,
+                       std::vector<float>* logits);
+
+  const StepTimings& last_step() const { return last_step_; }
+
+  // Bytes of weights a decode step reads (all linear layers, the lm_head, one embedding row).
+  int64_t WeightBytesPerToken() const;
+
+ private:
+  struct Layer {
+    kernels::WeightMatrix q, k, v, o, gate, up, down;
+    std::vector<float> attn_norm, ffn_norm, q_bias, k_bias, v_bias;
+  };
+  Engine() = default;
+  absl::Status LoadWeights();
+  void Embed(std::span<const int32_t> tokens, float* out) const;
+
+  EngineConfig config_;
+  std::unique_ptr<WeightSource> weights_;
+  std::unique_ptr<kernels::ThreadPool> pool_;
+  std::unique_ptr<PagedKvCache> kv_;
+  std::unique_ptr<kernels::RopeTable> rope_;
+  std::vector<Layer> layers_;
+  std::vector<float> output_norm_;
+  kernels::WeightMatrix embedding_, lm_head_;
+  absl::flat_hash_map<SequenceId, SequenceBlocks> sequences_;
+  SequenceId next_seq_ = 1;
+  StepTimings last_step_;
+};
+
+}  // namespace quantkv

@@ -1,0 +1,116 @@
+#include "runtime/model/gguf_model.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "runtime/util/status_macros.h"
+
+namespace quantkv {
+
+absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
+  ModelConfig c;
+  QKV_ASSIGN_OR_RETURN(c.architecture, f.GetString("general.architecture"));
+  if (c.architecture != "llama" && c.architecture != "mistral" && c.architecture != "qwen2") {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: general.architecture '%s' is not supported (llama, mistral, qwen2)", f.name(),
+        c.architecture));
+  }
+  const std::string a = c.architecture + ".";
+  QKV_ASSIGN_OR_RETURN(c.name, f.GetStringOr("general.name", ""));
+  QKV_ASSIGN_OR_RETURN(c.n_layers, f.GetInt(a + "block_count"));
+  QKV_ASSIGN_OR_RETURN(c.hidden, f.GetInt(a + "embedding_length"));
+  QKV_ASSIGN_OR_RETURN(c.intermediate, f.GetInt(a + "feed_forward_length"));
+  QKV_ASSIGN_OR_RETURN(c.n_heads, f.GetInt(a + "attention.head_count"));
+  QKV_ASSIGN_OR_RETURN(c.n_kv_heads, f.GetIntOr(a + "attention.head_count_kv", c.n_heads));
+  QKV_ASSIGN_OR_RETURN(c.context_length, f.GetIntOr(a + "context_length", 2048));
+  QKV_ASSIGN_OR_RETURN(double eps, f.GetFloatOr(a + "attention.layer_norm_rms_epsilon", 1e-5));
+  c.rms_eps = static_cast<float>(eps);
+  if (c.n_heads <= 0 || c.hidden <= 0 || c.n_layers <= 0 || c.intermediate <= 0 ||
+      c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: inconsistent shape metadata: %sblock_count %d, embedding_length %d, "
+        "feed_forward_length %d, head_count %d, head_count_kv %d",
+        f.name(), a, c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads));
+  }
+  QKV_ASSIGN_OR_RETURN(c.head_dim, f.GetIntOr(a + "attention.key_length", c.hidden / c.n_heads));
+  QKV_ASSIGN_OR_RETURN(int64_t rot, f.GetIntOr(a + "rope.dimension_count", c.head_dim));
+  if (rot != c.head_dim || c.head_dim % 2 != 0) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: %srope.dimension_count %d != head dim %d (partial rotary is not supported)",
+        f.name(), a, rot, c.head_dim));
+  }
+  QKV_ASSIGN_OR_RETURN(double theta, f.GetFloatOr(a + "rope.freq_base", 10000.0));
+  c.rope.theta = static_cast<float>(theta);
+  QKV_ASSIGN_OR_RETURN(std::string scaling, f.GetStringOr(a + "rope.scaling.type", "none"));
+  QKV_ASSIGN_OR_RETURN(double factor, f.GetFloatOr(a + "rope.scaling.factor", 1.0));
+  QKV_ASSIGN_OR_RETURN(c.rope.original_context,
+                       f.GetIntOr(a + "rope.scaling.original_context_length", c.context_length));
+  c.rope.factor = static_cast<float>(factor);
+  if (scaling == "none" || (scaling == "linear" && factor == 1.0)) {
+    c.rope.scaling = RopeScalingType::kNone;
+  } else if (scaling == "linear") {
+    c.rope.scaling = RopeScalingType::kLinear;
+  } else if (scaling == "yarn") {
+    c.rope.scaling = RopeScalingType::kYarn;
+    QKV_ASSIGN_OR_RETURN(double bf, f.GetFloatOr(a + "rope.scaling.yarn_beta_fast", 32.0));
+    QKV_ASSIGN_OR_RETURN(double bs, f.GetFloatOr(a + "rope.scaling.yarn_beta_slow", 1.0));
+    c.rope.yarn_beta_fast = static_cast<float>(bf);
+    c.rope.yarn_beta_slow = static_cast<float>(bs);
+  } else {
+    return absl::UnimplementedError(
+        absl::StrFormat("%s: %srope.scaling.type '%s' is not supported (none, linear, yarn)",
+                        f.name(), a, scaling));
+  }
+  if (f.FindTensor("rope_freqs.weight") != nullptr) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: per-frequency RoPE factors (rope_freqs.weight, llama3 scaling) are not supported",
+        f.name()));
+  }
+  // Qwen2 keeps HF's rotate-half layout in GGUF (llama.cpp runs it with NeoX RoPE).
+  c.rope_neox = c.architecture == "qwen2";
+  c.attention_bias = f.FindTensor("blk.0.attn_q.bias") != nullptr;
+  c.tied_embeddings = f.FindTensor("output.weight") == nullptr;
+  QKV_ASSIGN_OR_RETURN(const GgufTensor* emb, f.GetTensor("token_embd.weight"));
+  if (emb->dims.size() != 2 || emb->dims[0] != c.hidden) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: token_embd.weight has %d dims with row %d, expected rows of %sembedding_length %d",
+        f.name(), emb->dims.size(), emb->dims[0], a, c.hidden));
+  }
+  c.vocab_size = emb->dims[1];
+  if (f.Has(a + "vocab_size")) {
+    QKV_ASSIGN_OR_RETURN(int64_t v, f.GetInt(a + "vocab_size"));
+    if (v != c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: %svocab_size %d contradicts token_embd.weight's %d rows", f.name(), a, v,
+          c.vocab_size));
+    }
+  }
+  return c;
+}
+
+absl::StatusOr<std::unique_ptr<GgufModel>> GgufModel::Open(const std::string& path) {
+  QKV_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path));
+  return FromFile(std::move(file));
+}
+
+absl::StatusOr<std::unique_ptr<GgufModel>> GgufModel::FromFile(std::unique_ptr<GgufFile> file) {
+  std::unique_ptr<GgufModel> m(new GgufModel());
+  QKV_ASSIGN_OR_RETURN(m->config_, ModelConfigFromGguf(*file));
+  for (const GgufTensor& t : file->tensors()) {
+    WeightTensor w;
+    w.name = t.name;
+    w.dims = t.dims;
+    w.type = t.type;
+    w.data = t.data;
+    w.n_bytes = t.n_bytes;
+    m->tensors_.emplace(t.name, std::move(w));
+  }
+  m->file_ = std::move(file);
+  return m;
+}
+
+const WeightTensor* GgufModel::Find(std::string_view gguf_name) const {
+  auto it = tensors_.find(std::string(gguf_name));
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+}  // namespace quantkv
