@@ -24,6 +24,7 @@ struct Args {
   int prompt_tokens = 128;
   int decode_tokens = 64;
   std::string out = "bench/results";
+  bool mmap = false;
 };
 
 std::string DefaultModel() {
@@ -44,6 +45,10 @@ int Main(int argc, char** argv) {
   a.model = DefaultModel();
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
+    if (f == "--mmap") {  // weights used from the file mapping (4 KiB pages)
+      a.mmap = true;
+      continue;
+    }
     if (i + 1 >= argc) {
       std::cerr << "engine_bench: flag " << f << " needs a value\n";
       return 2;
@@ -74,7 +79,7 @@ int Main(int argc, char** argv) {
               "prefill tok/s", "decode tok/s", "decode ms/tok", "bound ms/tok", "fraction");
   int64_t weight_bytes = 0;
   for (int threads : {1, 2}) {
-    auto model = GgufModel::Open(a.model);
+    auto model = GgufModel::Open(a.model, a.mmap ? MappedFile::Mode::kMap : MappedFile::Mode::kHugeCopy);
     if (!model.ok()) {
       std::cerr << "engine_bench: " << model.status() << "\n";
       return 1;

@@ -10,7 +10,7 @@
 namespace quantkv::kernels {
 namespace {
 
-void BM_MatVec(benchmark::State& state, GgmlType type) {
+void BM_MatVec(benchmark::State& state, GgmlType type, ActivationPrecision act) {
   const int64_t rows = state.range(0), cols = state.range(1);
   const int64_t row_bytes = *GgmlRowBytes(type, cols);
   std::vector<uint8_t> w(rows * row_bytes);
@@ -18,21 +18,28 @@ void BM_MatVec(benchmark::State& state, GgmlType type) {
   for (auto& b : w) b = static_cast<uint8_t>(rng());
   // Keep the fp16 scales finite: zero the high byte of every block's first half.
   const auto& info = GgmlTypeInfoOf(type);
-  for (size_t b = 0; b < w.size(); b += info.type_size) w[b + 1] = 0x20;
+  for (size_t b = 0; b < w.size(); b += info.type_size) w[b + 1] = w[b + 3] = 0x20;
   std::vector<float> x(cols, 0.5f), y(rows);
   ThreadPool pool(static_cast<int>(state.range(2)));
   for (auto _ : state) {
-    (void)MatMul({type, w.data(), rows, cols}, x.data(), 1, y.data(), &pool);
+    (void)MatMul({type, w.data(), rows, cols}, x.data(), 1, y.data(), &pool, {.activations = act});
     benchmark::DoNotOptimize(y.data());
   }
   state.SetBytesProcessed(state.iterations() * rows * row_bytes);
   state.SetLabel(MatMulIsa());
 }
 
-BENCHMARK_CAPTURE(BM_MatVec, q4_1, GgmlType::kQ4_1)
+constexpr auto kInt8 = ActivationPrecision::kInt8;
+constexpr auto kF32 = ActivationPrecision::kFloat32;
+BENCHMARK_CAPTURE(BM_MatVec, q4_1_int8, GgmlType::kQ4_1, kInt8)
     ->Args({1536, 576, 1})->Args({49152, 576, 1})->Args({49152, 576, 2});
-BENCHMARK_CAPTURE(BM_MatVec, q8_0, GgmlType::kQ8_0)->Args({49152, 576, 1})->Args({49152, 576, 2});
-BENCHMARK_CAPTURE(BM_MatVec, q4_0, GgmlType::kQ4_0)->Args({49152, 576, 1});
+BENCHMARK_CAPTURE(BM_MatVec, q4_1_f32, GgmlType::kQ4_1, kF32)->Args({49152, 576, 1});
+BENCHMARK_CAPTURE(BM_MatVec, q8_0_int8, GgmlType::kQ8_0, kInt8)
+    ->Args({49152, 576, 1})->Args({49152, 576, 2});
+BENCHMARK_CAPTURE(BM_MatVec, q8_0_f32, GgmlType::kQ8_0, kF32)->Args({49152, 576, 1});
+BENCHMARK_CAPTURE(BM_MatVec, q8_0_int16, GgmlType::kQ8_0, ActivationPrecision::kInt16)
+    ->Args({49152, 576, 1});
+BENCHMARK_CAPTURE(BM_MatVec, q4_0_int8, GgmlType::kQ4_0, kInt8)->Args({49152, 576, 1});
 
 }  // namespace
 }  // namespace quantkv::kernels

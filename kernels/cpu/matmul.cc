@@ -51,9 +51,26 @@ void ParallelRows(ThreadPool* pool, int64_t rows, int64_t grain,
 void MatMulInt8(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
                 internal::QuantDotFn dot, int64_t row_bytes) {
   const int64_t nb = w.cols / internal::kQ8Block;
-  std::vector<internal::ActQ8Block> act(static_cast<size_t>(nb * m));
+  // Per thread, so concurrent MatMuls (none today) would not share it; reused across calls.
+  thread_local internal::ActQ8Buffer act;
+  act.Quantize(x, m, w.cols);
+  std::vector<internal::ActQ8Row> rows(m);
+  for (int64_t i = 0; i < m; ++i) rows[i] = act.row(i);
+  ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w.data + r * row_bytes;
+      for (int64_t i = 0; i < m; ++i) y[i * w.rows + r] = dot(row, rows[i], nb);
+    }
+  });
+}
+
+// Int16 activations against Q8_0 rows.
+void MatMulInt16(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
+                 internal::Int16DotFn dot, int64_t row_bytes) {
+  const int64_t nb = w.cols / internal::kQ8Block;
+  std::vector<internal::ActQ16Block> act(static_cast<size_t>(nb * m));
   for (int64_t i = 0; i < m; ++i) {
-    internal::QuantizeActivationsQ8(x + i * w.cols, w.cols, act.data() + i * nb);
+    internal::QuantizeActivationsQ16(x + i * w.cols, w.cols, act.data() + i * nb);
   }
   ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -66,6 +83,17 @@ void MatMulInt8(const WeightMatrix& w, const float* x, int64_t m, float* y, Thre
 // fp32 activations, few rows: dequantize each weight row once and dot with every x row.
 void MatMulFloatRows(const WeightMatrix& w, const float* x, int64_t m, float* y, ThreadPool* pool,
                      int64_t row_bytes) {
+  if (internal::FloatDotFn dot = internal::GetFloatDot(w.type)) {
+    const int64_t nb = w.cols / GgmlTypeInfoOf(w.type).block_size;
+    ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t i = 0; i < m; ++i) {
+          y[i * w.rows + r] = dot(w.data + r * row_bytes, x + i * w.cols, nb);
+        }
+      }
+    });
+    return;
+  }
   ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
     std::vector<float> buf(static_cast<size_t>(w.cols));
     for (int64_t r = r0; r < r1; ++r) {
@@ -119,6 +147,12 @@ absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t m, float* y, 
   if (m >= options.gemm_min_rows) {
     MatMulGemm(w, x, m, y, pool, row_bytes);
     return absl::OkStatus();
+  }
+  if (options.activations == ActivationPrecision::kInt16) {
+    if (internal::Int16DotFn dot = internal::GetInt16Dot(w.type)) {
+      MatMulInt16(w, x, m, y, pool, dot, row_bytes);
+      return absl::OkStatus();
+    }
   }
   if (options.activations == ActivationPrecision::kInt8) {
     if (internal::QuantDotFn dot = internal::GetQuantDot(w.type)) {

@@ -181,18 +181,6 @@ QKV_AVX2 void QuantizeQ8Avx2(const float* x, int64_t n, ActQ8Block* out) {
 // ---------------------------------------------------------------- AVX-512 VNNI
 #define QKV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-// Two consecutive blocks at once: 64 unsigned nibbles laid out [b0 lo, b0 hi, b1 lo, b1 hi].
-QKV_AVX512 inline __m512i Nibbles512(const uint8_t* qs0, const uint8_t* qs1) {
-  const __m256i r = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs1)),
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs0)));
-  const __m256i lo = r;
-  const __m256i hi = _mm256_srli_epi16(r, 4);
-  // Interleave per 128-bit lane: [r0, r0>>4, r1, r1>>4].
-  __m512i v = _mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20));
-  v = _mm512_inserti64x4(v, _mm256_permute2x128_si256(lo, hi, 0x31), 1);
-  return _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
-}
-
 QKV_AVX512 inline __m512i LoadAct2(const ActQ8Block* a) {
   __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[0].q)));
   return _mm512_inserti64x4(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[1].q)), 1);
@@ -203,26 +191,57 @@ QKV_AVX512 inline __m512 Scale2(float s0, float s1) {
                                              _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
 }
 
+// 16 blocks per step: the 16 scales come in with one gather (d, and m for Q4_1, are the
+// first 4 bytes of a block), each block pair's 64 nibbles meet the pre-interleaved
+// activations in one dpbusd, and the pair's scales are a permute of the 16.
 template <int kBytes, int kQsOffset, bool kHasMin>
-QKV_AVX512 float DotQ4Avx512(const uint8_t* w, const ActQ8Block* a, int64_t nb) {
+QKV_AVX512 float DotQ4Avx512(const uint8_t* w, const ActQ8Row& a, int64_t nb) {
+  const __m512i gather_idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(kBytes));
+  // Lane pattern of a pair's dpbusd result: 4 lanes of block 2k, 4 of 2k+1, again.
+  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i mask = _mm512_set1_epi8(0x0f);
   __m512 acc = _mm512_setzero_ps();
-  float extra = 0.0f;
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2, w += 2 * kBytes) {
-    const float d0 = _cvtsh_ss(LoadU16(w)), d1 = _cvtsh_ss(LoadU16(w + kBytes));
-    const __m512i q = Nibbles512(w + kQsOffset, w + kBytes + kQsOffset);
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, LoadAct2(a + b));
-    acc = _mm512_fmadd_ps(Scale2(d0 * a[b].d, d1 * a[b + 1].d), _mm512_cvtepi32_ps(dot), acc);
+  __m512 acc_extra = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b += 16) {
+    // The last step may hold fewer than 16 blocks: masked gather and loads, fewer pairs.
+    const int64_t n = std::min<int64_t>(16, nb - b);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+    const uint8_t* wb = w + b * kBytes;
+    const __m512i g =
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, gather_idx, wb, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    const __m512 scale = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(lanes, a.d + b));
+    const __m512 ds = _mm512_maskz_loadu_ps(lanes, a.ds + b);
     if constexpr (kHasMin) {
-      extra += _cvtsh_ss(LoadU16(w + 2)) * a[b].ds + _cvtsh_ss(LoadU16(w + kBytes + 2)) * a[b + 1].ds;
+      const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+      acc_extra = _mm512_fmadd_ps(m, ds, acc_extra);
     } else {
-      extra -= 8.0f * (d0 * a[b].ds + d1 * a[b + 1].ds);
+      acc_extra = _mm512_fmadd_ps(dw, ds, acc_extra);
+    }
+    const uint8_t* act = a.pairs + b * 32;
+    for (int k = 0; 2 * k < n; ++k) {
+      const uint8_t* p0 = wb + 2 * k * kBytes + kQsOffset;
+      // An odd last block pairs with nothing: its partner's nibbles are zero.
+      const __m128i hi_block = 2 * k + 1 < n
+                                   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + kBytes))
+                                   : _mm_setzero_si128();
+      const __m256i v = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
+          hi_block, 1);
+      const __m512i q = _mm512_and_si512(
+          _mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1), shifts), mask);
+      const __m512i dot = _mm512_dpbusd_epi32(
+          _mm512_setzero_si512(), q, _mm512_loadu_si512(act + 64 * k));
+      const __m512 sc = _mm512_permutexvar_ps(
+          _mm512_add_epi32(pair_idx, _mm512_set1_epi32(2 * k)), scale);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc);
     }
   }
-  float sum = _mm512_reduce_add_ps(acc) + extra;
-  if (b < nb) {
-    sum += kHasMin ? DotQ4_1Avx2(w, a + b, nb - b) : DotQ4_0Avx2(w, a + b, nb - b);
-  }
+  float sum = _mm512_reduce_add_ps(acc);
+  sum += kHasMin ? _mm512_reduce_add_ps(acc_extra) : -8.0f * _mm512_reduce_add_ps(acc_extra);
   return sum;
 }
 
@@ -245,6 +264,130 @@ QKV_AVX512 float DotQ8_0Avx512(const uint8_t* w, const ActQ8Block* a, int64_t nb
   float sum = _mm512_reduce_add_ps(acc);
   if (b < nb) sum += DotQ8_0Avx2(w, a + b, nb - b);
   return sum;
+}
+
+// ---------------------------------------------------------------- fp32 activations
+// Σ_b d_b * Σ_j q_bj x_bj (+ m_b * Σ_j x_bj for Q4_1): the weights are widened to fp32 in
+// registers, so the activations keep full precision (used for the lm_head, whose argmax
+// decides the next token, and for exact comparisons).
+QKV_AVX512 inline __m512 Nibbles16Lo(__m128i raw) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, _mm_set1_epi8(0x0f))));
+}
+QKV_AVX512 inline __m512 Nibbles16Hi(__m128i raw) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f))));
+}
+
+QKV_AVX512 float DotQ8_0F32Avx512(const uint8_t* w, const float* x, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += kQ8_0Bytes, x += 32) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 18));
+    __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_loadu_ps(x));
+    s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), _mm512_loadu_ps(x + 16), s);
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(LoadU16(w))), s, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int kBytes, int kQsOffset, bool kHasMin>
+QKV_AVX512 float DotQ4F32Avx512(const uint8_t* w, const float* x, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  for (int64_t b = 0; b < nb; ++b, w += kBytes, x += 32) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kQsOffset));
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    __m512 lo = Nibbles16Lo(raw), hi = Nibbles16Hi(raw);
+    if constexpr (!kHasMin) {
+      lo = _mm512_sub_ps(lo, eight);
+      hi = _mm512_sub_ps(hi, eight);
+    }
+    const __m512 s = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(LoadU16(w))), s, acc);
+    if constexpr (kHasMin) {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(LoadU16(w + 2))), _mm512_add_ps(x0, x1), acc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+QKV_AVX2 float DotQ8_0F32Avx2(const uint8_t* w, const float* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += kQ8_0Bytes, x += 32) {
+    __m256 s = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 2 + 8 * k));
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x + 8 * k), s);
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w))), s, acc);
+  }
+  return HSum256(acc);
+}
+
+template <int kBytes, int kQsOffset, bool kHasMin>
+QKV_AVX2 float DotQ4F32Avx2(const uint8_t* w, const float* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi32(0x0f);
+  const __m256 offset = _mm256_set1_ps(kHasMin ? 0.0f : 8.0f);
+  for (int64_t b = 0; b < nb; ++b, w += kBytes, x += 32) {
+    __m256 s = _mm256_setzero_ps(), xs = _mm256_setzero_ps();
+    for (int k = 0; k < 2; ++k) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + kQsOffset + 8 * k));
+      const __m256i v = _mm256_cvtepu8_epi32(raw);
+      const __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), offset);
+      const __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), offset);
+      const __m256 xl = _mm256_loadu_ps(x + 8 * k), xh = _mm256_loadu_ps(x + 16 + 8 * k);
+      s = _mm256_fmadd_ps(hi, xh, _mm256_fmadd_ps(lo, xl, s));
+      if constexpr (kHasMin) xs = _mm256_add_ps(xs, _mm256_add_ps(xl, xh));
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w))), s, acc);
+    if constexpr (kHasMin) acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w + 2))), xs, acc);
+  }
+  return HSum256(acc);
+}
+
+// ---------------------------------------------------------------- int16 activations
+float DotQ8_0Q16Scalar(const uint8_t* w, const ActQ16Block* a, int64_t nb) {
+  float sum = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += kQ8_0Bytes) {
+    const int8_t* qs = reinterpret_cast<const int8_t*>(w + 2);
+    int64_t acc = 0;
+    for (int j = 0; j < 32; ++j) acc += qs[j] * a[b].q[j];
+    sum += Fp16ToFp32(LoadU16(w)) * a[b].d * static_cast<float>(acc);
+  }
+  return sum;
+}
+
+QKV_AVX2 float DotQ8_0Q16Avx2(const uint8_t* w, const ActQ16Block* a, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += kQ8_0Bytes) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 18)));
+    const __m256i p = _mm256_add_epi32(
+        _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].q))),
+        _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].q + 16))));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w)) * a[b].d), _mm256_cvtepi32_ps(p), acc);
+  }
+  return HSum256(acc);
+}
+
+QKV_AVX512 float DotQ8_0Q16Avx512(const uint8_t* w, const ActQ16Block* a, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += kQ8_0Bytes) {
+    const __m512i wq =
+        _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2)));
+    // |w| <= 127, |a| <= 32767: pair sums stay far inside int32.
+    const __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(a[b].q));
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(LoadU16(w)) * a[b].d), _mm512_cvtepi32_ps(dot),
+                          acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Row-signature adapters for the kernels that only read the blocks.
+template <float (*F)(const uint8_t*, const ActQ8Block*, int64_t)>
+float OnBlocks(const uint8_t* w, const ActQ8Row& a, int64_t nb) {
+  return F(w, a.blocks, nb);
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -298,11 +441,60 @@ void QuantizeActivationsQ8(const float* x, int64_t n, ActQ8Block* out) {
   }
 }
 
+void ActQ8Buffer::Quantize(const float* x, int64_t m, int64_t n) {
+  nb_ = n / kQ8Block;
+  const int64_t pairs_per_row = (nb_ + 1) / 2;
+  blocks_.resize(m * nb_);
+  pairs_.assign(m * pairs_per_row * 64, 0);
+  d_.resize(m * nb_);
+  ds_.resize(m * nb_);
+  for (int64_t i = 0; i < m; ++i) {
+    ActQ8Block* blk = blocks_.data() + i * nb_;
+    QuantizeActivationsQ8(x + i * n, n, blk);
+    uint8_t* pr = pairs_.data() + i * pairs_per_row * 64;
+    for (int64_t b = 0; b < nb_; ++b) {
+      d_[i * nb_ + b] = blk[b].d;
+      ds_[i * nb_ + b] = blk[b].ds;
+      uint8_t* dst = pr + (b / 2) * 64 + (b % 2) * 16;
+      std::memcpy(dst, blk[b].q, 16);
+      std::memcpy(dst + 32, blk[b].q + 16, 16);
+    }
+  }
+}
+
+ActQ8Row ActQ8Buffer::row(int64_t i) const {
+  const int64_t pairs_per_row = (nb_ + 1) / 2;
+  return {blocks_.data() + i * nb_, pairs_.data() + i * pairs_per_row * 64, d_.data() + i * nb_,
+          ds_.data() + i * nb_};
+}
+
+void QuantizeActivationsQ16(const float* x, int64_t n, ActQ16Block* out) {
+  for (int64_t b = 0; b < n / kQ8Block; ++b) {
+    const float* v = x + b * kQ8Block;
+    float amax = 0.0f;
+    for (int j = 0; j < kQ8Block; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float d = amax / 32767.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < kQ8Block; ++j) out[b].q[j] = static_cast<int16_t>(std::nearbyint(v[j] * id));
+    out[b].d = d;
+  }
+}
+
+Int16DotFn GetInt16Dot(GgmlType type) {
+  if (type != GgmlType::kQ8_0) return nullptr;
+  switch (DetectIsa()) {
+    case Isa::kAvx512Vnni: return DotQ8_0Q16Avx512;
+    case Isa::kAvx2: return DotQ8_0Q16Avx2;
+    case Isa::kScalar: return DotQ8_0Q16Scalar;
+  }
+  return nullptr;
+}
+
 QuantDotFn GetQuantDotScalar(GgmlType type) {
   switch (type) {
-    case GgmlType::kQ4_0: return DotQ4_0Scalar;
-    case GgmlType::kQ4_1: return DotQ4_1Scalar;
-    case GgmlType::kQ8_0: return DotQ8_0Scalar;
+    case GgmlType::kQ4_0: return OnBlocks<DotQ4_0Scalar>;
+    case GgmlType::kQ4_1: return OnBlocks<DotQ4_1Scalar>;
+    case GgmlType::kQ8_0: return OnBlocks<DotQ8_0Scalar>;
     default: return nullptr;
   }
 }
@@ -313,18 +505,40 @@ QuantDotFn GetQuantDot(GgmlType type) {
       switch (type) {
         case GgmlType::kQ4_0: return DotQ4Avx512<kQ4_0Bytes, 2, false>;
         case GgmlType::kQ4_1: return DotQ4Avx512<kQ4_1Bytes, 4, true>;
-        case GgmlType::kQ8_0: return DotQ8_0Avx512;
+        case GgmlType::kQ8_0: return OnBlocks<DotQ8_0Avx512>;
         default: return nullptr;
       }
     case Isa::kAvx2:
       switch (type) {
-        case GgmlType::kQ4_0: return DotQ4_0Avx2;
-        case GgmlType::kQ4_1: return DotQ4_1Avx2;
-        case GgmlType::kQ8_0: return DotQ8_0Avx2;
+        case GgmlType::kQ4_0: return OnBlocks<DotQ4_0Avx2>;
+        case GgmlType::kQ4_1: return OnBlocks<DotQ4_1Avx2>;
+        case GgmlType::kQ8_0: return OnBlocks<DotQ8_0Avx2>;
         default: return nullptr;
       }
     case Isa::kScalar:
       return GetQuantDotScalar(type);
+  }
+  return nullptr;
+}
+
+FloatDotFn GetFloatDot(GgmlType type) {
+  switch (DetectIsa()) {
+    case Isa::kAvx512Vnni:
+      switch (type) {
+        case GgmlType::kQ4_0: return DotQ4F32Avx512<kQ4_0Bytes, 2, false>;
+        case GgmlType::kQ4_1: return DotQ4F32Avx512<kQ4_1Bytes, 4, true>;
+        case GgmlType::kQ8_0: return DotQ8_0F32Avx512;
+        default: return nullptr;
+      }
+    case Isa::kAvx2:
+      switch (type) {
+        case GgmlType::kQ4_0: return DotQ4F32Avx2<kQ4_0Bytes, 2, false>;
+        case GgmlType::kQ4_1: return DotQ4F32Avx2<kQ4_1Bytes, 4, true>;
+        case GgmlType::kQ8_0: return DotQ8_0F32Avx2;
+        default: return nullptr;
+      }
+    case Isa::kScalar:
+      return nullptr;
   }
   return nullptr;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels/ggml_types.h"
 
@@ -21,8 +22,32 @@ static_assert(sizeof(ActQ8Block) == 40);
 
 void QuantizeActivationsQ8(const float* x, int64_t n, ActQ8Block* out);
 
+// One quantized activation row in the forms the dot kernels read: the blocks, and for the
+// AVX-512 Q4 kernels the same codes interleaved per block pair (64 bytes: block 2p's
+// elements 0-15, block 2p+1's 0-15, block 2p's 16-31, block 2p+1's 16-31, the order the
+// nibbles of two weight blocks unpack into) with the scales as contiguous arrays.
+struct ActQ8Row {
+  const ActQ8Block* blocks = nullptr;
+  const uint8_t* pairs = nullptr;
+  const float* d = nullptr;
+  const float* ds = nullptr;
+};
+
+// Owns the storage of ActQ8Rows for m rows of n activations.
+class ActQ8Buffer {
+ public:
+  void Quantize(const float* x, int64_t m, int64_t n);
+  ActQ8Row row(int64_t i) const;
+
+ private:
+  int64_t nb_ = 0;
+  std::vector<ActQ8Block> blocks_;
+  std::vector<uint8_t> pairs_;
+  std::vector<float> d_, ds_;
+};
+
 // Dot of one weight row (nb blocks of `type`) with nb activation blocks.
-using QuantDotFn = float (*)(const uint8_t* w_row, const ActQ8Block* a, int64_t nb);
+using QuantDotFn = float (*)(const uint8_t* w_row, const ActQ8Row& a, int64_t nb);
 
 // nullptr when `type` has no int8 path.
 QuantDotFn GetQuantDot(GgmlType type);
@@ -30,6 +55,21 @@ const char* QuantDotIsa();
 
 // Scalar versions, the reference the SIMD ones are tested against.
 QuantDotFn GetQuantDotScalar(GgmlType type);
+
+// Activations quantized to int16 per 32-block (x ≈ d * q).
+struct ActQ16Block {
+  float d;
+  int16_t q[kQ8Block];
+};
+void QuantizeActivationsQ16(const float* x, int64_t n, ActQ16Block* out);
+using Int16DotFn = float (*)(const uint8_t* w_row, const ActQ16Block* a, int64_t nb);
+// nullptr when `type` has no int16 path (only Q8_0 has one).
+Int16DotFn GetInt16Dot(GgmlType type);
+
+// fp32 activations against a weight row, dequantizing in registers (nullptr when `type`
+// has no fused path; callers then dequantize the row and use DotF32).
+using FloatDotFn = float (*)(const uint8_t* w_row, const float* x, int64_t nb);
+FloatDotFn GetFloatDot(GgmlType type);
 
 // fp32 dot product (AVX2/FMA when available).
 float DotF32(const float* a, const float* b, int64_t n);

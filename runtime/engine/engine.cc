@@ -317,8 +317,10 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   }
   const size_t offset = logits->size();
   logits->resize(offset + n_out * c.vocab_size);
-  QKV_RETURN_IF_ERROR(
-      kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset, pool, mm));
+  kernels::MatMulOptions mm_head = mm;
+  mm_head.activations = config_.lm_head_activations;
+  QKV_RETURN_IF_ERROR(kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset,
+                                      pool, mm_head));
 
   for (const StepInput& in : inputs) {
     sequences_[in.seq].length += static_cast<int64_t>(in.tokens.size());

@@ -28,6 +28,9 @@ struct EngineConfig {
   // kInt8 is llama.cpp's decode path (int8 activations against Q4/Q8 weights); kFloat32
   // keeps activations exact for bit-for-bit comparisons with a float reference.
   kernels::ActivationPrecision decode_activations = kernels::ActivationPrecision::kInt8;
+  // The lm_head decides the next token: int16 activations there keep near-ties as the
+  // float model has them (int8 flips logit gaps below ~0.1) at int8 speed.
+  kernels::ActivationPrecision lm_head_activations = kernels::ActivationPrecision::kInt16;
 };
 
 using SequenceId = int64_t;

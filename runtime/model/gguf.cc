@@ -127,15 +127,17 @@ void DecodeScalar(GgufValueType t, const uint8_t* p, GgufKv& kv) {
 }
 
 // Skips a (possibly nested) array value; used for arrays of arrays, which we keep opaque.
-absl::Status SkipArray(Reader& r, const std::string& key, uint64_t depth) {
+absl::Status SkipArray(Reader& r, const std::string& file, const std::string& key,
+                       uint64_t depth) {
   if (depth > kMaxArrayDepth) {
-    return absl::InvalidArgumentError(absl::StrFormat("key '%s': arrays nested too deep", key));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: key '%s': arrays nested too deep", file, key));
   }
   QKV_ASSIGN_OR_RETURN(uint32_t elem, r.Read<uint32_t>("array element type of " + key));
   QKV_ASSIGN_OR_RETURN(uint64_t count, r.Read<uint64_t>("array length of " + key));
   if (!IsKnownType(elem)) {
     return absl::InvalidArgumentError(
-        absl::StrFormat("key '%s': unknown array element type %d", key, elem));
+        absl::StrFormat("%s: key '%s': unknown array element type %d", file, key, elem));
   }
   const auto et = static_cast<GgufValueType>(elem);
   if (const uint64_t size = FixedSize(et); size != 0) {
@@ -146,7 +148,7 @@ absl::Status SkipArray(Reader& r, const std::string& key, uint64_t depth) {
     if (et == GgufValueType::kString) {
       QKV_RETURN_IF_ERROR(r.ReadString(key).status());
     } else {
-      QKV_RETURN_IF_ERROR(SkipArray(r, key, depth + 1));
+      QKV_RETURN_IF_ERROR(SkipArray(r, file, key, depth + 1));
     }
   }
   return absl::OkStatus();
@@ -173,8 +175,9 @@ std::string_view GgufValueTypeName(GgufValueType type) {
   return "unknown";
 }
 
-absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
-  QKV_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map, MappedFile::Open(path));
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path,
+                                                         MappedFile::Mode mode) {
+  QKV_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map, MappedFile::Open(path, mode));
   std::unique_ptr<GgufFile> file(new GgufFile());
   file->name_ = path;
   std::span<const uint8_t> bytes(map->data(), map->size());
@@ -260,7 +263,7 @@ absl::Status GgufFile::ParseAll(std::span<const uint8_t> bytes) {
       } else {
         // Arrays of arrays: legal, kept opaque (no model key we read uses them).
         for (uint64_t j = 0; j < kv.count; ++j) {
-          QKV_RETURN_IF_ERROR(SkipArray(r, kv.key, 1));
+          QKV_RETURN_IF_ERROR(SkipArray(r, name_, kv.key, 1));
         }
       }
     } else {
@@ -404,6 +407,8 @@ absl::StatusOr<double> GgufFile::GetFloat(std::string_view key) const {
   const GgufKv* kv = Find(key);
   if (kv == nullptr) return Missing(name_, key);
   if (kv->type == GgufValueType::kFloat32 || kv->type == GgufValueType::kFloat64) return kv->f;
+  // kv->i of a uint64 above INT64_MAX is negative; its unsigned value is the number.
+  if (kv->type == GgufValueType::kUint64) return static_cast<double>(kv->u);
   if (IsInteger(kv->type)) return static_cast<double>(kv->i);
   return WrongType(name_, *kv, "a number");
 }
@@ -437,9 +442,13 @@ absl::StatusOr<std::vector<double>> GgufFile::GetFloatArray(std::string_view key
   for (uint64_t i = 0; i < kv->count; ++i) {
     GgufKv tmp;
     DecodeScalar(kv->elem_type, kv->array_data + i * size, tmp);
-    out[i] = (kv->elem_type == GgufValueType::kFloat32 || kv->elem_type == GgufValueType::kFloat64)
-                 ? tmp.f
-                 : static_cast<double>(tmp.i);
+    if (kv->elem_type == GgufValueType::kFloat32 || kv->elem_type == GgufValueType::kFloat64) {
+      out[i] = tmp.f;
+    } else if (kv->elem_type == GgufValueType::kUint64) {
+      out[i] = static_cast<double>(tmp.u);  // tmp.i would be negative above INT64_MAX
+    } else {
+      out[i] = static_cast<double>(tmp.i);
+    }
   }
   return out;
 }
@@ -455,6 +464,11 @@ absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key)
   for (uint64_t i = 0; i < kv->count; ++i) {
     GgufKv tmp;
     DecodeScalar(kv->elem_type, kv->array_data + i * size, tmp);
+    // Same rule as GetInt: a uint64 that does not fit int64 is an error, not a wrap.
+    if (kv->elem_type == GgufValueType::kUint64 && tmp.u > static_cast<uint64_t>(INT64_MAX)) {
+      return absl::OutOfRangeError(absl::StrFormat(
+          "%s: metadata key '%s' element %d = %d is out of range", name_, key, i, tmp.u));
+    }
     out[i] = tmp.i;
   }
   return out;

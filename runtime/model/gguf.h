@@ -67,8 +67,9 @@ struct GgufTensor {
 
 class GgufFile {
  public:
-  // Maps and parses `path`.
-  static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
+  // Maps (or, with kHugeCopy, reads) and parses `path`.
+  static absl::StatusOr<std::unique_ptr<GgufFile>> Open(
+      const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kMap);
   // Parses a buffer that must outlive the result (fuzzing, tests). `name` labels errors.
   static absl::StatusOr<std::unique_ptr<GgufFile>> Parse(std::span<const uint8_t> bytes,
                                                         std::string name);

@@ -87,8 +87,9 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
   return c;
 }
 
-absl::StatusOr<std::unique_ptr<GgufModel>> GgufModel::Open(const std::string& path) {
-  QKV_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path));
+absl::StatusOr<std::unique_ptr<GgufModel>> GgufModel::Open(const std::string& path,
+                                                           MappedFile::Mode mode) {
+  QKV_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path, mode));
   return FromFile(std::move(file));
 }
 

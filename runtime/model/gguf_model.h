@@ -13,7 +13,8 @@ namespace quantkv {
 
 class GgufModel : public WeightSource {
  public:
-  static absl::StatusOr<std::unique_ptr<GgufModel>> Open(const std::string& path);
+  static absl::StatusOr<std::unique_ptr<GgufModel>> Open(
+      const std::string& path, MappedFile::Mode mode = MappedFile::Mode::kMap);
   static absl::StatusOr<std::unique_ptr<GgufModel>> FromFile(std::unique_ptr<GgufFile> file);
 
   const ModelConfig& config() const override { return config_; }

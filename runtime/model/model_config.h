@@ -35,6 +35,10 @@ struct ModelConfig {
   RopeConfig rope;
   bool tied_embeddings = false;
   bool attention_bias = false;  // qwen2 has q/k/v biases
+  // RoPE rotates pairs (i, i + head_dim/2) (GPT-NeoX / HF rotate_half) instead of adjacent
+  // pairs (2i, 2i+1). llama.cpp keeps qwen2's Q/K rows in HF order and ropes them NeoX-style;
+  // llama and mistral rows are permuted into adjacent-pair order, so this stays false.
+  bool rope_neox = false;
 };
 
 }  // namespace quantkv

@@ -75,6 +75,12 @@ INSTANTIATE_TEST_SUITE_P(
         Case{GgmlType::kQ4_1, 5, ActivationPrecision::kInt8, 1e-2},
         // fp32 activations and the SGEMM path: only float rounding.
         Case{GgmlType::kQ4_1, 1, ActivationPrecision::kFloat32, 1e-5},
+        Case{GgmlType::kQ4_0, 2, ActivationPrecision::kFloat32, 1e-5},
+        Case{GgmlType::kQ8_0, 1, ActivationPrecision::kFloat32, 1e-5},
+        // int16 activations: 2^-15 rounding, well inside 1e-4.
+        Case{GgmlType::kQ8_0, 1, ActivationPrecision::kInt16, 1e-4},
+        Case{GgmlType::kQ8_0, 3, ActivationPrecision::kInt16, 1e-4},
+        Case{GgmlType::kQ4_1, 1, ActivationPrecision::kInt16, 1e-5},  // falls back to fp32
         Case{GgmlType::kQ8_0, 3, ActivationPrecision::kFloat32, 1e-5},
         Case{GgmlType::kF16, 1, ActivationPrecision::kInt8, 1e-5},
         Case{GgmlType::kF32, 2, ActivationPrecision::kInt8, 1e-5},
@@ -87,13 +93,13 @@ TEST(QuantDotTest, SimdMatchesScalar) {
   SCOPED_TRACE(::testing::Message() << "QUANTKV_TEST_SEED=" << seed);
   std::mt19937_64 rng(seed);
   for (GgmlType type : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0}) {
-    for (int64_t cols : {32, 64, 96, 1536}) {  // odd block counts hit the AVX-512 tail
+    for (int64_t cols : {32, 64, 96, 576, 1536, 1568}) {  // 16-block steps and every tail
       const std::vector<uint8_t> w = RandomWeights(rng, type, 1, cols);
       const std::vector<float> x = RandomFloats(rng, cols);
-      std::vector<internal::ActQ8Block> a(cols / 32);
-      internal::QuantizeActivationsQ8(x.data(), cols, a.data());
-      const float simd = internal::GetQuantDot(type)(w.data(), a.data(), cols / 32);
-      const float scalar = internal::GetQuantDotScalar(type)(w.data(), a.data(), cols / 32);
+      internal::ActQ8Buffer a;
+      a.Quantize(x.data(), 1, cols);
+      const float simd = internal::GetQuantDot(type)(w.data(), a.row(0), cols / 32);
+      const float scalar = internal::GetQuantDotScalar(type)(w.data(), a.row(0), cols / 32);
       EXPECT_NEAR(simd, scalar, 1e-4 * (1 + std::fabs(scalar)))
           << GgmlTypeInfoOf(type).name << " cols " << cols << " isa " << MatMulIsa();
     }

@@ -1,0 +1,132 @@
+// `quantkv perplexity`: llama.cpp-style windowed perplexity of a text file, optionally
+// against a saved baseline (KL divergence, top-1 agreement).
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_format.h"
+#include "launcher/commands.h"
+#include "launcher/model_session.h"
+#include "launcher/progress.h"
+#include "nlohmann/json.hpp"
+#include "runtime/eval/perplexity.h"
+
+namespace quantkv::launcher {
+namespace {
+
+struct PerplexityFlags {
+  ModelFlags model;
+  std::string text;
+  int64_t ctx = 512;
+  int64_t chunks = 0;
+  bool json = false;
+  std::string kl_base;
+  std::string save_logits;
+};
+
+void Define(FlagSet& f, PerplexityFlags& o) {
+  DefineModelFlags(f, o.model);
+  f.Path("text", &o.text, "", "UTF-8 text file to score", PathKind::kFile).Required();
+  f.Int<int64_t>("ctx", &o.ctx, 512, "window length in tokens (the second half is scored)",
+                 {.min = 8, .max = 1 << 20});
+  f.Int<int64_t>("chunks", &o.chunks, 0, "windows to score (0: all that fit)", {.min = 0});
+  f.Bool("json", &o.json, "print one JSON object instead of text");
+  f.String("kl-base", &o.kl_base, "", "baseline from --save-logits: report KL and top-1 agreement")
+      .Placeholder("FILE");
+  f.String("save-logits", &o.save_logits, "", "record this run's distributions as a baseline")
+      .Placeholder("FILE");
+}
+
+int Run(const PerplexityFlags& o, CommandContext& ctx) {
+  std::ifstream in(o.text, std::ios::binary);
+  if (!in) return ReportFailure(ctx, absl::NotFoundError(o.text + ": cannot open"));
+  std::stringstream buf;
+  buf << in.rdbuf();
+  const std::string text = buf.str();
+  if (text.empty()) return ReportFailure(ctx, absl::InvalidArgumentError(o.text + ": empty"));
+
+  LogitsBaseline base;
+  PerplexityOptions opt;
+  if (!o.kl_base.empty()) {
+    auto b = ReadLogitsBaseline(o.kl_base);
+    if (!b.ok()) return ReportFailure(ctx, b.status());
+    base = std::move(*b);
+    opt.kl_base = &base;
+  }
+  EngineConfig ecfg;
+  ecfg.max_chunk_tokens = o.ctx;  // one window per forward step
+  auto session = OpenModelSession(o.model, ecfg);
+  if (!session.ok()) return ReportFailure(ctx, session.status());
+  if (o.ctx > session->engine->model_config().context_length) {
+    ctx.err << absl::StrFormat("%s: --ctx %d exceeds the model's context length %d\n",
+                               ctx.command, o.ctx, session->engine->model_config().context_length);
+    return kExitUsage;
+  }
+  auto ids = session->tokenizer->Encode(text);
+  if (!ids.ok()) return ReportFailure(ctx, ids.status());
+  if (static_cast<int64_t>(ids->size()) < o.ctx) {
+    ctx.err << absl::StrFormat("%s: %s has %d tokens, fewer than one window (--ctx %d)\n",
+                               ctx.command, o.text, ids->size(), o.ctx);
+    return kExitUsage;
+  }
+  const int64_t available = static_cast<int64_t>(ids->size()) / o.ctx;
+  const int64_t chunks = o.chunks > 0 ? std::min(o.chunks, available) : available;
+  opt.ctx = o.ctx;
+  opt.max_chunks = chunks;
+  if (session->tokenizer->spec().add_bos) opt.bos_id = session->tokenizer->bos_id();
+  LogitsBaseline save;
+  if (!o.save_logits.empty()) opt.save_logits = &save;
+  ProgressReporter progress({.label = "perplexity", .total = chunks, .unit = "chunk"});
+  opt.progress = [&](int64_t done, int64_t) { progress.Update(done); };
+  auto r = ComputePerplexity(*session->engine, *ids, opt);
+  progress.Finish();
+  if (!r.ok()) return ReportFailure(ctx, r.status());
+  if (!o.save_logits.empty()) {
+    if (absl::Status s = WriteLogitsBaseline(o.save_logits, save); !s.ok()) {
+      return ReportFailure(ctx, s);
+    }
+  }
+  const PagedKvCache& kv = session->engine->kv_cache();
+  if (o.json) {
+    nlohmann::json j = {{"model", session->path},
+                        {"text", o.text},
+                        {"kv", o.model.kv},
+                        {"ctx", o.ctx},
+                        {"chunks", r->chunks},
+                        {"ppl", r->ppl},
+                        {"ppl_stderr", r->ppl_stderr},
+                        {"mean_nll", r->mean_nll},
+                        {"tokens_scored", r->tokens_scored},
+                        {"tokens_per_s", r->tokens_per_s},
+                        {"seconds", r->seconds},
+                        {"kv_bits_per_element", kv.bits_per_element()},
+                        {"kv_bytes_per_token", kv.bytes_per_token()},
+                        {"kv_compression_vs_fp16", 16.0 / kv.bits_per_element()}};
+    if (r->has_kl) {
+      j["kl_mean"] = r->kl_mean;
+      j["kl_stderr"] = r->kl_stderr;
+      j["top1_agreement"] = r->top1_agreement;
+    }
+    ctx.out << j.dump() << "\n";
+    return kExitOk;
+  }
+  ctx.out << absl::StrFormat(
+      "PPL = %.4f +/- %.4f over %d scored tokens (%d windows of %d, second halves)\n"
+      "%.1f tokens/s; KV %s: %.2f bits/element, %d bytes/token\n",
+      r->ppl, r->ppl_stderr, r->tokens_scored, r->chunks, o.ctx, r->tokens_per_s, o.model.kv,
+      kv.bits_per_element(), kv.bytes_per_token());
+  if (r->has_kl) {
+    ctx.out << absl::StrFormat("KL vs baseline = %.6f +/- %.6f, top-1 agreement = %.2f%%\n",
+                               r->kl_mean, r->kl_stderr, 100.0 * r->top1_agreement);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+Subcommand PerplexitySubcommand() {
+  return MakeSubcommand<PerplexityFlags>(
+      "perplexity", "perplexity of a text file (llama.cpp's windowed method), with KL vs a baseline",
+      Define, Run);
+}
+
+}  // namespace quantkv::launcher

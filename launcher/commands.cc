@@ -1,0 +1,13 @@
+#include "launcher/commands.h"
+
+namespace quantkv::launcher {
+
+std::vector<Subcommand> BuiltinSubcommands() {
+  std::vector<Subcommand> commands;
+  commands.push_back(GenerateSubcommand());
+  commands.push_back(PerplexitySubcommand());
+  commands.push_back(FetchModelSubcommand());
+  return commands;
+}
+
+}  // namespace quantkv::launcher

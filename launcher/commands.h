@@ -1,0 +1,19 @@
+// The subcommands of the `quantkv` binary. Each is defined in its own launcher/cmd_*.cc and
+// listed in commands.cc; an explicit list (rather than static registrars) cannot be dropped
+// by the linker when the objects sit in a static library.
+#pragma once
+
+#include <vector>
+
+#include "launcher/subcommand.h"
+
+namespace quantkv::launcher {
+
+// In the order `quantkv --help` lists them.
+std::vector<Subcommand> BuiltinSubcommands();
+
+Subcommand FetchModelSubcommand();   // launcher/cmd_fetch_model.cc
+Subcommand GenerateSubcommand();     // launcher/cmd_generate.cc
+Subcommand PerplexitySubcommand();   // launcher/cmd_perplexity.cc
+
+}  // namespace quantkv::launcher
