@@ -136,6 +136,11 @@ absl::Status Engine::LoadWeights() {
       QKV_ASSIGN_OR_RETURN(l.k_bias, Vector(w, p + "attn_k.bias", kv_dim));
       QKV_ASSIGN_OR_RETURN(l.v_bias, Vector(w, p + "attn_v.bias", kv_dim));
     }
+    // LLaMA checkpoints with attention_bias also carry an output-projection bias (Qwen2
+    // does not): use it when present rather than silently dropping it.
+    if (w.Find(p + "attn_output.bias") != nullptr) {
+      QKV_ASSIGN_OR_RETURN(l.o_bias, Vector(w, p + "attn_output.bias", c.hidden));
+    }
   }
   return absl::OkStatus();
 }
@@ -289,6 +294,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       row += n;
     }
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));
+    add_bias(proj, l.o_bias);
     kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.gate, xn.data(), total, gate.data(), pool, mm));
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.up, xn.data(), total, up.data(), pool, mm));

@@ -80,7 +80,7 @@ class Engine {
  private:
   struct Layer {
     kernels::WeightMatrix q, k, v, o, gate, up, down;
-    std::vector<float> attn_norm, ffn_norm, q_bias, k_bias, v_bias;
+    std::vector<float> attn_norm, ffn_norm, q_bias, k_bias, v_bias, o_bias;
   };
   Engine() = default;
   absl::Status LoadWeights();
