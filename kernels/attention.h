@@ -1,44 +1,64 @@
-// Attention of query rows over one layer of a sequence's paged KV cache. The cache is seen
-// through a non-owning view (block table + pool base pointers, as flashinfer's paged_kv_t),
-// so the kernel never copies the cache and dequantizes elements as it reads them.
+// Attention of query rows over one layer of a sequence's KV cache, seen through a
+// non-owning view (in the spirit of flashinfer's paged_kv_t): full blocks encoded by a
+// codec and addressed through a block table, plus the tokens kept in full precision —
+// the first `sink_tokens` (attention sinks) and a ring of the most recent ones (the
+// window and the not yet full tail block). Each query sees the cache exactly as decode
+// would at its position, so a prefill-scored token reads the same values as a decoded one.
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/kv_codec.h"
 #include "kernels/thread_pool.h"
 
 namespace quantkv::kernels {
 
-// How K or V elements are stored inside a block. Quantized codecs join this list.
+// Element type of the full-precision (protected) token storage.
 enum class KvStorage : uint8_t { kF32, kF16 };
 
 int64_t KvStorageBytes(KvStorage s);  // bytes per element
 
-// One layer of one sequence. Block layout: [kv_head][token_in_block][head_dim].
-struct PagedKvLayerView {
-  KvStorage k_storage = KvStorage::kF16;
-  KvStorage v_storage = KvStorage::kF16;
-  int64_t block_tokens = 16;
+struct KvLayerView {
   int64_t n_kv_heads = 0;
   int64_t head_dim = 0;
-  int64_t n_tokens = 0;            // valid tokens of the sequence
-  const int32_t* block_table = nullptr;  // logical block -> physical block id
-  const uint8_t* k_base = nullptr;       // physical block b's K data at k_base + b * k_block_bytes
+  int64_t block_tokens = 0;
+  int64_t n_tokens = 0;  // tokens in the cache for this layer
+
+  // Encoded blocks: logical block b is physical block_table[b] for b < n_blocks; head h of
+  // physical block p is the slab at base + p * block_bytes + h * codec->slab_bytes().
+  const KvCodec* k_codec = nullptr;
+  const KvCodec* v_codec = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t n_blocks = 0;
+  const uint8_t* k_base = nullptr;
   const uint8_t* v_base = nullptr;
   int64_t k_block_bytes = 0;
   int64_t v_block_bytes = 0;
+
+  // Protected tokens, rows of [n_kv_heads][head_dim] elements of `storage`.
+  KvStorage storage = KvStorage::kF16;
+  const uint8_t* k_ring = nullptr;  // token t at row t % ring_tokens
+  const uint8_t* v_ring = nullptr;
+  int64_t ring_tokens = 0;
+  const uint8_t* k_sinks = nullptr;  // token t < sink_tokens at row t
+  const uint8_t* v_sinks = nullptr;
+  int64_t sink_tokens = 0;
+  int64_t window_tokens = 0;
 };
 
+// Where the query at position p reads token t from: sinks for t < min(sink_tokens, p+1);
+// the ring for t >= RingStart(view, p); encoded blocks in between.
+int64_t RingStart(const KvLayerView& view, int64_t p);
+
 struct AttentionQuery {
-  const float* q = nullptr;           // [n_q][n_heads][head_dim], RoPE already applied
+  const float* q = nullptr;            // [n_q][n_heads][head_dim], RoPE already applied
   int64_t n_q = 0;
   int64_t n_heads = 0;
-  const int32_t* positions = nullptr;  // causal: query i sees cache tokens 0..positions[i]
+  const int32_t* positions = nullptr;  // causal: query i sees tokens 0..positions[i]
   float scale = 0.0f;                  // usually 1/sqrt(head_dim)
 };
 
 // out: [n_q][n_heads][head_dim]. Query heads map to KV heads in contiguous groups (GQA).
-void PagedAttention(const AttentionQuery& query, const PagedKvLayerView& kv, float* out,
-                    ThreadPool* pool);
+void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, ThreadPool* pool);
 
 }  // namespace quantkv::kernels

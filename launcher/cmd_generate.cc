@@ -126,7 +126,7 @@ int Run(const GenerateOptions& o, CommandContext& ctx) {
       "stop: %s; KV %s, %.1f bits/element]\n",
       ids->size(), prefill_s * 1e3, ids->size() / std::max(prefill_s, 1e-9), generated,
       decode_s * 1e3, generated / std::max(decode_s, 1e-9), stop_reason, o.model.kv,
-      engine.kv_cache().bits_per_element());
+      engine.kv_cache().BitsPerElementAt(static_cast<int64_t>(history.size())));
   return kExitOk;
 }
 

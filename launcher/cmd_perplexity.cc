@@ -85,7 +85,10 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
       return ReportFailure(ctx, s);
     }
   }
-  const PagedKvCache& kv = session->engine->kv_cache();
+  // Every window holds ctx tokens at its end: that is the cache the numbers describe.
+  const KvCache& kv = session->engine->kv_cache();
+  const double kv_bits = kv.BitsPerElementAt(o.ctx);
+  const double kv_bytes = kv.BytesPerTokenAt(o.ctx);
   if (o.json) {
     nlohmann::json j = {{"model", session->path},
                         {"text", o.text},
@@ -98,9 +101,10 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"tokens_scored", r->tokens_scored},
                         {"tokens_per_s", r->tokens_per_s},
                         {"seconds", r->seconds},
-                        {"kv_bits_per_element", kv.bits_per_element()},
-                        {"kv_bytes_per_token", kv.bytes_per_token()},
-                        {"kv_compression_vs_fp16", 16.0 / kv.bits_per_element()}};
+                        {"kv_policy", kv.policy().name},
+                        {"kv_bits_per_element", kv_bits},
+                        {"kv_bytes_per_token", kv_bytes},
+                        {"kv_compression_vs_fp16", 16.0 / kv_bits}};
     if (r->has_kl) {
       j["kl_mean"] = r->kl_mean;
       j["kl_stderr"] = r->kl_stderr;
@@ -111,9 +115,10 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   }
   ctx.out << absl::StrFormat(
       "PPL = %.4f +/- %.4f over %d scored tokens (%d windows of %d, second halves)\n"
-      "%.1f tokens/s; KV %s: %.2f bits/element, %d bytes/token\n",
+      "%.1f tokens/s; KV %s: %.2f bits/element (%.2fx smaller than fp16), %.0f bytes/token "
+      "at %d tokens\n",
       r->ppl, r->ppl_stderr, r->tokens_scored, r->chunks, o.ctx, r->tokens_per_s, o.model.kv,
-      kv.bits_per_element(), kv.bytes_per_token());
+      kv_bits, 16.0 / kv_bits, kv_bytes, o.ctx);
   if (r->has_kl) {
     ctx.out << absl::StrFormat("KL vs baseline = %.6f +/- %.6f, top-1 agreement = %.2f%%\n",
                                r->kl_mean, r->kl_stderr, 100.0 * r->top1_agreement);

@@ -6,6 +6,7 @@ std::vector<Subcommand> BuiltinSubcommands() {
   std::vector<Subcommand> commands;
   commands.push_back(GenerateSubcommand());
   commands.push_back(PerplexitySubcommand());
+  commands.push_back(KvPresetsSubcommand());
   commands.push_back(FetchModelSubcommand());
   return commands;
 }

@@ -15,5 +15,6 @@ std::vector<Subcommand> BuiltinSubcommands();
 Subcommand FetchModelSubcommand();   // launcher/cmd_fetch_model.cc
 Subcommand GenerateSubcommand();     // launcher/cmd_generate.cc
 Subcommand PerplexitySubcommand();   // launcher/cmd_perplexity.cc
+Subcommand KvPresetsSubcommand();    // launcher/cmd_kv_presets.cc
 
 }  // namespace quantkv::launcher

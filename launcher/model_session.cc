@@ -6,7 +6,7 @@
 #include "absl/strings/str_format.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/model/hf_model.h"
-#include "runtime/kv/kv_format.h"
+#include "runtime/kv/kv_policy.h"
 #include "runtime/util/model_cache.h"
 #include "runtime/util/status_macros.h"
 
@@ -18,7 +18,14 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o) {
       .Placeholder("PATH|NAME");
   const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   flags.Int("threads", &o.threads, cores, "CPU threads for the forward pass", {.min = 1, .max = 256});
-  flags.Choice("kv", &o.kv, std::string("fp16"), KvFormatNames(), "KV cache storage format");
+  std::string presets;
+  for (const KvPreset& p : KvPresets()) presets += (presets.empty() ? "" : ", ") + p.name;
+  flags.String("kv", &o.kv, "fp16",
+               "KV cache policy: a preset (" + presets +
+                   "), a spec like k=int4:chan,v=int4,sink=4,window=16, or @policy.json "
+                   "(see `quantkv kv-presets`)",
+               [](std::string_view v) { return ParseKvPolicy(v).status(); })
+      .Placeholder("SPEC");
   flags.Int<int64_t>("kv-budget-mb", &o.kv_budget_mb, 1024,
                      "KV cache pool size in MiB (sets how many tokens fit)",
                      {.min = 1, .max = int64_t{1} << 20});
@@ -49,7 +56,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   }
   EngineConfig cfg = base;
   cfg.threads = flags.threads;
-  QKV_ASSIGN_OR_RETURN(cfg.kv_format, ParseKvFormat(flags.kv));
+  cfg.kv_spec = flags.kv;
   cfg.kv_max_bytes = flags.kv_budget_mb << 20;
   QKV_ASSIGN_OR_RETURN(s.engine, Engine::Create(std::move(weights), cfg));
   return s;

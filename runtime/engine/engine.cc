@@ -97,10 +97,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   kv.n_layers = c.n_layers;
   kv.n_kv_heads = c.n_kv_heads;
   kv.head_dim = c.head_dim;
-  kv.block_tokens = config.kv_block_tokens;
-  kv.format = config.kv_format;
+  QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(config.kv_spec, c.n_layers));
   kv.max_bytes = config.kv_max_bytes;
-  QKV_ASSIGN_OR_RETURN(e->kv_, PagedKvCache::Create(kv));
+  kv.max_step_tokens = config.max_chunk_tokens;
+  QKV_ASSIGN_OR_RETURN(e->kv_, KvCache::Create(kv));
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
   return e;
@@ -147,7 +147,7 @@ absl::Status Engine::LoadWeights() {
 
 SequenceId Engine::NewSequence() {
   const SequenceId id = next_seq_++;
-  sequences_.emplace(id, SequenceBlocks{});
+  sequences_.emplace(id, SequenceKv{});
   return id;
 }
 
@@ -195,7 +195,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   const ModelConfig& c = weights_->config();
   // Validate everything before touching any sequence.
   int64_t total = 0;
-  for (const StepInput& in : inputs) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const StepInput& in = inputs[i];
+    for (size_t j = 0; j < i; ++j) {
+      if (inputs[j].seq == in.seq) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("engine: sequence %d appears twice in one step", in.seq));
+      }
+    }
     if (!sequences_.contains(in.seq)) {
       return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", in.seq));
     }
@@ -222,12 +229,12 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   // Reserve cache blocks for all inputs; undo on failure so nothing changes.
   std::vector<size_t> had_blocks;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    SequenceBlocks& sb = sequences_[inputs[i].seq];
+    SequenceKv& sb = sequences_[inputs[i].seq];
     had_blocks.push_back(sb.blocks.size());
     absl::Status s = kv_->Reserve(sb, sb.length + static_cast<int64_t>(inputs[i].tokens.size()));
     if (!s.ok()) {
       for (size_t j = 0; j < i; ++j) {
-        SequenceBlocks& sj = sequences_[inputs[j].seq];
+        SequenceKv& sj = sequences_[inputs[j].seq];
         for (size_t b = had_blocks[j]; b < sj.blocks.size(); ++b) {
           (void)kv_->allocator().Release(sj.blocks[b]);
         }
@@ -257,6 +264,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
 
   kernels::MatMulOptions mm;
   mm.activations = config_.decode_activations;
+  mm.gemm_min_rows = config_.gemm_min_rows;
   kernels::ThreadPool* pool = pool_.get();
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   auto add_bias = [total](std::vector<float>& x, const std::vector<float>& b) {
@@ -280,7 +288,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     rope_->Apply(k.data(), total, c.n_kv_heads, positions.data());
     int64_t row = 0;
     for (const StepInput& in : inputs) {
-      const SequenceBlocks& sb = sequences_[in.seq];
+      SequenceKv& sb = sequences_[in.seq];
       const int64_t n = static_cast<int64_t>(in.tokens.size());
       kv_->Write(sb, li, sb.length, n, k.data() + row * kv_dim, v.data() + row * kv_dim);
       kernels::AttentionQuery aq;
@@ -289,8 +297,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.n_heads = c.n_heads;
       aq.positions = positions.data() + row;
       aq.scale = scale;
-      kernels::PagedAttention(aq, kv_->View(sb, li, sb.length + n), attn.data() + row * q_dim,
-                              pool);
+      kernels::Attention(aq, kv_->View(sb, li, sb.length + n), attn.data() + row * q_dim, pool);
       row += n;
     }
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));

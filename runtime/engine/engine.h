@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <span>
 #include <vector>
 
@@ -13,15 +14,16 @@
 #include "kernels/matmul.h"
 #include "kernels/rope.h"
 #include "kernels/thread_pool.h"
-#include "runtime/kv/paged_kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 #include "runtime/model/weight_source.h"
 
 namespace quantkv {
 
 struct EngineConfig {
   int threads = 1;
-  KvFormat kv_format = KvFormat::kF16;
-  int64_t kv_block_tokens = 16;
+  // KV cache policy: a preset ("fp16", "int4-comp", ...), a spec or "@policy.json"
+  // (runtime/kv/kv_policy.h).
+  std::string kv_spec = "fp16";
   int64_t kv_max_bytes = int64_t{1} << 30;
   // Longest run of tokens of one sequence in a Step; longer inputs are split.
   int64_t max_chunk_tokens = 512;
@@ -31,6 +33,9 @@ struct EngineConfig {
   // The lm_head decides the next token: int16 activations there keep near-ties as the
   // float model has them (int8 flips logit gaps below ~0.1) at int8 speed.
   kernels::ActivationPrecision lm_head_activations = kernels::ActivationPrecision::kInt16;
+  // From this many rows in a step the linear layers use tiled SGEMM. Tests set it out of
+  // reach so a prefilled row is computed exactly like a decoded one.
+  int64_t gemm_min_rows = 8;
 };
 
 using SequenceId = int64_t;
@@ -56,7 +61,7 @@ class Engine {
   const ModelConfig& model_config() const { return weights_->config(); }
   const EngineConfig& config() const { return config_; }
   const WeightSource& weights() const { return *weights_; }
-  const PagedKvCache& kv_cache() const { return *kv_; }
+  const KvCache& kv_cache() const { return *kv_; }
 
   SequenceId NewSequence();
   absl::Status Release(SequenceId seq);
@@ -89,12 +94,12 @@ class Engine {
   EngineConfig config_;
   std::unique_ptr<WeightSource> weights_;
   std::unique_ptr<kernels::ThreadPool> pool_;
-  std::unique_ptr<PagedKvCache> kv_;
+  std::unique_ptr<KvCache> kv_;
   std::unique_ptr<kernels::RopeTable> rope_;
   std::vector<Layer> layers_;
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
-  absl::flat_hash_map<SequenceId, SequenceBlocks> sequences_;
+  absl::flat_hash_map<SequenceId, SequenceKv> sequences_;
   SequenceId next_seq_ = 1;
   StepTimings last_step_;
 };

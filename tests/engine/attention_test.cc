@@ -1,75 +1,158 @@
-// Paged attention against a float64 softmax(qKᵀ)V on the same (rounded) cache contents,
-// with scattered physical blocks, GQA groups, and causal prefill positions.
+// Attention over the quantized paged cache against a float64 softmax(qKᵀ)V computed on
+// the values each query is meant to see: full precision (fp16-rounded) for sinks, the
+// window and blocks not yet full at its position; the codec's reconstruction otherwise.
+// Covers every codec family, GQA ratios, protection and lengths off the block grid.
 #include "kernels/attention.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "gtest/gtest.h"
-#include "runtime/kv/paged_kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 #include "tests/engine/test_random.h"
 
 namespace quantkv {
 namespace {
 
-void CheckAttention(KvFormat format, int64_t n_ctx, int64_t n_q, double tol) {
+struct Case {
+  std::string spec;
+  int64_t n_heads, n_kv;
+  int64_t n_ctx, n_q;  // the last n_q tokens are one step (prefill chunk or decode)
+};
+
+std::string Name(const ::testing::TestParamInfo<Case>& info) {
+  std::string s = info.param.spec + "_h" + std::to_string(info.param.n_heads) + "kv" +
+                  std::to_string(info.param.n_kv) + "_n" + std::to_string(info.param.n_ctx) +
+                  "q" + std::to_string(info.param.n_q);
+  for (char& c : s) {
+    if (!isalnum(static_cast<unsigned char>(c))) c = '_';
+  }
+  return s;
+}
+
+class AttentionTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionTest, MatchesFloat64OnWhatEachQuerySees) {
+  const Case c = GetParam();
   const uint64_t seed = testing::TestSeed();
   SCOPED_TRACE(::testing::Message() << "QUANTKV_TEST_SEED=" << seed);
   std::mt19937_64 rng(seed);
-  const int64_t n_heads = 6, n_kv = 2, d = 64, bt = 16;
-  KvCacheConfig cfg{1, n_kv, d, bt, format, int64_t{8} << 20};
-  auto cache = PagedKvCache::Create(cfg);
-  ASSERT_TRUE(cache.ok());
-  // Take a few blocks first so the sequence's blocks are not 0, 1, 2, ...
-  SequenceBlocks other, seq;
-  ASSERT_TRUE((*cache)->Reserve(other, 3 * bt).ok());
-  ASSERT_TRUE((*cache)->Reserve(seq, n_ctx).ok());
-  std::vector<float> k = testing::RandomFloats(rng, n_ctx * n_kv * d);
-  std::vector<float> v = testing::RandomFloats(rng, n_ctx * n_kv * d);
-  (*cache)->Write(seq, 0, 0, n_ctx, k.data(), v.data());
-  if (format == KvFormat::kF16) {  // the reference sees what the cache stores
-    for (float& x : k) x = kernels::Fp16ToFp32(kernels::Fp32ToFp16(x));
-    for (float& x : v) x = kernels::Fp16ToFp32(kernels::Fp32ToFp16(x));
+  const int64_t d = 64;
+  auto policy = ParseKvPolicy(c.spec);
+  ASSERT_TRUE(policy.ok()) << policy.status();
+  KvCacheConfig cfg;
+  cfg.n_layers = 1;
+  cfg.n_kv_heads = c.n_kv;
+  cfg.head_dim = d;
+  cfg.policy = *policy;
+  cfg.max_bytes = int64_t{64} << 20;
+  cfg.max_step_tokens = std::max<int64_t>(c.n_q, 64);
+  auto cache = KvCache::Create(cfg);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  const int64_t bt = policy->block_tokens, S = policy->sink_tokens, W = policy->window_tokens;
+
+  // Occupy some blocks first so the sequence's physical blocks are scattered.
+  SequenceKv other, seq;
+  ASSERT_TRUE((*cache)->Reserve(other, 2 * bt + 1).ok());
+  const int64_t row = c.n_kv * d;
+  std::vector<float> k = testing::RandomFloats(rng, c.n_ctx * row);
+  std::vector<float> v = testing::RandomFloats(rng, c.n_ctx * row);
+  for (int64_t ch = 0; ch < d; ch += 17) {  // outlier channels in K, as real keys have
+    for (int64_t t = 0; t < c.n_ctx; ++t) k[t * row + ch] *= 8.0f;
   }
-  std::vector<float> q = testing::RandomFloats(rng, n_q * n_heads * d);
-  std::vector<int32_t> pos(n_q);
-  for (int64_t i = 0; i < n_q; ++i) pos[i] = static_cast<int32_t>(n_ctx - n_q + i);
-  kernels::AttentionQuery aq{q.data(), n_q, n_heads, pos.data(), 1.0f / 8.0f};
-  std::vector<float> out(n_q * n_heads * d);
+  // Earlier tokens in steps of at most max_step_tokens, then the query step.
+  int64_t pos = 0;
+  auto write = [&](int64_t n) {
+    ASSERT_TRUE((*cache)->Reserve(seq, pos + n).ok());
+    (*cache)->Write(seq, 0, pos, n, k.data() + pos * row, v.data() + pos * row);
+    pos += n;
+    seq.length = pos;
+  };
+  while (pos < c.n_ctx - c.n_q) write(std::min(cfg.max_step_tokens, c.n_ctx - c.n_q - pos));
+  write(c.n_q);
+
+  // Reference values: fp16 rounding (protected storage) or the codec's reconstruction of
+  // the block encoded from those fp16 values.
+  auto fp16 = [&](std::vector<float> x) {
+    if (!policy->protected_fp32()) {
+      for (float& f : x) f = kernels::Fp16ToFp32(kernels::Fp32ToFp16(f));
+    }
+    return x;
+  };
+  const std::vector<float> k16 = fp16(k), v16 = fp16(v);
+  auto reconstruct = [&](const std::vector<float>& x16, const kernels::KvCodecSpec& spec) {
+    auto codec = kernels::KvCodec::Create(spec, d, bt);
+    EXPECT_TRUE(codec.ok());
+    std::vector<float> out = x16, block(bt * d), dec(bt * d);
+    std::vector<uint8_t> slab((*codec)->slab_bytes());
+    for (int64_t b = 0; (b + 1) * bt <= c.n_ctx; ++b) {
+      for (int64_t h = 0; h < c.n_kv; ++h) {
+        for (int64_t t = 0; t < bt; ++t) {
+          std::copy_n(x16.begin() + (b * bt + t) * row + h * d, d, block.begin() + t * d);
+        }
+        (*codec)->Encode(block.data(), slab.data());
+        (*codec)->Decode(slab.data(), 0, bt, dec.data());
+        for (int64_t t = 0; t < bt; ++t) {
+          std::copy_n(dec.begin() + t * d, d, out.begin() + (b * bt + t) * row + h * d);
+        }
+      }
+    }
+    return out;
+  };
+  const std::vector<float> kq = reconstruct(k16, policy->all.k), vq = reconstruct(v16, policy->all.v);
+
+  std::vector<float> q = testing::RandomFloats(rng, c.n_q * c.n_heads * d, 0.3f);
+  std::vector<int32_t> positions(c.n_q);
+  for (int64_t i = 0; i < c.n_q; ++i) positions[i] = static_cast<int32_t>(c.n_ctx - c.n_q + i);
+  std::vector<float> out(c.n_q * c.n_heads * d);
   kernels::ThreadPool pool(2);
-  kernels::PagedAttention(aq, (*cache)->View(seq, 0, n_ctx), out.data(), &pool);
+  const float scale = 1.0f / 8.0f;
+  kernels::Attention({q.data(), c.n_q, c.n_heads, positions.data(), scale},
+                     (*cache)->View(seq, 0, c.n_ctx), out.data(), &pool);
 
   double err = 0, norm = 0;
-  for (int64_t i = 0; i < n_q; ++i) {
-    for (int64_t h = 0; h < n_heads; ++h) {
-      const int64_t g = h / (n_heads / n_kv);
-      std::vector<double> s(pos[i] + 1);
-      for (int64_t t = 0; t <= pos[i]; ++t) {
+  for (int64_t i = 0; i < c.n_q; ++i) {
+    const int64_t p = positions[i];
+    for (int64_t h = 0; h < c.n_heads; ++h) {
+      const int64_t g = h / (c.n_heads / c.n_kv);
+      // Full precision for: sinks, tokens whose block was not full at p, the last W tokens.
+      auto exact = [&](int64_t t) { return t < S || (t / bt + 1) * bt > p + 1 || t > p - W; };
+      std::vector<double> s(p + 1);
+      for (int64_t t = 0; t <= p; ++t) {
+        const std::vector<float>& kk = exact(t) ? k16 : kq;
         double dot = 0;
-        for (int64_t e = 0; e < d; ++e) {
-          dot += double(q[(i * n_heads + h) * d + e]) * k[(t * n_kv + g) * d + e];
-        }
-        s[t] = dot / 8.0;
+        for (int64_t e = 0; e < d; ++e) dot += double(q[(i * c.n_heads + h) * d + e]) * kk[t * row + g * d + e];
+        s[t] = dot * scale;
       }
       const double mx = *std::max_element(s.begin(), s.end());
       double z = 0;
       for (double& x : s) z += (x = std::exp(x - mx));
       for (int64_t e = 0; e < d; ++e) {
         double o = 0;
-        for (int64_t t = 0; t <= pos[i]; ++t) o += s[t] / z * v[(t * n_kv + g) * d + e];
-        const double got = out[(i * n_heads + h) * d + e];
+        for (int64_t t = 0; t <= p; ++t) o += s[t] / z * (exact(t) ? v16 : vq)[t * row + g * d + e];
+        const double got = out[(i * c.n_heads + h) * d + e];
         err += (got - o) * (got - o);
         norm += o * o;
       }
     }
   }
-  EXPECT_LE(std::sqrt(err / norm), tol);
+  EXPECT_LE(std::sqrt(err / norm), 2e-5);
 }
 
-TEST(PagedAttentionTest, DecodeFp32) { CheckAttention(KvFormat::kF32, 77, 1, 1e-5); }
-TEST(PagedAttentionTest, DecodeFp16) { CheckAttention(KvFormat::kF16, 130, 1, 1e-5); }
-TEST(PagedAttentionTest, CausalPrefillFp32) { CheckAttention(KvFormat::kF32, 40, 40, 1e-5); }
-TEST(PagedAttentionTest, ChunkedPrefillFp16) { CheckAttention(KvFormat::kF16, 90, 25, 1e-5); }
+INSTANTIATE_TEST_SUITE_P(
+    Codecs, AttentionTest,
+    ::testing::Values(
+        Case{"fp32", 6, 2, 77, 1}, Case{"fp16", 6, 2, 130, 1}, Case{"fp32", 6, 2, 40, 40},
+        Case{"fp16,block=16", 9, 3, 90, 25}, Case{"bf16", 4, 4, 33, 1},
+        Case{"int8", 6, 2, 31, 31}, Case{"int8,block=16", 8, 1, 1000, 1},
+        Case{"int4", 6, 2, 33, 1}, Case{"int4:g32:sym", 6, 2, 1000, 64},
+        Case{"k=int4:chan,v=int4:g32", 6, 2, 257, 1},
+        Case{"k=int4:chan,v=int4,sink=4,window=16,block=64", 9, 3, 1000, 1},
+        Case{"k=int4:chan,v=int4,sink=4,window=16,block=64", 9, 3, 300, 100},
+        Case{"int3,sink=3,window=5,block=16", 6, 2, 101, 40},
+        Case{"int2,window=32", 6, 2, 200, 1}, Case{"k=int2:chan,v=int2:g32:sym", 6, 2, 4097, 1},
+        Case{"fp8", 6, 2, 65, 1}, Case{"fp8,sink=1", 6, 2, 1, 1}),
+    Name);
 
 }  // namespace
 }  // namespace quantkv

@@ -28,12 +28,12 @@ class EngineModelTest : public ::testing::Test {
     fixture_ = json::parse(in);
   }
 
-  std::unique_ptr<Engine> MakeEngine(KvFormat kv, kernels::ActivationPrecision act) {
+  std::unique_ptr<Engine> MakeEngine(const std::string& kv, kernels::ActivationPrecision act) {
     auto model = GgufModel::Open(testing::DefaultModelPath().string());
     EXPECT_TRUE(model.ok()) << model.status();
     EngineConfig cfg;
     cfg.threads = 2;
-    cfg.kv_format = kv;
+    cfg.kv_spec = kv;
     cfg.decode_activations = act;
     cfg.kv_max_bytes = int64_t{64} << 20;
     auto engine = Engine::Create(std::move(*model), cfg);
@@ -106,18 +106,18 @@ std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, 
 }
 
 TEST_F(EngineModelTest, PrefillLogitsMatchTransformersFp32Cache) {
-  auto engine = MakeEngine(KvFormat::kF32, kernels::ActivationPrecision::kFloat32);
+  auto engine = MakeEngine("fp32", kernels::ActivationPrecision::kFloat32);
   for (const json& p : fixture_["prompts"]) CheckPrefill(*engine, p, 1e-3);
 }
 
 TEST_F(EngineModelTest, PrefillLogitsMatchTransformersFp16Cache) {
   // The fp16 cache rounds K and V (2^-11 relative): a looser bound, same argmax everywhere.
-  auto engine = MakeEngine(KvFormat::kF16, kernels::ActivationPrecision::kFloat32);
+  auto engine = MakeEngine("fp16", kernels::ActivationPrecision::kFloat32);
   for (const json& p : fixture_["prompts"]) CheckPrefill(*engine, p, 5e-3);
 }
 
 TEST_F(EngineModelTest, GreedyGenerationMatchesTransformersExactDecode) {
-  auto engine = MakeEngine(KvFormat::kF32, kernels::ActivationPrecision::kFloat32);
+  auto engine = MakeEngine("fp32", kernels::ActivationPrecision::kFloat32);
   for (const json& p : fixture_["prompts"]) {
     const std::vector<int32_t> want = Ids(p["greedy"]["new_ids"]);
     EXPECT_EQ(Greedy(*engine, Ids(p["input_ids"]), static_cast<int>(want.size())), want)
@@ -130,7 +130,7 @@ TEST_F(EngineModelTest, Int8DecodeAgreesWithTransformersOnTeacherForcedSteps) {
   // Int8 activations move logits by a few hundredths, so free-running greedy text forks at
   // near-ties (HF's margins there are 0.02-0.07). Feed HF's own continuation instead and
   // require the same argmax wherever HF's top-1 margin is at least 0.25.
-  auto engine = MakeEngine(KvFormat::kF16, kernels::ActivationPrecision::kInt8);
+  auto engine = MakeEngine("fp16", kernels::ActivationPrecision::kInt8);
   const int64_t V = engine->model_config().vocab_size;
   int steps = 0, agree = 0, decisive = 0;
   for (const json& p : fixture_["prompts"]) {
@@ -162,7 +162,7 @@ TEST_F(EngineModelTest, Int8DecodeAgreesWithTransformersOnTeacherForcedSteps) {
 }
 
 TEST_F(EngineModelTest, MeanNllMatchesFloat64) {
-  auto engine = MakeEngine(KvFormat::kF32, kernels::ActivationPrecision::kFloat32);
+  auto engine = MakeEngine("fp32", kernels::ActivationPrecision::kFloat32);
   for (const json& p : fixture_["prompts"]) {
     if (!p.contains("mean_nll_f64")) continue;
     const std::vector<int32_t> ids = Ids(p["input_ids"]);

@@ -17,7 +17,7 @@ void CheckModel(const std::string& dir, const nlohmann::json& ref_logits,
   auto weights = OpenHfModelDir(testing::FixturePath("models/" + dir).string());
   ASSERT_TRUE(weights.ok()) << weights.status();
   EngineConfig cfg;
-  cfg.kv_format = KvFormat::kF32;
+  cfg.kv_spec = "fp32";
   cfg.decode_activations = kernels::ActivationPrecision::kFloat32;
   cfg.lm_head_activations = kernels::ActivationPrecision::kFloat32;
   cfg.kv_max_bytes = 1 << 20;

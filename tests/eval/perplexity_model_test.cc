@@ -30,7 +30,7 @@ TEST(PerplexityModelTest, MatchesTransformersOnTheSameWindows) {
 
   EngineConfig cfg;
   cfg.threads = 2;
-  cfg.kv_format = KvFormat::kF32;
+  cfg.kv_spec = "fp32";
   auto engine = Engine::Create(std::move(*model), cfg);
   ASSERT_TRUE(engine.ok());
   PerplexityOptions opt;

@@ -1,0 +1,107 @@
+// Decode attention over a synthetic quantized cache: time per token for one layer of
+// SmolLM2's shape (9 query heads, 3 KV heads, head_dim 64) at several contexts and KV
+// presets, with the bytes the step must read and the achieved fraction of the memory
+// bandwidth measured in the same run.
+//
+//   attention_bench [--threads N] [--out DIR]
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "bench/bandwidth.h"
+#include "bench/results.h"
+#include "kernels/attention.h"
+#include "runtime/kv/kv_cache.h"
+
+namespace quantkv::bench {
+namespace {
+
+int Main(int argc, char** argv) {
+  int threads = 1;
+  std::string out = "bench/results";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string f = argv[i];
+    if (f == "--threads") {
+      threads = std::atoi(argv[i + 1]);
+    } else if (f == "--out") {
+      out = argv[i + 1];
+    } else {
+      std::cerr << "attention_bench: unknown flag " << f << "\n";
+      return 2;
+    }
+  }
+  if (threads < 1) {
+    std::cerr << "attention_bench: --threads must be >= 1\n";
+    return 2;
+  }
+  const int64_t n_heads = 9, n_kv = 3, d = 64;
+  const Bandwidth bw = MeasureBandwidth(threads);
+  kernels::ThreadPool pool(threads);
+  nlohmann::json rows = nlohmann::json::array();
+  std::string md = absl::StrFormat(
+      "Read bandwidth (%d threads): %.2f GB/s. One layer, 9 query / 3 KV heads, head_dim 64.\n\n"
+      "| preset | context | us/token | MB read | GB/s | fraction of bandwidth | speed-up vs fp16 |\n"
+      "|---|---|---|---|---|---|---|\n",
+      threads, bw.read_gbps);
+  std::printf("%-6s %8s %10s %9s %8s %9s %8s\n", "preset", "context", "us/token", "MB read",
+              "GB/s", "fraction", "vs fp16");
+  for (int64_t ctx : {1024, 8192, 32768}) {
+    double fp16_us = 0;
+    for (const char* preset : {"fp16", "int8", "int4", "int2"}) {
+      KvCacheConfig c;
+      c.n_layers = 1;
+      c.n_kv_heads = n_kv;
+      c.head_dim = d;
+      c.policy = *ParseKvPolicy(preset);
+      c.max_bytes = int64_t{1} << 30;
+      c.max_step_tokens = 1024;
+      auto cache = KvCache::Create(c);
+      if (!cache.ok()) {
+        std::cerr << cache.status() << "\n";
+        return 1;
+      }
+      SequenceKv seq;
+      std::mt19937 rng(1);
+      std::normal_distribution<float> nd;
+      std::vector<float> k(1024 * n_kv * d), v(k.size());
+      for (int64_t pos = 0; pos < ctx; pos += 1024) {
+        for (float& x : k) x = nd(rng);
+        for (float& x : v) x = nd(rng);
+        (void)(*cache)->Reserve(seq, pos + 1024);
+        (*cache)->Write(seq, 0, pos, 1024, k.data(), v.data());
+      }
+      seq.length = ctx;
+      std::vector<float> q(n_heads * d, 0.1f), o(n_heads * d);
+      const int32_t position = static_cast<int32_t>(ctx - 1);
+      const kernels::KvLayerView view = (*cache)->View(seq, 0, ctx);
+      kernels::AttentionQuery aq{q.data(), 1, n_heads, &position, 0.125f};
+      kernels::Attention(aq, view, o.data(), &pool);  // warm
+      const int reps = std::max<int>(3, static_cast<int>(200000 / ctx));
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < reps; ++r) kernels::Attention(aq, view, o.data(), &pool);
+      const double us =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e6 / reps;
+      const double bytes = (*cache)->BytesPerTokenAt(ctx) * ctx;
+      const double gbps = bytes / (us * 1e-6) / 1e9;
+      if (std::string(preset) == "fp16") fp16_us = us;
+      std::printf("%-6s %8ld %10.1f %9.2f %8.2f %9.2f %8.2f\n", preset, static_cast<long>(ctx), us,
+                  bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
+      md += absl::StrFormat("| %s | %d | %.1f | %.2f | %.2f | %.2f | %.2f |\n", preset, ctx, us,
+                            bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
+      rows.push_back({{"preset", preset}, {"context", ctx}, {"us_per_token", us},
+                      {"bytes_read", bytes}, {"gbps", gbps},
+                      {"fraction_of_bandwidth", gbps / bw.read_gbps},
+                      {"speedup_vs_fp16", fp16_us / us}});
+    }
+  }
+  nlohmann::json j = {{"threads", threads}, {"read_gbps", bw.read_gbps}, {"rows", rows}};
+  return WriteResults(out, "attention_bench", j, md) ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace quantkv::bench
+
+int main(int argc, char** argv) { return quantkv::bench::Main(argc, argv); }

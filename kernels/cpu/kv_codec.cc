@@ -1,0 +1,268 @@
+// KV codec specs (parse / canonical spelling), geometry validation and the codec factory.
+// The codecs themselves live in kv_codec_float.cc (fp32, fp16, bf16, fp8-e4m3) and
+// kv_codec_uniform.cc (int8/4/3/2, symmetric or asymmetric, per token group or per channel).
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <system_error>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "kernels/kv_codec.h"
+
+namespace quantkv::kernels {
+
+// Shared with kv_codec_float.cc / kv_codec_uniform.cc (defined there; no public header).
+namespace kv_codec_internal {
+// 0: scalar, 1: AVX2+FMA+F16C, 2: AVX-512 F/BW/VL (+AVX2, FMA, F16C). QUANTKV_ISA=scalar|avx2
+// caps it, as for the matmul kernels.
+int KvCodecIsa();
+std::unique_ptr<KvCodec> MakeFloatCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                        int64_t block_tokens);
+std::unique_ptr<KvCodec> MakeFp8Codec(const KvCodecSpec& spec, int64_t head_dim,
+                                      int64_t block_tokens);
+std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                          int64_t block_tokens);
+
+int KvCodecIsa() {
+  static const int isa = [] {
+    __builtin_cpu_init();
+    int best = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      best = 1;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl")) {
+        best = 2;
+      }
+    }
+    if (const char* force = std::getenv("QUANTKV_ISA")) {
+      if (std::strcmp(force, "scalar") == 0) best = 0;
+      if (std::strcmp(force, "avx2") == 0 && best > 1) best = 1;
+    }
+    return best;
+  }();
+  return isa;
+}
+}  // namespace kv_codec_internal
+
+namespace {
+
+constexpr int kMaxGroup = 1 << 16;
+
+std::string Lower(std::string_view s) {
+  std::string r(s);
+  for (char& c : r) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return r;
+}
+
+std::string_view Trim(std::string_view s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  return s;
+}
+
+absl::Status SpecError(std::string_view text, std::string_view what) {
+  return absl::InvalidArgumentError(absl::StrFormat("KV codec spec '%s': %s", text, what));
+}
+
+bool IsFloatType(KvCodecType t) {
+  return t == KvCodecType::kF32 || t == KvCodecType::kF16 || t == KvCodecType::kBF16;
+}
+
+}  // namespace
+
+std::string KvCodecSpec::ToString() const {
+  switch (type) {
+    case KvCodecType::kF32:
+      return "fp32";
+    case KvCodecType::kF16:
+      return "fp16";
+    case KvCodecType::kBF16:
+      return "bf16";
+    case KvCodecType::kFp8E4M3:
+    case KvCodecType::kUniform:
+      break;
+  }
+  std::string s = type == KvCodecType::kFp8E4M3 ? "fp8" : absl::StrFormat("int%d", bits);
+  if (granularity == KvGranularity::kPerChannel) {
+    s += ":chan";
+    if (type == KvCodecType::kUniform && symmetric) s += ":sym";
+  } else {
+    s += absl::StrFormat(":g%d", group_size);
+    if (type == KvCodecType::kUniform) s += symmetric ? ":sym" : ":asym";
+  }
+  if (clip != 1.0f) {
+    char buf[64];
+    const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), clip);
+    s += ":clip";
+    s.append(buf, ec == std::errc() ? end : buf);
+  }
+  return s;
+}
+
+absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
+  const std::string_view trimmed = Trim(text_in);
+  const std::string text = Lower(trimmed);
+  if (text.empty()) return absl::InvalidArgumentError("KV codec spec: empty");
+
+  const std::string_view all(text);
+  const size_t colon = all.find(':');
+  const std::string_view name = all.substr(0, colon);
+  KvCodecSpec spec;
+  if (name == "fp32" || name == "f32") {
+    spec.type = KvCodecType::kF32;
+    spec.bits = 32;
+  } else if (name == "fp16" || name == "f16") {
+    spec.type = KvCodecType::kF16;
+    spec.bits = 16;
+  } else if (name == "bf16") {
+    spec.type = KvCodecType::kBF16;
+    spec.bits = 16;
+  } else if (name == "fp8" || name == "fp8e4m3" || name == "fp8_e4m3") {
+    spec.type = KvCodecType::kFp8E4M3;
+    spec.bits = 8;
+  } else if (name == "int8" || name == "int4" || name == "int3" || name == "int2") {
+    spec.type = KvCodecType::kUniform;
+    spec.bits = name[3] - '0';
+  } else {
+    return SpecError(trimmed,
+                     absl::StrFormat("unknown codec name '%s' (want fp32, fp16, bf16, fp8, int8, "
+                                     "int4, int3 or int2)",
+                                     name));
+  }
+
+  bool have_gran = false, have_sym = false, have_clip = false;
+  std::string_view rest =
+      colon == std::string_view::npos ? std::string_view() : all.substr(colon + 1);
+  if (colon != std::string_view::npos && rest.empty()) {
+    return SpecError(trimmed, "empty option after ':'");
+  }
+  while (colon != std::string_view::npos && !rest.empty()) {
+    const size_t next = rest.find(':');
+    const std::string_view opt = rest.substr(0, next);
+    rest = next == std::string_view::npos ? std::string_view() : rest.substr(next + 1);
+    if (opt.empty() || (next != std::string_view::npos && rest.empty())) {
+      return SpecError(trimmed, "empty option between ':'");
+    }
+    if (IsFloatType(spec.type)) {
+      return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for %s (it takes "
+                                                "no options)",
+                                                opt, name));
+    }
+    const bool is_fp8 = spec.type == KvCodecType::kFp8E4M3;
+    if (opt == "chan") {
+      if (is_fp8) {
+        return SpecError(trimmed,
+                         "option 'chan' makes no sense for fp8 (its scales are per token group)");
+      }
+      if (have_gran)
+        return SpecError(trimmed, "option 'chan' conflicts with an earlier group option");
+      have_gran = true;
+      spec.granularity = KvGranularity::kPerChannel;
+    } else if (opt == "sym" || opt == "asym") {
+      if (is_fp8) {
+        return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for fp8 (always "
+                                                  "symmetric)",
+                                                  opt));
+      }
+      if (have_sym) {
+        return SpecError(trimmed, absl::StrFormat("option '%s' repeats or conflicts with an "
+                                                  "earlier sym/asym",
+                                                  opt));
+      }
+      have_sym = true;
+      spec.symmetric = opt == "sym";
+    } else if (opt.size() > 4 && opt.substr(0, 4) == "clip") {
+      const std::string_view num = opt.substr(4);
+      float v = 0.0f;
+      const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
+      if (ec != std::errc() || end != num.data() + num.size() || !std::isfinite(v) || !(v > 0.0f) ||
+          v > 1.0f) {
+        return SpecError(trimmed,
+                         absl::StrFormat("bad clip '%s' (want clipX with 0 < X <= 1)", opt));
+      }
+      if (have_clip) return SpecError(trimmed, absl::StrFormat("option '%s' repeats clip", opt));
+      have_clip = true;
+      spec.clip = v;
+    } else if (opt.size() > 1 && opt[0] == 'g' &&
+               std::isdigit(static_cast<unsigned char>(opt[1]))) {
+      const std::string_view num = opt.substr(1);
+      int v = 0;
+      const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
+      if (ec != std::errc() || end != num.data() + num.size() || v < 1 || v > kMaxGroup) {
+        return SpecError(trimmed, absl::StrFormat("bad group size '%s' (want gN with 1 <= N <= "
+                                                  "%d)",
+                                                  opt, kMaxGroup));
+      }
+      if (have_gran) {
+        return SpecError(trimmed, absl::StrFormat("option '%s' conflicts with an earlier "
+                                                  "granularity option",
+                                                  opt));
+      }
+      have_gran = true;
+      spec.granularity = KvGranularity::kPerTokenGroup;
+      spec.group_size = v;
+    } else if (opt == "g") {
+      return SpecError(trimmed, "bad group size 'g' (want gN with N >= 1)");
+    } else {
+      return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, sym, asym "
+                                                "or clipX)",
+                                                opt));
+    }
+  }
+  return spec;
+}
+
+absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecSpec& spec, int64_t head_dim,
+                                                         int64_t block_tokens) {
+  const std::string name = spec.ToString();
+  auto err = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrFormat("KV codec %s: %s", name, what));
+  };
+  if (head_dim < 1 || head_dim > (1 << 16)) {
+    return err(absl::StrFormat("head_dim %d out of range [1, 65536]", head_dim));
+  }
+  if (block_tokens < 1 || block_tokens > (1 << 20)) {
+    return err(absl::StrFormat("block_tokens %d out of range [1, 1048576]", block_tokens));
+  }
+  if (IsFloatType(spec.type))
+    return kv_codec_internal::MakeFloatCodec(spec, head_dim, block_tokens);
+  if (spec.type != KvCodecType::kFp8E4M3 && spec.type != KvCodecType::kUniform) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("KV codec: unknown codec type %d", static_cast<int>(spec.type)));
+  }
+  if (!(spec.clip > 0.0f && spec.clip <= 1.0f)) {
+    return err(absl::StrFormat("clip %g not in (0, 1]", spec.clip));
+  }
+  if (spec.granularity == KvGranularity::kPerTokenGroup) {
+    if (spec.group_size < 1 || head_dim % spec.group_size != 0) {
+      return err(
+          absl::StrFormat("group size %d does not divide head_dim %d", spec.group_size, head_dim));
+    }
+  } else if (spec.granularity != KvGranularity::kPerChannel) {
+    return err("unknown granularity");
+  }
+  if (spec.type == KvCodecType::kFp8E4M3) {
+    if (spec.granularity != KvGranularity::kPerTokenGroup) {
+      return err("fp8 has per-token-group scales only ('chan' is not supported)");
+    }
+    return kv_codec_internal::MakeFp8Codec(spec, head_dim, block_tokens);
+  }
+  if (spec.bits != 8 && spec.bits != 4 && spec.bits != 3 && spec.bits != 2) {
+    return err(absl::StrFormat("bits %d not supported (want 8, 4, 3 or 2)", spec.bits));
+  }
+  const int pack = spec.bits == 8 ? 1 : spec.bits == 4 ? 2 : spec.bits == 2 ? 4 : 8;
+  if (head_dim % pack != 0) {
+    return err(
+        absl::StrFormat("%d-bit codes pack %d per unit, so head_dim must be a multiple "
+                        "of %d (got %d)",
+                        spec.bits, pack, pack, head_dim));
+  }
+  return kv_codec_internal::MakeUniformCodec(spec, head_dim, block_tokens);
+}
+
+}  // namespace quantkv::kernels

@@ -1,0 +1,219 @@
+#include "runtime/kv/kv_cache.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_format.h"
+#include "kernels/dequantize.h"
+
+namespace quantkv {
+
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c) {
+  if (c.n_layers <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.max_step_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV cache: layers %d, kv heads %d, head_dim %d and step tokens %d must be positive",
+        c.n_layers, c.n_kv_heads, c.head_dim, c.max_step_tokens));
+  }
+  const int64_t bt = c.policy.block_tokens;
+  std::vector<LayerCodecs> layers(c.n_layers);
+  int64_t all_layers = 0;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const LayerKvPolicy& lp = c.policy.ForLayer(l);
+    for (int kv = 0; kv < 2; ++kv) {
+      absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec =
+          kernels::KvCodec::Create(kv == 0 ? lp.k : lp.v, c.head_dim, bt);
+      if (!codec.ok()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "KV policy '%s', layer %d %s: %s", c.policy.name, l, kv == 0 ? "keys" : "values",
+            codec.status().message()));
+      }
+      (kv == 0 ? layers[l].k : layers[l].v) = std::move(*codec);
+    }
+    layers[l].k_block_bytes = c.n_kv_heads * layers[l].k->slab_bytes();
+    layers[l].v_block_bytes = c.n_kv_heads * layers[l].v->slab_bytes();
+    all_layers += layers[l].k_block_bytes + layers[l].v_block_bytes;
+  }
+  const int64_t n_blocks = c.max_bytes / all_layers;
+  if (n_blocks < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV cache: budget of %d bytes holds no block (one block of %d tokens needs %d bytes)",
+        c.max_bytes, bt, all_layers));
+  }
+  if (n_blocks > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("KV cache: budget needs more than 2^31 blocks");
+  }
+  std::unique_ptr<KvCache> cache(new KvCache(c, static_cast<int32_t>(n_blocks)));
+  cache->pool_bytes_ = static_cast<size_t>(n_blocks * all_layers);
+  // Anonymous, lazily backed memory: a large budget costs only the pages written.
+  void* pool = ::mmap(nullptr, cache->pool_bytes_, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (pool == MAP_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("KV cache: cannot reserve %d bytes", cache->pool_bytes_));
+  }
+  cache->pool_ = static_cast<uint8_t*>(pool);
+  uint8_t* p = cache->pool_;
+  for (LayerCodecs& lc : layers) {
+    lc.k_pool = p;
+    p += n_blocks * lc.k_block_bytes;
+    lc.v_pool = p;
+    p += n_blocks * lc.v_block_bytes;
+  }
+  cache->layers_ = std::move(layers);
+  cache->block_bytes_all_layers_ = all_layers;
+  cache->ring_tokens_ = c.policy.window_tokens + bt + c.max_step_tokens;
+  cache->storage_ = c.policy.protected_fp32() ? kernels::KvStorage::kF32 : kernels::KvStorage::kF16;
+  return cache;
+}
+
+KvCache::KvCache(const KvCacheConfig& config, int32_t n_blocks)
+    : config_(config), allocator_(n_blocks) {}
+
+KvCache::~KvCache() {
+  if (pool_ != nullptr) ::munmap(pool_, pool_bytes_);
+}
+
+int64_t KvCache::RowBytes() const {
+  return config_.n_kv_heads * config_.head_dim * kernels::KvStorageBytes(storage_);
+}
+
+uint8_t* KvCache::RingRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const {
+  return seq.ring.data() + ((layer * 2 + kv) * ring_tokens_ + t % ring_tokens_) * RowBytes();
+}
+
+uint8_t* KvCache::SinkRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const {
+  return seq.sinks.data() + ((layer * 2 + kv) * config_.policy.sink_tokens + t) * RowBytes();
+}
+
+absl::Status KvCache::Reserve(SequenceKv& seq, int64_t n_tokens) {
+  const int64_t need = n_tokens / block_tokens();
+  const size_t had = seq.blocks.size();
+  while (static_cast<int64_t>(seq.blocks.size()) < need) {
+    absl::StatusOr<int32_t> b = allocator_.Allocate();
+    if (!b.ok()) {
+      for (size_t i = had; i < seq.blocks.size(); ++i) (void)allocator_.Release(seq.blocks[i]);
+      seq.blocks.resize(had);
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "KV cache full: %d tokens need %d blocks of %d tokens; the pool has %d blocks "
+          "(%d tokens) under its byte budget; raise --kv-budget-mb or shorten the context",
+          n_tokens, need, block_tokens(), allocator_.num_blocks(), capacity_tokens()));
+    }
+    seq.blocks.push_back(*b);
+  }
+  if (seq.ring.empty()) seq.ring.resize(config_.n_layers * 2 * ring_tokens_ * RowBytes());
+  if (seq.sinks.empty() && config_.policy.sink_tokens > 0) {
+    seq.sinks.resize(config_.n_layers * 2 * config_.policy.sink_tokens * RowBytes());
+  }
+  return absl::OkStatus();
+}
+
+void KvCache::Free(SequenceKv& seq) {
+  for (int32_t b : seq.blocks) (void)allocator_.Release(b);
+  seq = SequenceKv{};
+}
+
+void KvCache::Write(SequenceKv& seq, int64_t layer, int64_t pos, int64_t n, const float* k,
+                    const float* v) {
+  const int64_t row = config_.n_kv_heads * config_.head_dim;
+  for (int kv = 0; kv < 2; ++kv) {
+    const float* src = kv == 0 ? k : v;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = pos + i;
+      uint8_t* dst = RingRow(seq, layer, kv, t);
+      if (storage_ == kernels::KvStorage::kF32) {
+        std::memcpy(dst, src + i * row, row * sizeof(float));
+      } else {
+        kernels::Fp32ToFp16Row(src + i * row, reinterpret_cast<uint16_t*>(dst), row);
+      }
+      if (t < config_.policy.sink_tokens) {
+        std::memcpy(SinkRow(seq, layer, kv, t), dst, RowBytes());
+      }
+    }
+  }
+  const int64_t bt = block_tokens();
+  for (int64_t b = pos / bt; b < (pos + n) / bt; ++b) EncodeBlock(seq, layer, b);
+}
+
+void KvCache::EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b) {
+  const int64_t bt = block_tokens();
+  const int64_t d = config_.head_dim;
+  const LayerCodecs& lc = layers_[layer];
+  std::vector<float> x(static_cast<size_t>(bt * d));
+  for (int kv = 0; kv < 2; ++kv) {
+    const kernels::KvCodec& codec = kv == 0 ? *lc.k : *lc.v;
+    uint8_t* block = (kv == 0 ? lc.k_pool : lc.v_pool) +
+                     static_cast<int64_t>(seq.blocks[b]) * (kv == 0 ? lc.k_block_bytes : lc.v_block_bytes);
+    for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
+      for (int64_t t = 0; t < bt; ++t) {
+        const uint8_t* r = RingRow(seq, layer, kv, b * bt + t) + h * d * kernels::KvStorageBytes(storage_);
+        if (storage_ == kernels::KvStorage::kF32) {
+          std::memcpy(x.data() + t * d, r, d * sizeof(float));
+        } else {
+          kernels::Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(r), x.data() + t * d, d);
+        }
+      }
+      codec.Encode(x.data(), block + h * codec.slab_bytes());
+    }
+  }
+}
+
+kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t n_tokens) const {
+  const LayerCodecs& lc = layers_[layer];
+  kernels::KvLayerView v;
+  v.n_kv_heads = config_.n_kv_heads;
+  v.head_dim = config_.head_dim;
+  v.block_tokens = block_tokens();
+  v.n_tokens = n_tokens;
+  v.k_codec = lc.k.get();
+  v.v_codec = lc.v.get();
+  v.block_table = seq.blocks.data();
+  v.n_blocks = std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), n_tokens / block_tokens());
+  v.k_base = lc.k_pool;
+  v.v_base = lc.v_pool;
+  v.k_block_bytes = lc.k_block_bytes;
+  v.v_block_bytes = lc.v_block_bytes;
+  v.storage = storage_;
+  const int64_t row = RowBytes();
+  v.k_ring = seq.ring.data() + (layer * 2 + 0) * ring_tokens_ * row;
+  v.v_ring = seq.ring.data() + (layer * 2 + 1) * ring_tokens_ * row;
+  v.ring_tokens = ring_tokens_;
+  if (config_.policy.sink_tokens > 0) {
+    v.k_sinks = seq.sinks.data() + (layer * 2 + 0) * config_.policy.sink_tokens * row;
+    v.v_sinks = seq.sinks.data() + (layer * 2 + 1) * config_.policy.sink_tokens * row;
+  }
+  v.sink_tokens = config_.policy.sink_tokens;
+  v.window_tokens = config_.policy.window_tokens;
+  return v;
+}
+
+int64_t KvCache::ProtectedTokensAt(int64_t n) const {
+  if (n <= 0) return 0;
+  const int64_t sinks = std::min(config_.policy.sink_tokens, n);
+  const int64_t full = n / block_tokens();
+  const int64_t ring_start =
+      std::max(sinks, std::min(full * block_tokens(),
+                               std::max<int64_t>(0, n - config_.policy.window_tokens)));
+  return sinks + (n - ring_start);
+}
+
+int64_t KvCache::SequenceBytes(const SequenceKv& seq) const {
+  return static_cast<int64_t>(seq.blocks.size()) * block_bytes_all_layers_ +
+         ProtectedTokensAt(seq.length) * RowBytes() * 2 * config_.n_layers;
+}
+
+double KvCache::BytesPerTokenAt(int64_t n) const {
+  if (n <= 0) return 0;
+  const double bytes = static_cast<double>(n / block_tokens()) * block_bytes_all_layers_ +
+                       static_cast<double>(ProtectedTokensAt(n)) * RowBytes() * 2 * config_.n_layers;
+  return bytes / static_cast<double>(n);
+}
+
+double KvCache::BitsPerElementAt(int64_t n) const {
+  const double elements_per_token = 2.0 * config_.n_layers * config_.n_kv_heads * config_.head_dim;
+  return 8.0 * BytesPerTokenAt(n) / elements_per_token;
+}
+
+}  // namespace quantkv

@@ -1,0 +1,105 @@
+// Storage of the quantized paged KV cache. Full blocks are encoded by the layer's codec
+// (KvPolicy) into a pool of physical blocks, indexed by the ids of a BlockAllocator; one
+// id addresses that block in every layer. Tokens that stay in full precision — the
+// attention sinks and a ring holding the recent window and the partially filled tail
+// block — live with the sequence (SequenceKv), which its owner (engine or scheduler) holds.
+// A block is encoded the moment it fills up ("quantized in place" of its ring rows).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/attention.h"
+#include "kernels/kv_codec.h"
+#include "runtime/kv/block_allocator.h"
+#include "runtime/kv/kv_policy.h"
+
+namespace quantkv {
+
+struct KvCacheConfig {
+  int64_t n_layers = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  KvPolicy policy;                       // codecs, block size, sinks, window
+  int64_t max_bytes = int64_t{1} << 30;  // budget of the encoded-block pool
+  // Most tokens one sequence appends in one step (prefill chunk); sizes the ring so every
+  // query of a chunk still finds its window and tail in it.
+  int64_t max_step_tokens = 512;
+};
+
+// One sequence's cache state, owned by whoever schedules the sequence.
+struct SequenceKv {
+  std::vector<int32_t> blocks;  // physical ids of its full (encoded) blocks
+  int64_t length = 0;           // tokens written
+  std::vector<uint8_t> ring;    // [layer][K|V][ring_tokens][n_kv_heads][head_dim]
+  std::vector<uint8_t> sinks;   // [layer][K|V][sink_tokens][n_kv_heads][head_dim]
+};
+
+class KvCache {
+ public:
+  static absl::StatusOr<std::unique_ptr<KvCache>> Create(const KvCacheConfig& config);
+  ~KvCache();
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  const KvCacheConfig& config() const { return config_; }
+  const KvPolicy& policy() const { return config_.policy; }
+  BlockAllocator& allocator() { return allocator_; }
+  const BlockAllocator& allocator() const { return allocator_; }
+  int64_t block_tokens() const { return config_.policy.block_tokens; }
+
+  // Makes room for `seq` to grow to n_tokens: blocks for every block that will be full,
+  // and its protected storage. On failure `seq` is unchanged.
+  absl::Status Reserve(SequenceKv& seq, int64_t n_tokens);
+  // Returns the blocks and protected storage of seq and empties it.
+  void Free(SequenceKv& seq);
+  // Drops blocks past the first `n_tokens`... not needed yet; sequences only grow.
+
+  // Stores K and V rows ([n][n_kv_heads * head_dim]) for positions [pos, pos + n) of
+  // `layer` (pos == seq.length, reserved beforehand) and encodes blocks that fill up.
+  void Write(SequenceKv& seq, int64_t layer, int64_t pos, int64_t n, const float* k,
+             const float* v);
+
+  // The attention view of `layer` once n_tokens are written.
+  kernels::KvLayerView View(const SequenceKv& seq, int64_t layer, int64_t n_tokens) const;
+
+  // Bytes of one encoded block in all layers, K and V.
+  int64_t block_bytes_all_layers() const { return block_bytes_all_layers_; }
+  // Bytes `seq` holds at its current length: encoded blocks plus protected tokens it needs
+  // (sinks, window, tail); the transient slack of the prefill ring is not counted.
+  int64_t SequenceBytes(const SequenceKv& seq) const;
+  // Bits per cached element including all metadata and protected fp16 tokens, for a
+  // sequence of n_tokens tokens.
+  double BitsPerElementAt(int64_t n_tokens) const;
+  // Bytes per token at n_tokens tokens (all layers, K and V).
+  double BytesPerTokenAt(int64_t n_tokens) const;
+  // Encoded tokens the pool can hold.
+  int64_t capacity_tokens() const { return allocator_.num_blocks() * block_tokens(); }
+
+ private:
+  struct LayerCodecs {
+    std::unique_ptr<kernels::KvCodec> k, v;
+    int64_t k_block_bytes = 0, v_block_bytes = 0;  // all heads
+    uint8_t* k_pool = nullptr;
+    uint8_t* v_pool = nullptr;
+  };
+  KvCache(const KvCacheConfig& config, int32_t n_blocks);
+  int64_t RowBytes() const;  // one protected token row (all heads) of K or V
+  uint8_t* RingRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
+  uint8_t* SinkRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
+  void EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b);
+  int64_t ProtectedTokensAt(int64_t n_tokens) const;
+
+  KvCacheConfig config_;
+  BlockAllocator allocator_;
+  std::vector<LayerCodecs> layers_;
+  int64_t ring_tokens_ = 0;
+  kernels::KvStorage storage_ = kernels::KvStorage::kF16;
+  int64_t block_bytes_all_layers_ = 0;
+  uint8_t* pool_ = nullptr;
+  size_t pool_bytes_ = 0;
+};
+
+}  // namespace quantkv

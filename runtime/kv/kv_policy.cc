@@ -1,0 +1,211 @@
+#include "runtime/kv/kv_policy.h"
+
+#include <charconv>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "nlohmann/json.hpp"
+
+namespace quantkv {
+namespace {
+
+absl::StatusOr<int64_t> ParseCount(std::string_view key, std::string_view value, int64_t lo,
+                                   int64_t hi) {
+  int64_t v = 0;
+  const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+  if (ec != std::errc() || end != value.data() + value.size() || v < lo || v > hi) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV spec: %s=%s is not an integer in [%d, %d]", std::string(key), std::string(value), lo,
+        hi));
+  }
+  return v;
+}
+
+absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers) {
+  const size_t eq = item.find('=');
+  if (eq == std::string_view::npos) {
+    absl::StatusOr<kernels::KvCodecSpec> c = kernels::ParseKvCodecSpec(item);
+    if (!c.ok()) return c.status();
+    p.all.k = p.all.v = *c;
+    p.layers.clear();
+    return absl::OkStatus();
+  }
+  const std::string_view key = item.substr(0, eq);
+  const std::string_view value = item.substr(eq + 1);
+  if (key == "sink") {
+    absl::StatusOr<int64_t> v = ParseCount(key, value, 0, 1 << 20);
+    if (!v.ok()) return v.status();
+    p.sink_tokens = *v;
+    return absl::OkStatus();
+  }
+  if (key == "window") {
+    absl::StatusOr<int64_t> v = ParseCount(key, value, 0, 1 << 20);
+    if (!v.ok()) return v.status();
+    p.window_tokens = *v;
+    return absl::OkStatus();
+  }
+  if (key == "block") {
+    absl::StatusOr<int64_t> v = ParseCount(key, value, 1, 4096);
+    if (!v.ok()) return v.status();
+    p.block_tokens = *v;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<kernels::KvCodecSpec> c = kernels::ParseKvCodecSpec(value);
+  if (!c.ok()) return c.status();
+  if (key == "k" || key == "v" || key == "kv") {
+    if (key != "v") p.all.k = *c;
+    if (key != "k") p.all.v = *c;
+    for (auto& [l, lp] : p.layers) {
+      if (key != "v") lp.k = *c;
+      if (key != "k") lp.v = *c;
+    }
+    return absl::OkStatus();
+  }
+  // L.k / L.v / L.kv
+  const size_t dot = key.find('.');
+  if (dot != std::string_view::npos) {
+    const std::string_view which = key.substr(dot + 1);
+    absl::StatusOr<int64_t> layer =
+        ParseCount("layer", key.substr(0, dot), 0, n_layers > 0 ? n_layers - 1 : 1 << 20);
+    if (layer.ok() && (which == "k" || which == "v" || which == "kv")) {
+      LayerKvPolicy& lp = p.layers.try_emplace(*layer, p.all).first->second;
+      if (which != "v") lp.k = *c;
+      if (which != "k") lp.v = *c;
+      return absl::OkStatus();
+    }
+    if (!layer.ok()) return layer.status();
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, sink, window, block)",
+      std::string(key)));
+}
+
+absl::StatusOr<KvPolicy> ParseSpec(std::string_view text, int64_t n_layers) {
+  KvPolicy p;
+  p.name = std::string(text);
+  if (text.empty()) return absl::InvalidArgumentError("KV spec is empty");
+  for (absl::string_view item : absl::StrSplit(absl::string_view(text.data(), text.size()), ',')) {
+    if (item.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV spec '%s' has an empty item", std::string(text)));
+    }
+    absl::Status s = ApplyItem(p, std::string_view(item.data(), item.size()), n_layers);
+    if (!s.ok()) return s;
+  }
+  return p;
+}
+
+absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrFormat("KV policy file %s: cannot open", path));
+  std::stringstream buf;
+  buf << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(buf.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("KV policy file %s: not a JSON object", path));
+  }
+  std::string spec;
+  auto add = [&spec](const std::string& item) { spec += (spec.empty() ? "" : ",") + item; };
+  auto field_string = [&](const nlohmann::json& o, const char* key,
+                          std::string* out) -> absl::Status {
+    if (!o.contains(key)) return absl::OkStatus();
+    if (!o[key].is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV policy file %s: field '%s' must be a string", path, key));
+    }
+    *out = o[key].get<std::string>();
+    return absl::OkStatus();
+  };
+  std::string s;
+  if (absl::Status st = field_string(j, "spec", &s); !st.ok()) return st;
+  if (!s.empty()) add(s);
+  for (const char* key : {"block", "sink", "window"}) {
+    if (!j.contains(key)) continue;
+    if (!j[key].is_number_integer()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV policy file %s: field '%s' must be an integer", path, key));
+    }
+    add(absl::StrFormat("%s=%d", key, j[key].get<int64_t>()));
+  }
+  for (const char* key : {"k", "v"}) {
+    std::string c;
+    if (absl::Status st = field_string(j, key, &c); !st.ok()) return st;
+    if (!c.empty()) add(absl::StrFormat("%s=%s", key, c));
+  }
+  if (j.contains("layers")) {
+    if (!j["layers"].is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV policy file %s: 'layers' must be an object", path));
+    }
+    for (const auto& [layer, lp] : j["layers"].items()) {
+      for (const char* key : {"k", "v"}) {
+        std::string c;
+        if (!lp.is_object()) {
+          return absl::InvalidArgumentError(
+              absl::StrFormat("KV policy file %s: layers.%s must be an object", path, layer));
+        }
+        if (absl::Status st = field_string(lp, key, &c); !st.ok()) return st;
+        if (!c.empty()) add(absl::StrFormat("%s.%s=%s", layer, key, c));
+      }
+    }
+  }
+  absl::StatusOr<KvPolicy> p = ParseSpec(spec, n_layers);
+  if (!p.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("KV policy file %s: %s", path, p.status().message()));
+  }
+  p->name = "@" + path;
+  return p;
+}
+
+}  // namespace
+
+const LayerKvPolicy& KvPolicy::ForLayer(int64_t layer) const {
+  auto it = layers.find(layer);
+  return it == layers.end() ? all : it->second;
+}
+
+bool KvPolicy::protected_fp32() const {
+  auto fp32 = [](const LayerKvPolicy& l) {
+    return l.k.type == kernels::KvCodecType::kF32 && l.v.type == kernels::KvCodecType::kF32;
+  };
+  if (!fp32(all)) return false;
+  for (const auto& [l, lp] : layers) {
+    if (!fp32(lp)) return false;
+  }
+  return true;
+}
+
+const std::vector<KvPreset>& KvPresets() {
+  static const std::vector<KvPreset> presets = {
+      {"fp32", "fp32", "full precision (reference)"},
+      {"fp16", "fp16", "IEEE half, the usual serving cache"},
+      {"bf16", "bf16", "bfloat16"},
+      {"fp8", "fp8:g64", "FP8 E4M3 with one fp16 scale per token per 64 channels"},
+      {"int8", "int8:g64:asym", "8-bit per-token min-max (scale + zero per 64 channels)"},
+      {"int4", "int4:g64:asym", "4-bit per-token min-max, no compensation (baseline)"},
+      {"int2", "int2:g64:asym", "2-bit per-token min-max, no compensation (baseline)"},
+      {"int4-comp", "k=int4:chan,v=int4:g64:asym,sink=4,window=8,block=128",
+       "<= 4.5 bits/element at 2048 tokens: per-channel keys (KIVI), fp16 sinks + window"},
+      {"int2-comp", "k=int2:chan,v=int2:g64:asym,sink=4,window=8,block=128",
+       "<= 2.5 bits/element at 2048 tokens: per-channel keys, fp16 sinks + window"},
+  };
+  return presets;
+}
+
+absl::StatusOr<KvPolicy> ParseKvPolicy(std::string_view text, int64_t n_layers) {
+  if (!text.empty() && text[0] == '@') return ParseFile(std::string(text.substr(1)), n_layers);
+  for (const KvPreset& p : KvPresets()) {
+    if (p.name == text) {
+      absl::StatusOr<KvPolicy> policy = ParseSpec(p.spec, n_layers);
+      if (policy.ok()) policy->name = p.name;
+      return policy;
+    }
+  }
+  return ParseSpec(text, n_layers);
+}
+
+}  // namespace quantkv

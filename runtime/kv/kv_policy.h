@@ -1,0 +1,57 @@
+// Which codec stores each layer's keys and values, and which tokens stay in full
+// precision. Selected with `--kv SPEC`: a preset name, a spec string, or @policy.json.
+//
+// Spec grammar (comma-separated, later items override earlier ones):
+//   CODEC                  keys and values (e.g. "int4", "int4:g32:sym", "fp8")
+//   k=CODEC | v=CODEC      keys or values only ("k=int2:chan,v=int2:g32")
+//   L.k=CODEC | L.v=CODEC  one layer (0-based), e.g. "0.k=int8"
+//   sink=N                 the first N tokens stay in fp16 (attention sinks)
+//   window=N               the most recent N tokens stay in fp16
+//   block=N                tokens per cache block (default 32)
+// A policy file holds {"spec": "..."} or {"block":32,"sink":4,"window":32,
+//   "k":"int4:chan","v":"int4","layers":{"0":{"k":"int8","v":"int8"}}}.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "kernels/kv_codec.h"
+
+namespace quantkv {
+
+struct LayerKvPolicy {
+  kernels::KvCodecSpec k;
+  kernels::KvCodecSpec v;
+};
+
+struct KvPolicy {
+  std::string name;  // the preset or the spec it was parsed from
+  LayerKvPolicy all;
+  absl::flat_hash_map<int64_t, LayerKvPolicy> layers;  // per-layer overrides
+  int64_t block_tokens = 32;
+  int64_t sink_tokens = 0;
+  int64_t window_tokens = 0;
+
+  const LayerKvPolicy& ForLayer(int64_t layer) const;
+  // Protected tokens live in fp32 when the whole cache is fp32, else fp16.
+  bool protected_fp32() const;
+};
+
+struct KvPreset {
+  std::string name;
+  std::string spec;
+  std::string description;
+};
+
+// The named presets, in the order `quantkv kv-presets` lists them.
+const std::vector<KvPreset>& KvPresets();
+
+// A preset name, a spec string, or "@FILE" (JSON). Layer indices are checked against
+// n_layers when given (> 0). Errors name the offending item.
+absl::StatusOr<KvPolicy> ParseKvPolicy(std::string_view text, int64_t n_layers = 0);
+
+}  // namespace quantkv

@@ -1,0 +1,114 @@
+// KvCache bookkeeping and accounting, and KvPolicy parsing. No model needed.
+#include "runtime/kv/kv_cache.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "gtest/gtest.h"
+
+namespace quantkv {
+namespace {
+
+KvCacheConfig Smol(const std::string& spec, int64_t max_bytes = int64_t{100} << 20) {
+  KvCacheConfig c;
+  c.n_layers = 30;
+  c.n_kv_heads = 3;
+  c.head_dim = 64;
+  c.policy = *ParseKvPolicy(spec, 30);
+  c.max_bytes = max_bytes;
+  return c;
+}
+
+TEST(KvCacheTest, Fp16AccountingMatchesTheFormula) {
+  // SmolLM2: 30 layers x (K+V) x 3 heads x 64 x 2 bytes = 23040 bytes per token.
+  auto cache = KvCache::Create(Smol("fp16"));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  EXPECT_DOUBLE_EQ((*cache)->BytesPerTokenAt(4096), 23040.0);
+  EXPECT_DOUBLE_EQ((*cache)->BitsPerElementAt(1000), 16.0);
+  EXPECT_DOUBLE_EQ((*KvCache::Create(Smol("fp32")))->BitsPerElementAt(77), 32.0);
+}
+
+TEST(KvCacheTest, QuantizedAccountingCountsMetadataAndProtectedTokens) {
+  // int4 g64 asym: 4 bits + fp16 scale and min per 64 values = 4.5 bits.
+  auto int4 = KvCache::Create(Smol("int4"));
+  ASSERT_TRUE(int4.ok()) << int4.status();
+  EXPECT_NEAR((*int4)->BitsPerElementAt(32 * 64), 4.5, 1e-12);
+  // A partial tail block stays fp16: 2048 + 16 tokens = 2048 * 4.5 + 16 * 16 bits.
+  EXPECT_NEAR((*int4)->BitsPerElementAt(2064), (2048 * 4.5 + 16 * 16.0) / 2064, 1e-12);
+  // Sinks and window add their fp16 copies.
+  auto prot = KvCache::Create(Smol("int4,sink=4,window=32,block=32"));
+  ASSERT_TRUE(prot.ok());
+  // 2048 tokens: 64 encoded blocks, 4 sinks + last 32 tokens in fp16.
+  EXPECT_NEAR((*prot)->BitsPerElementAt(2048), (2048 * 4.5 + 36 * 16.0) / 2048, 1e-12);
+}
+
+TEST(KvCacheTest, ReserveFailsWithoutLeakingBlocks) {
+  KvCacheConfig c = Smol("fp16,block=16");
+  c.max_bytes = 23040 * 16 * 4;  // exactly 4 blocks
+  auto cache = KvCache::Create(c);
+  ASSERT_TRUE(cache.ok());
+  EXPECT_EQ((*cache)->allocator().num_blocks(), 4);
+  SequenceKv a, b;
+  ASSERT_TRUE((*cache)->Reserve(a, 48).ok());  // 3 full blocks
+  EXPECT_EQ(a.blocks.size(), 3u);
+  absl::Status s = (*cache)->Reserve(b, 32);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(s.message().find("--kv-budget-mb"), std::string::npos);
+  EXPECT_TRUE(b.blocks.empty());
+  EXPECT_EQ((*cache)->allocator().num_free(), 1);
+  (*cache)->Free(a);
+  EXPECT_EQ((*cache)->allocator().num_free(), 4);
+  EXPECT_TRUE(a.ring.empty());
+}
+
+TEST(KvPolicyTest, PresetsParseAndMeetTheirBudgets) {
+  for (const KvPreset& p : KvPresets()) {
+    auto policy = ParseKvPolicy(p.name, 30);
+    ASSERT_TRUE(policy.ok()) << p.name << ": " << policy.status();
+    auto cache = KvCache::Create(Smol(p.name));
+    ASSERT_TRUE(cache.ok()) << p.name << ": " << cache.status();
+    const double bits = (*cache)->BitsPerElementAt(2048);
+    if (p.name == "int4-comp") EXPECT_LE(bits, 4.5) << p.name;
+    if (p.name == "int2-comp") EXPECT_LE(bits, 2.5) << p.name;
+  }
+}
+
+TEST(KvPolicyTest, GrammarAndErrors) {
+  auto p = ParseKvPolicy("k=int4:chan,v=int2,0.k=int8,sink=4,window=16,block=64", 30);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->all.k.granularity, kernels::KvGranularity::kPerChannel);
+  EXPECT_EQ(p->all.v.bits, 2);
+  EXPECT_EQ(p->ForLayer(0).k.bits, 8);
+  EXPECT_EQ(p->ForLayer(0).v.bits, 2);
+  EXPECT_EQ(p->ForLayer(1).k.bits, 4);
+  EXPECT_EQ(p->sink_tokens, 4);
+  EXPECT_EQ(p->window_tokens, 16);
+  EXPECT_EQ(p->block_tokens, 64);
+  for (const char* bad : {"", "int5", "k=", "q=int4", "sink=-1", "block=0", "30.k=int4",
+                          "int4,,", "window=abc"}) {
+    auto r = ParseKvPolicy(bad, 30);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  // A group that does not divide head_dim is caught when the cache is built.
+  EXPECT_FALSE(KvCache::Create(Smol("int4:g48")).ok());
+}
+
+TEST(KvPolicyTest, PolicyFile) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("qkv_policy_" + std::to_string(getpid()) + ".json"))
+          .string();
+  std::ofstream(path) << R"({"block": 32, "sink": 2, "k": "int4:chan", "v": "int4",
+                            "layers": {"3": {"k": "fp16"}}})";
+  auto p = ParseKvPolicy("@" + path, 30);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->ForLayer(3).k.type, kernels::KvCodecType::kF16);
+  EXPECT_EQ(p->ForLayer(3).v.bits, 4);
+  EXPECT_EQ(p->sink_tokens, 2);
+  std::ofstream(path) << R"({"layers": {"3": {"k": 4}}})";
+  EXPECT_EQ(ParseKvPolicy("@" + path, 30).status().code(), absl::StatusCode::kInvalidArgument);
+  std::filesystem::remove(path);
+  EXPECT_EQ(ParseKvPolicy("@" + path, 30).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace quantkv
