@@ -37,6 +37,21 @@ bool ParseDouble(std::string_view text, double* out) {
   return true;
 }
 
+size_t EditDistance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
 }  // namespace flags_internal
 
 namespace {
@@ -51,21 +66,6 @@ bool ValidFlagName(std::string_view name) {
   return std::all_of(name.begin(), name.end(), [](char c) {
     return absl::ascii_islower(c) || absl::ascii_isdigit(c) || c == '-';
   });
-}
-
-size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t above = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = above;
-    }
-  }
-  return row[b.size()];
 }
 
 // Appends `left` padded to the help column followed by `text` wrapped to the line width;
@@ -226,7 +226,7 @@ std::string FlagSet::Suggest(std::string_view unknown) const {
   const Flag* best = nullptr;
   size_t best_distance = std::numeric_limits<size_t>::max();
   for (const auto& flag : flags_) {
-    size_t d = EditDistance(unknown, flag->name_);
+    size_t d = flags_internal::EditDistance(unknown, flag->name_);
     // A prefix ("--max" for "--max-tokens") is as good a hint as a typo.
     if (flag->name_.starts_with(unknown) && unknown.size() >= 3) d = std::min<size_t>(d, 1);
     if (d < best_distance) {

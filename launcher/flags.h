@@ -179,6 +179,8 @@ std::string DescribeRange(const std::optional<std::string>& min,
                           bool max_exclusive);
 // Parses a finite double with nothing before or after it.
 bool ParseDouble(std::string_view text, double* out);
+// Levenshtein distance (insertions, deletions, substitutions), for "did you mean" hints.
+size_t EditDistance(std::string_view a, std::string_view b);
 
 }  // namespace flags_internal
 

@@ -15,21 +15,6 @@ namespace {
 
 constexpr char kProgram[] = "quantkv";
 
-size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t above = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = above;
-    }
-  }
-  return row[b.size()];
-}
-
 std::string TopLevelUsage(std::span<const Subcommand> commands) {
   std::string out = absl::StrCat("Usage: ", kProgram, " COMMAND [flags] [args]\n       ", kProgram,
                                  " COMMAND --help\n       ", kProgram, " --version\n\n", "QuantKV ",
@@ -58,7 +43,7 @@ int UnknownCommand(std::span<const Subcommand> commands, std::string_view name, 
   const Subcommand* best = nullptr;
   size_t best_distance = std::numeric_limits<size_t>::max();
   for (const Subcommand& c : commands) {
-    const size_t d = EditDistance(name, c.name);
+    const size_t d = flags_internal::EditDistance(name, c.name);
     if (d < best_distance) {
       best_distance = d;
       best = &c;

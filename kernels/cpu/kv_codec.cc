@@ -11,21 +11,12 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "kernels/cpu/kv_codec_internal.h"
 #include "kernels/kv_codec.h"
 
 namespace quantkv::kernels {
 
-// Shared with kv_codec_float.cc / kv_codec_uniform.cc (defined there; no public header).
 namespace kv_codec_internal {
-// 0: scalar, 1: AVX2+FMA+F16C, 2: AVX-512 F/BW/VL (+AVX2, FMA, F16C). QUANTKV_ISA=scalar|avx2
-// caps it, as for the matmul kernels.
-int KvCodecIsa();
-std::unique_ptr<KvCodec> MakeFloatCodec(const KvCodecSpec& spec, int64_t head_dim,
-                                        int64_t block_tokens);
-std::unique_ptr<KvCodec> MakeFp8Codec(const KvCodecSpec& spec, int64_t head_dim,
-                                      int64_t block_tokens);
-std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecSpec& spec, int64_t head_dim,
-                                          int64_t block_tokens);
 
 int KvCodecIsa() {
   static const int isa = [] {

@@ -19,23 +19,18 @@
 #include <limits>
 #include <memory>
 
+#include "kernels/cpu/kv_codec_internal.h"
+#include "kernels/cpu/unaligned.h"
 #include "kernels/dequantize.h"
 #include "kernels/fp16.h"
 #include "kernels/kv_codec.h"
 
 namespace quantkv::kernels {
 namespace kv_codec_internal {
-int KvCodecIsa();
-uint16_t Fp16RoundUp(float v);  // defined in kv_codec_uniform.cc
-
 namespace {
 
-inline uint16_t LoadU16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-inline void StoreU16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
+using internal::LoadU16;
+using internal::StoreU16;
 
 // ---------------------------------------------------------------- fp32 / fp16 / bf16
 class FloatCodec final : public KvCodec {

@@ -29,12 +29,13 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/cpu/kv_codec_internal.h"
+#include "kernels/cpu/unaligned.h"
 #include "kernels/fp16.h"
 #include "kernels/kv_codec.h"
 
 namespace quantkv::kernels {
 namespace kv_codec_internal {
-int KvCodecIsa();
 
 constexpr float kFp16Max = 65504.0f;
 
@@ -66,17 +67,10 @@ uint16_t Fp16RoundDown(float v) {
 
 namespace {
 
-inline uint16_t LoadU16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-inline void StoreU16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
-inline uint32_t LoadU32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+using internal::LoadU16;
+using internal::LoadU32;
+using internal::StoreU16;
+
 inline uint64_t LoadU64(const uint8_t* p) {
   uint64_t v;
   std::memcpy(&v, p, 8);

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/unaligned.h"
 #include "kernels/fp16.h"
 
 namespace quantkv::kernels::internal {
@@ -19,12 +20,6 @@ namespace {
 constexpr int kQ4_0Bytes = 18;  // fp16 d, 16 bytes of nibbles
 constexpr int kQ4_1Bytes = 20;  // fp16 d, fp16 m, 16 bytes of nibbles
 constexpr int kQ8_0Bytes = 34;  // fp16 d, 32 int8
-
-inline uint16_t LoadU16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
 
 // ---------------------------------------------------------------- scalar reference
 float DotQ4_0Scalar(const uint8_t* w, const ActQ8Block* a, int64_t nb) {
