@@ -74,7 +74,8 @@ def main():
           f"SmolLM2-135M-Instruct Q4_1, WikiText-2 test, ctx {a.ctx}, {a.chunks} windows, "
           f"{base['tokens_scored']} scored tokens (second half of each window), same windows "
           "for every row. KL and top-1 agreement against the FP16-cache run; bits/element "
-          "include all metadata and fp16-protected tokens at the window length.", "",
+          "include all metadata and fp16-protected tokens at the window length. "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}.", "",
           "| configuration | --kv | bits/elem | vs fp16 | PPL | ΔPPL % | KL mean | top-1 agree |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:

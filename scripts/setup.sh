@@ -33,5 +33,5 @@ else
 fi
 
 if [[ ${1:-} == --python ]]; then
-  python3 -m pip install -q torch transformers tokenizers gguf numpy safetensors accelerate
+  python3 -m pip install -q torch transformers tokenizers gguf numpy safetensors accelerate matplotlib
 fi

@@ -79,36 +79,54 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out,
   const int64_t d = kv.head_dim;
   const int64_t group = query.n_heads / kv.n_kv_heads;
   const int64_t n_qtiles = (query.n_q + kTileQueries - 1) / kTileQueries;
-  // One task per (query tile, kv head): each decoded K/V tile serves every query of the
-  // tile and the whole GQA head group. Online softmax (flash attention) keeps the state
-  // per query row: running max m, sum l, and the weighted V accumulator.
-  const int64_t n_tasks = n_qtiles * kv.n_kv_heads;
+  const int64_t rows_per_tile = kTileQueries * group;
+  // Work items are (query tile, kv head, sequence split): each decoded K/V tile serves
+  // every query of the query tile and the whole GQA head group. Decode has one query tile,
+  // so long contexts are also split along the sequence (flash-decoding) to use all
+  // threads; each split keeps online-softmax state (max m, sum l, weighted V) that is
+  // merged exactly afterwards.
+  const int64_t threads = pool == nullptr ? 1 : pool->size();
+  const int64_t base_tasks = n_qtiles * kv.n_kv_heads;
+  int64_t n_splits = 1;
+  if (base_tasks < 2 * threads) {
+    n_splits = std::clamp<int64_t>((2 * threads + base_tasks - 1) / base_tasks, 1,
+                                   std::max<int64_t>(1, kv.n_tokens / (8 * kTileTokens)));
+  }
+  const int64_t n_tasks = base_tasks * n_splits;
+  // Per task: rows_per_tile (m, l) pairs and rows_per_tile x d accumulators.
+  std::vector<float> state_m(n_tasks * rows_per_tile), state_l(n_tasks * rows_per_tile),
+      state_acc(n_tasks * rows_per_tile * d);
   auto run = [&](int64_t t0, int64_t t1, int) {
-    std::vector<float> acc, m, l, sc(static_cast<size_t>(kTileTokens));
+    std::vector<float> sc(static_cast<size_t>(kTileTokens));
     TileRows kt, vt;
     kt.encoded.resize(kTileTokens * d);
     kt.exact.resize(kTileTokens * d);
     vt.encoded.resize(kTileTokens * d);
     vt.exact.resize(kTileTokens * d);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qt = task / kv.n_kv_heads;
-      const int64_t g = task % kv.n_kv_heads;
+      const int64_t split = task % n_splits;
+      const int64_t qt = task / n_splits / kv.n_kv_heads;
+      const int64_t g = task / n_splits % kv.n_kv_heads;
       const int64_t i0 = qt * kTileQueries;
       const int64_t i1 = std::min(query.n_q, i0 + kTileQueries);
-      const int64_t nq = i1 - i0;
-      const int64_t rows = nq * group;
-      acc.assign(static_cast<size_t>(rows * d), 0.0f);
-      m.assign(static_cast<size_t>(rows), -INFINITY);
-      l.assign(static_cast<size_t>(rows), 0.0f);
+      float* m = state_m.data() + task * rows_per_tile;
+      float* l = state_l.data() + task * rows_per_tile;
+      float* acc = state_acc.data() + task * rows_per_tile * d;
+      std::fill(m, m + rows_per_tile, -INFINITY);
+      std::fill(l, l + rows_per_tile, 0.0f);
+      std::fill(acc, acc + rows_per_tile * d, 0.0f);
       int64_t p_max = 0, p_min = INT64_MAX;
       for (int64_t i = i0; i < i1; ++i) {
         p_max = std::max<int64_t>(p_max, query.positions[i]);
         p_min = std::min<int64_t>(p_min, query.positions[i]);
       }
       const int64_t n_ctx = std::min(p_max + 1, kv.n_tokens);
+      const int64_t n_tiles = (n_ctx + kTileTokens - 1) / kTileTokens;
+      const int64_t s_begin = n_tiles * split / n_splits * kTileTokens;
+      const int64_t s_end = std::min(n_ctx, n_tiles * (split + 1) / n_splits * kTileTokens);
       const RowSource keys(kv, 0, g), values(kv, 1, g);
-      for (int64_t s = 0; s < n_ctx; s += kTileTokens) {
-        const int64_t e = std::min(n_ctx, s + kTileTokens);
+      for (int64_t s = s_begin; s < s_end; s += kTileTokens) {
+        const int64_t e = std::min(s_end, s + kTileTokens);
         // Which forms does some query of this tile read? Token t is exact for query p when
         // it is a sink or at/after RingStart(p), which grows with p; encoded otherwise.
         const int64_t enc_end = std::min(e, RingStart(kv, p_max));
@@ -146,7 +164,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out,
             }
             const float m_new = std::max(m[r], tile_max);
             const float correction = std::exp(m[r] - m_new);
-            float* a = acc.data() + r * d;
+            float* a = acc + r * d;
             if (correction != 1.0f) {
               for (int64_t x = 0; x < d; ++x) a[x] *= correction;
             }
@@ -163,20 +181,42 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out,
           }
         }
       }
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = 0; j < group; ++j) {
-          const int64_t r = (i - i0) * group + j;
-          const float inv = 1.0f / l[r];
-          float* o = out + (i * query.n_heads + g * group + j) * d;
-          for (int64_t x = 0; x < d; ++x) o[x] = acc[r * d + x] * inv;
-        }
-      }
     }
   };
   if (pool == nullptr) {
     run(0, n_tasks, 0);
   } else {
     pool->ParallelFor(n_tasks, run);
+  }
+  // Exact log-sum-exp merge of the splits: O = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+  for (int64_t base = 0; base < base_tasks; ++base) {
+    const int64_t qt = base / kv.n_kv_heads;
+    const int64_t g = base % kv.n_kv_heads;
+    const int64_t i0 = qt * kTileQueries;
+    const int64_t i1 = std::min(query.n_q, i0 + kTileQueries);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t r = (i - i0) * group + j;
+        float mx = -INFINITY;
+        for (int64_t sp = 0; sp < n_splits; ++sp) {
+          mx = std::max(mx, state_m[(base * n_splits + sp) * rows_per_tile + r]);
+        }
+        float* o = out + (i * query.n_heads + g * group + j) * d;
+        std::fill(o, o + d, 0.0f);
+        double lsum = 0;
+        for (int64_t sp = 0; sp < n_splits; ++sp) {
+          const int64_t task = base * n_splits + sp;
+          const float ms = state_m[task * rows_per_tile + r];
+          if (ms == -INFINITY) continue;  // the split lies after this query's position
+          const float w = std::exp(ms - mx);
+          lsum += w * state_l[task * rows_per_tile + r];
+          const float* a = state_acc.data() + (task * rows_per_tile + r) * d;
+          for (int64_t x = 0; x < d; ++x) o[x] += w * a[x];
+        }
+        const float inv = static_cast<float>(1.0 / lsum);
+        for (int64_t x = 0; x < d; ++x) o[x] *= inv;
+      }
+    }
   }
 }
 

@@ -151,7 +151,9 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"k=int4:chan,v=int4,sink=4,window=16,block=64", 9, 3, 300, 100},
         Case{"int3,sink=3,window=5,block=16", 6, 2, 101, 40},
         Case{"int2,window=32", 6, 2, 200, 1}, Case{"k=int2:chan,v=int2:g32:sym", 6, 2, 4097, 1},
-        Case{"fp8", 6, 2, 65, 1}, Case{"fp8,sink=1", 6, 2, 1, 1}),
+        Case{"fp8", 6, 2, 65, 1}, Case{"fp8,sink=1", 6, 2, 1, 1},
+        // Sequence splits (flash-decoding): one KV head, long context, 4 splits merged.
+        Case{"int4,sink=4,window=40", 8, 1, 4097, 1}, Case{"fp16", 8, 1, 3000, 3}),
     Name);
 
 }  // namespace
