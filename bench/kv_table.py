@@ -33,7 +33,8 @@ CONFIGS = [
     ("int3 + per-channel keys + sink4 + window8", "k=int3:chan,v=int3,sink=4,window=8,block=128"),
     ("int2 per-token min-max (naive)", "int2"),
     ("int2 + per-channel keys", "k=int2:chan,v=int2,block=128"),
-    ("int2 + per-channel keys + sink4 + window8 (int2-comp)", "int2-comp"),
+    ("int2 + per-channel keys + sink4 + window8", "k=int2:chan,v=int2:g64:asym,sink=4,window=8,block=128"),
+    ("int2 + per-channel keys + sink4 + window8 + clipped scales (int2-comp)", "int2-comp"),
 ]
 
 

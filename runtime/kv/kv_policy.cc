@@ -190,8 +190,10 @@ const std::vector<KvPreset>& KvPresets() {
       {"int2", "int2:g64:asym", "2-bit per-token min-max, no compensation (baseline)"},
       {"int4-comp", "k=int4:chan,v=int4:g64:asym,sink=4,window=8,block=128",
        "<= 4.5 bits/element at 2048 tokens: per-channel keys (KIVI), fp16 sinks + window"},
-      {"int2-comp", "k=int2:chan,v=int2:g64:asym,sink=4,window=8,block=128",
-       "<= 2.5 bits/element at 2048 tokens: per-channel keys, fp16 sinks + window"},
+      // Clip ratios from a grid search on GPL-3 text (not WikiText): K 0.6-1.0, V 0.8-1.0.
+      {"int2-comp", "k=int2:chan:clip0.7,v=int2:g64:asym:clip0.9,sink=4,window=8,block=128",
+       "<= 2.5 bits/element at 2048 tokens: per-channel keys, clipped scales, fp16 sinks + "
+       "window"},
   };
   return presets;
 }
