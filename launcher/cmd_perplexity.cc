@@ -75,7 +75,11 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   if (session->tokenizer->spec().add_bos) opt.bos_id = session->tokenizer->bos_id();
   LogitsBaseline save;
   if (!o.save_logits.empty()) opt.save_logits = &save;
-  ProgressReporter progress({.label = "perplexity", .total = chunks, .unit = "chunk"});
+  ProgressReporter::Options progress_options;
+  progress_options.label = "perplexity";
+  progress_options.total = chunks;
+  progress_options.unit = "chunk";
+  ProgressReporter progress(progress_options);
   opt.progress = [&](int64_t done, int64_t) { progress.Update(done); };
   auto r = ComputePerplexity(*session->engine, *ids, opt);
   progress.Finish();
