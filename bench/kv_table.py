@@ -45,6 +45,29 @@ def run(kv, ctx, chunks, threads, extra):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def plot(rows, ctx, chunks, path):
+    """ΔPPL% against bits/element, one point per configuration."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.scatter(r["kv_bits_per_element"], r["delta_ppl_pct"])
+        ax.annotate(r["spec"], (r["kv_bits_per_element"], r["delta_ppl_pct"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("KV bits per element (incl. metadata and protected tokens)")
+    ax.set_ylabel("ΔPPL vs FP16 cache (%)")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_title(f"SmolLM2-135M, WikiText-2, ctx {ctx}, {chunks} windows")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, default=2048)
@@ -52,7 +75,12 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--configs", default="", help="comma-separated labels' specs to run (default all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--plot-only", default="", help="redraw the plot of a results JSON and exit")
     a = ap.parse_args()
+    if a.plot_only:
+        d = json.load(open(a.plot_only))
+        plot(d["rows"], d["ctx"], d["chunks"], a.plot_only[:-len(".json")] + ".png")
+        return
     os.makedirs(a.out, exist_ok=True)
     base_file = os.path.join(a.out, f".fp16_ctx{a.ctx}_{a.chunks}.logits")
     print(f"fp16 baseline (ctx {a.ctx}, {a.chunks} windows) ...", file=sys.stderr)
@@ -88,25 +116,7 @@ def main():
     with open(os.path.join(a.out, name + ".json"), "w") as f:
         json.dump({"date": stamp, "ctx": a.ctx, "chunks": a.chunks, "rows": rows}, f, indent=2)
     print("\n".join(md))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        ax.scatter(r["kv_bits_per_element"], r["delta_ppl_pct"])
-        ax.annotate(r["spec"], (r["kv_bits_per_element"], r["delta_ppl_pct"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("KV bits per element (incl. metadata and protected tokens)")
-    ax.set_ylabel("ΔPPL vs FP16 cache (%)")
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_title(f"SmolLM2-135M, WikiText-2, ctx {a.ctx}, {a.chunks} windows")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out, name + ".png"), dpi=120)
+    plot(rows, a.ctx, a.chunks, os.path.join(a.out, name + ".png"))
 
 
 if __name__ == "__main__":
