@@ -19,7 +19,8 @@ inline std::filesystem::path FixturePath(const std::string& name) {
 // The default model as `quantkv fetch-model` stores it: $QUANTKV_HOME or ~/.cache/quantkv.
 inline std::filesystem::path DefaultModelPath() {
   std::filesystem::path home;
-  if (const char* h = std::getenv("QUANTKV_HOME")) {
+  // An empty QUANTKV_HOME counts as unset, as ModelCacheDir() treats it.
+  if (const char* h = std::getenv("QUANTKV_HOME"); h != nullptr && *h != '\0') {
     home = h;
   } else if (const char* u = std::getenv("HOME")) {
     home = std::filesystem::path(u) / ".cache" / "quantkv";
