@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/kv_codec.h"
+#include "kernels/rope.h"
 #include "kernels/thread_pool.h"
 
 namespace quantkv::kernels {
@@ -18,22 +19,34 @@ enum class KvStorage : uint8_t { kF32, kF16 };
 
 int64_t KvStorageBytes(KvStorage s);  // bytes per element
 
+// K or V of the encoded blocks of one layer: head h of physical block p is the slab at
+// base + p * block_bytes + slab_offsets[h], stored by codecs[h]. Heads may use different
+// codecs (mixed precision per head; static scales differ per head).
+struct KvSlabs {
+  const KvCodec* const* codecs = nullptr;  // [n_kv_heads]
+  const int64_t* slab_offsets = nullptr;   // [n_kv_heads], bytes from the block start
+  const uint8_t* base = nullptr;
+  int64_t block_bytes = 0;  // all heads
+
+  const uint8_t* Slab(int32_t block, int64_t h) const {
+    return base + static_cast<int64_t>(block) * block_bytes + slab_offsets[h];
+  }
+};
+
 struct KvLayerView {
   int64_t n_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t block_tokens = 0;
   int64_t n_tokens = 0;  // tokens in the cache for this layer
 
-  // Encoded blocks: logical block b is physical block_table[b] for b < n_blocks; head h of
-  // physical block p is the slab at base + p * block_bytes + h * codec->slab_bytes().
-  const KvCodec* k_codec = nullptr;
-  const KvCodec* v_codec = nullptr;
+  // Encoded blocks: logical block b is physical block_table[b] for b < n_blocks.
+  KvSlabs k, v;
   const int32_t* block_table = nullptr;
   int64_t n_blocks = 0;
-  const uint8_t* k_base = nullptr;
-  const uint8_t* v_base = nullptr;
-  int64_t k_block_bytes = 0;
-  int64_t v_block_bytes = 0;
+  // Pre-RoPE key quantization: encoded keys are stored before the rotary embedding, and a
+  // key row decoded for token t is rotated to position t with this table before use.
+  // nullptr: encoded keys are stored rotated, like the protected ones always are.
+  const RopeTable* k_pre_rope = nullptr;
 
   // Protected tokens, rows of [n_kv_heads][head_dim] elements of `storage`.
   KvStorage storage = KvStorage::kF16;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -24,6 +25,8 @@ enum class KvCodecType {
 enum class KvGranularity {
   kPerTokenGroup,  // one scale (+zero) per token per group of `group_size` channels
   kPerChannel,     // one scale (+zero) per channel over the block's tokens (KIVI's keys)
+  kPerBlock,       // one scale (+zero) for the whole head slab (block-wise over tokens)
+  kStatic,         // per-channel scales (+zeros) fixed by calibration; slabs hold codes only
 };
 
 struct KvCodecSpec {
@@ -37,21 +40,37 @@ struct KvCodecSpec {
   float clip = 1.0f;
 
   // Canonical spelling, parseable by ParseKvCodecSpec: "fp16", "int4:g32:asym",
-  // "int2:chan", "int8:g64:sym:clip0.95", "fp8:g64".
+  // "int2:chan", "int4:block", "int4:static", "int8:g64:sym:clip0.95", "fp8:g64".
   std::string ToString() const;
 };
 
 // Grammar: NAME[:OPTION]* with NAME in fp32|fp16|bf16|fp8|int8|int4|int3|int2 and options
-// gN (per-token groups of N channels), chan (per-channel over the block), sym|asym,
+// gN (per-token groups of N channels), chan (per-channel over the block), block (one scale
+// per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
 // clipX (0 < X <= 1). Defaults for intN: g64, asym, clip1. Errors name the bad part.
 absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text);
 
+// A codec for one KV head: its spec and geometry, and for kStatic its calibrated scales.
+struct KvCodecConfig {
+  KvCodecSpec spec;
+  int64_t head_dim = 0;
+  int64_t block_tokens = 0;
+  // kStatic only, [head_dim] each: x = scale[c] * q + min[c] (asymmetric) or
+  // x = scale[c] * (q - 2^(bits-1)) (symmetric; min unused). Per-tensor calibration repeats
+  // one value. Made by `quantkv calibrate`, carried by the KV policy file.
+  std::vector<float> static_scale;
+  std::vector<float> static_min;
+};
+
 class KvCodec {
  public:
-  // Validates the spec against the geometry (group divides head_dim, ...).
+  // Validates the spec against the geometry (group divides head_dim, ...) and the scales.
+  static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecConfig& config);
   static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecSpec& spec,
                                                          int64_t head_dim,
-                                                         int64_t block_tokens);
+                                                         int64_t block_tokens) {
+    return Create(KvCodecConfig{spec, head_dim, block_tokens, {}, {}});
+  }
   virtual ~KvCodec() = default;
 
   const KvCodecSpec& spec() const { return spec_; }

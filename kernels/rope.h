@@ -35,10 +35,19 @@ class RopeTable {
   // x: n_tokens rows of n_heads * head_dim; token t is at positions[t].
   void Apply(float* x, int64_t n_tokens, int64_t n_heads, const int32_t* positions) const;
 
+  // Rotates n single-head rows [n][head_dim] of consecutive positions first_position, ...
+  // (inverse: undoes Apply, magnitude included). For pre-RoPE keys, which attention rotates
+  // after decoding them; positions below Precompute's bound use a cached cos/sin table.
+  void RotateRows(float* x, int64_t n, int64_t first_position, bool inverse) const;
+  // Caches cos/sin for positions [0, n_positions). Not thread-safe: call before sharing.
+  void Precompute(int64_t n_positions);
+
  private:
   RopeSpec spec_;
   std::vector<double> inv_freq_;
   double magnitude_ = 1.0;
+  int64_t cached_positions_ = 0;
+  std::vector<float> cos_cache_, sin_cache_;  // [position][head_dim / 2], magnitude included
 };
 
 }  // namespace quantkv::kernels

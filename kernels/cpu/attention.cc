@@ -19,17 +19,17 @@ class RowSource {
 
   // Tokens must lie in encoded blocks (t1 <= n_blocks * block_tokens).
   void Encoded(int64_t t0, int64_t t1, float* out) const {
-    const KvCodec* codec = kv_ ? v_.v_codec : v_.k_codec;
-    const uint8_t* base = kv_ ? v_.v_base : v_.k_base;
-    const int64_t bytes = kv_ ? v_.v_block_bytes : v_.k_block_bytes;
+    const KvSlabs& slabs = kv_ ? v_.v : v_.k;
+    const KvCodec* codec = slabs.codecs[h_];
     for (int64_t t = t0; t < t1;) {
       const int64_t b = t / v_.block_tokens;
       const int64_t end = std::min(t1, (b + 1) * v_.block_tokens);
-      const uint8_t* slab =
-          base + static_cast<int64_t>(v_.block_table[b]) * bytes + h_ * codec->slab_bytes();
-      codec->Decode(slab, t - b * v_.block_tokens, end - b * v_.block_tokens,
-                    out + (t - t0) * v_.head_dim);
+      codec->Decode(slabs.Slab(v_.block_table[b], h_), t - b * v_.block_tokens,
+                    end - b * v_.block_tokens, out + (t - t0) * v_.head_dim);
       t = end;
+    }
+    if (kv_ == 0 && v_.k_pre_rope != nullptr) {
+      v_.k_pre_rope->RotateRows(out, t1 - t0, t0, /*inverse=*/false);
     }
   }
 

@@ -79,8 +79,10 @@ std::string KvCodecSpec::ToString() const {
       break;
   }
   std::string s = type == KvCodecType::kFp8E4M3 ? "fp8" : absl::StrFormat("int%d", bits);
-  if (granularity == KvGranularity::kPerChannel) {
-    s += ":chan";
+  if (granularity != KvGranularity::kPerTokenGroup) {
+    s += granularity == KvGranularity::kPerChannel ? ":chan"
+         : granularity == KvGranularity::kPerBlock ? ":block"
+                                                     : ":static";
     if (type == KvCodecType::kUniform && symmetric) s += ":sym";
   } else {
     s += absl::StrFormat(":g%d", group_size);
@@ -145,15 +147,21 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
                                                 opt, name));
     }
     const bool is_fp8 = spec.type == KvCodecType::kFp8E4M3;
-    if (opt == "chan") {
+    if (opt == "chan" || opt == "block" || opt == "static") {
       if (is_fp8) {
-        return SpecError(trimmed,
-                         "option 'chan' makes no sense for fp8 (its scales are per token group)");
+        return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for fp8 (its "
+                                                  "scales are per token group)",
+                                                  opt));
       }
-      if (have_gran)
-        return SpecError(trimmed, "option 'chan' conflicts with an earlier group option");
+      if (have_gran) {
+        return SpecError(trimmed, absl::StrFormat("option '%s' conflicts with an earlier "
+                                                  "granularity option",
+                                                  opt));
+      }
       have_gran = true;
-      spec.granularity = KvGranularity::kPerChannel;
+      spec.granularity = opt == "chan"    ? KvGranularity::kPerChannel
+                         : opt == "block" ? KvGranularity::kPerBlock
+                                          : KvGranularity::kStatic;
     } else if (opt == "sym" || opt == "asym") {
       if (is_fp8) {
         return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for fp8 (always "
@@ -200,16 +208,18 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
     } else if (opt == "g") {
       return SpecError(trimmed, "bad group size 'g' (want gN with N >= 1)");
     } else {
-      return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, sym, asym "
-                                                "or clipX)",
+      return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
+                                                "static, sym, asym or clipX)",
                                                 opt));
     }
   }
   return spec;
 }
 
-absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecSpec& spec, int64_t head_dim,
-                                                         int64_t block_tokens) {
+absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& config) {
+  const KvCodecSpec& spec = config.spec;
+  const int64_t head_dim = config.head_dim;
+  const int64_t block_tokens = config.block_tokens;
   const std::string name = spec.ToString();
   auto err = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrFormat("KV codec %s: %s", name, what));
@@ -229,17 +239,40 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecSpec& spec
   if (!(spec.clip > 0.0f && spec.clip <= 1.0f)) {
     return err(absl::StrFormat("clip %g not in (0, 1]", spec.clip));
   }
-  if (spec.granularity == KvGranularity::kPerTokenGroup) {
-    if (spec.group_size < 1 || head_dim % spec.group_size != 0) {
-      return err(
-          absl::StrFormat("group size %d does not divide head_dim %d", spec.group_size, head_dim));
+  switch (spec.granularity) {
+    case KvGranularity::kPerTokenGroup:
+      if (spec.group_size < 1 || head_dim % spec.group_size != 0) {
+        return err(absl::StrFormat("group size %d does not divide head_dim %d", spec.group_size,
+                                   head_dim));
+      }
+      break;
+    case KvGranularity::kPerChannel:
+    case KvGranularity::kPerBlock:
+      break;
+    case KvGranularity::kStatic: {
+      const bool need_min = !spec.symmetric;
+      if (static_cast<int64_t>(config.static_scale.size()) != head_dim ||
+          (need_min && static_cast<int64_t>(config.static_min.size()) != head_dim)) {
+        return err(absl::StrFormat(
+            "static scales need %d calibrated scale%s per head (got %d scales, %d minima); make "
+            "a calibration file with `quantkv calibrate` and pass it as --kv @FILE",
+            head_dim, need_min ? "s and minima" : "s", config.static_scale.size(),
+            config.static_min.size()));
+      }
+      for (int64_t c = 0; c < head_dim; ++c) {
+        const float sc = config.static_scale[c];
+        if (!std::isfinite(sc) || sc < 0.0f || (need_min && !std::isfinite(config.static_min[c]))) {
+          return err(absl::StrFormat("static scale of channel %d is not finite and >= 0", c));
+        }
+      }
+      break;
     }
-  } else if (spec.granularity != KvGranularity::kPerChannel) {
-    return err("unknown granularity");
+    default:
+      return err("unknown granularity");
   }
   if (spec.type == KvCodecType::kFp8E4M3) {
     if (spec.granularity != KvGranularity::kPerTokenGroup) {
-      return err("fp8 has per-token-group scales only ('chan' is not supported)");
+      return err("fp8 has per-token-group scales only");
     }
     return kv_codec_internal::MakeFp8Codec(spec, head_dim, block_tokens);
   }
@@ -253,7 +286,7 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecSpec& spec
                         "of %d (got %d)",
                         spec.bits, pack, pack, head_dim));
   }
-  return kv_codec_internal::MakeUniformCodec(spec, head_dim, block_tokens);
+  return kv_codec_internal::MakeUniformCodec(config);
 }
 
 }  // namespace quantkv::kernels

@@ -24,7 +24,6 @@ std::unique_ptr<KvCodec> MakeFp8Codec(const KvCodecSpec& spec, int64_t head_dim,
                                       int64_t block_tokens);
 
 // Defined in kv_codec_uniform.cc.
-std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecSpec& spec, int64_t head_dim,
-                                          int64_t block_tokens);
+std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecConfig& config);
 
 }  // namespace quantkv::kernels::kv_codec_internal

@@ -7,7 +7,8 @@
 //           in order: 8 bits one per byte; 4 bits two per byte (channel 2j in the low nibble
 //           of byte j); 2 bits four per byte (channel 4j+k at bits 2k); 3 bits eight channels
 //           per 3 bytes (channel 8j+k at bits 3k of the little-endian 24-bit word j).
-//   scales  n_meta fp16 values: [token][group] (per-token-group) or [channel] (per-channel)
+//   scales  n_meta fp16 values: [token][group] (per-token-group), [channel] (per-channel),
+//           one (per-block), none (static: calibrated fp32 scales held by the codec)
 //   mins    n_meta fp16 values, asymmetric only
 // Asymmetric: code q in [0, 2^b - 1], x = scale * q + min.
 // Symmetric:  code q in [1, 2^b - 1] holds q - 2^(b-1) in [-(2^(b-1) - 1), 2^(b-1) - 1],
@@ -81,14 +82,43 @@ inline uint32_t Load24(const uint8_t* p) {
          static_cast<uint32_t>(p[2]) << 16;
 }
 
+// Where a slab's affine maps come from: one (scale, min) per token group, or one per channel
+// for every token of the slab (per_channel below), read from the slab's per-channel or
+// single per-block metadata, or fixed by calibration (static: the slab holds codes only).
+enum class MetaKind { kTokenGroup, kChannel, kBlock, kStatic };
+
 struct Layout {
   int bits;
   bool sym;
-  bool per_channel;
+  MetaKind meta;
+  bool per_channel;  // meta != kTokenGroup: the same affine map per channel for all tokens
   int64_t d, bt, gs, ng;
   int64_t row_bytes, codes_bytes, n_meta;
   float offset;  // 2^(bits-1) when symmetric, else 0
+  const float* static_scale;  // kStatic: [d] owned by the codec
+  const float* static_bias;   // kStatic: [d], x = q * scale + bias
 };
+
+// Per-channel affine map x = q * sc[c] + bi[c] of a slab whose layout is per_channel.
+void ChannelAffine(const Layout& L, const uint8_t* slab, float* sc, float* bi) {
+  const uint8_t* scales = slab + L.codes_bytes;
+  const uint8_t* mins = scales + 2 * L.n_meta;
+  for (int64_t c = 0; c < L.d; ++c) {
+    switch (L.meta) {
+      case MetaKind::kStatic:
+        sc[c] = L.static_scale[c];
+        bi[c] = L.static_bias[c];
+        continue;
+      case MetaKind::kBlock:
+        sc[c] = Fp16ToFp32(internal::LoadU16(scales));
+        bi[c] = L.sym ? -L.offset * sc[c] : Fp16ToFp32(internal::LoadU16(mins));
+        continue;
+      default:
+        sc[c] = Fp16ToFp32(internal::LoadU16(scales + 2 * c));
+        bi[c] = L.sym ? -L.offset * sc[c] : Fp16ToFp32(internal::LoadU16(mins + 2 * c));
+    }
+  }
+}
 
 // Code of channel c in a packed row.
 inline int CodeAt(const uint8_t* row, int bits, int64_t c) {
@@ -157,10 +187,13 @@ Meta ComputeMeta(const Layout& L, float clip, float lo, float hi) {
 // Quantizer for one (scale, min): code = clamp(round((x - min) / scale)) (+offset if sym).
 struct Quantizer {
   float inv, base, top, lo_code;
-  Quantizer(const Layout& L, Meta m) {
-    const float s = Fp16ToFp32(m.scale);
+  Quantizer(const Layout& L, Meta m)
+      : Quantizer(L, Fp16ToFp32(m.scale),
+                  L.sym ? -L.offset * Fp16ToFp32(m.scale) : Fp16ToFp32(m.min)) {}
+  // s: step; b: x value of code 0.
+  Quantizer(const Layout& L, float s, float b) {
     inv = s > 0.0f ? 1.0f / s : 0.0f;
-    base = L.sym ? -L.offset * s : Fp16ToFp32(m.min);  // x value of code 0
+    base = b;
     top = static_cast<float>((1 << L.bits) - 1);
     lo_code = L.sym ? 1.0f : 0.0f;
   }
@@ -217,10 +250,7 @@ void DecodeScalar(const Layout& L, const uint8_t* slab, int64_t t0, int64_t t1, 
   if (L.per_channel) {
     float* sc = q + d;
     float* bi = sc + d;
-    for (int64_t c = 0; c < d; ++c) {
-      sc[c] = Fp16ToFp32(LoadU16(scales + 2 * c));
-      bi[c] = L.sym ? -L.offset * sc[c] : Fp16ToFp32(LoadU16(mins + 2 * c));
-    }
+    ChannelAffine(L, slab, sc, bi);
     for (int64_t t = t0; t < t1; ++t) {
       UnpackRow<B>(slab + t * L.row_bytes, d, q);
       float* o = out + (t - t0) * d;
@@ -293,22 +323,8 @@ QKV_CODEC_AVX512 void DecodeAvx512(const Layout& L, const uint8_t* slab, int64_t
       sc = heap.data();
     }
     float* bi = sc + d;
+    ChannelAffine(L, slab, sc, bi);
     int64_t c = 0;
-    const __m512 off = _mm512_set1_ps(-L.offset);
-    for (; c + 16 <= d; c += 16) {
-      const __m512 s =
-          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 2 * c)));
-      const __m512 b =
-          L.sym
-              ? _mm512_mul_ps(s, off)
-              : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + 2 * c)));
-      _mm512_storeu_ps(sc + c, s);
-      _mm512_storeu_ps(bi + c, b);
-    }
-    for (; c < d; ++c) {
-      sc[c] = _cvtsh_ss(LoadU16(scales + 2 * c));
-      bi[c] = L.sym ? -L.offset * sc[c] : _cvtsh_ss(LoadU16(mins + 2 * c));
-    }
     const int64_t d16 = d / 16 * 16;
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* row = slab + t * L.row_bytes;
@@ -398,21 +414,8 @@ QKV_CODEC_AVX2 void DecodeAvx2(const Layout& L, const uint8_t* slab, int64_t t0,
       sc = heap.data();
     }
     float* bi = sc + d;
+    ChannelAffine(L, slab, sc, bi);
     int64_t c = 0;
-    const __m256 off = _mm256_set1_ps(-L.offset);
-    for (; c + 8 <= d; c += 8) {
-      const __m256 s =
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * c)));
-      const __m256 b =
-          L.sym ? _mm256_mul_ps(s, off)
-                : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + 2 * c)));
-      _mm256_storeu_ps(sc + c, s);
-      _mm256_storeu_ps(bi + c, b);
-    }
-    for (; c < d; ++c) {
-      sc[c] = _cvtsh_ss(LoadU16(scales + 2 * c));
-      bi[c] = L.sym ? -L.offset * sc[c] : _cvtsh_ss(LoadU16(mins + 2 * c));
-    }
     const int64_t d8 = d / 8 * 8;
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* row = slab + t * L.row_bytes;
@@ -473,19 +476,48 @@ struct PickAvx2 {
 // ---------------------------------------------------------------- codec
 class UniformCodec final : public KvCodec {
  public:
-  UniformCodec(const KvCodecSpec& spec, int64_t head_dim, int64_t block_tokens)
-      : KvCodec(spec, head_dim, block_tokens) {
+  explicit UniformCodec(const KvCodecConfig& config)
+      : KvCodec(config.spec, config.head_dim, config.block_tokens) {
+    const KvCodecSpec& spec = config.spec;
+    const int64_t head_dim = config.head_dim;
+    const int64_t block_tokens = config.block_tokens;
     L_.bits = spec.bits;
     L_.sym = spec.symmetric;
-    L_.per_channel = spec.granularity == KvGranularity::kPerChannel;
+    switch (spec.granularity) {
+      case KvGranularity::kPerChannel:
+        L_.meta = MetaKind::kChannel;
+        break;
+      case KvGranularity::kPerBlock:
+        L_.meta = MetaKind::kBlock;
+        break;
+      case KvGranularity::kStatic:
+        L_.meta = MetaKind::kStatic;
+        break;
+      default:
+        L_.meta = MetaKind::kTokenGroup;
+    }
+    L_.per_channel = L_.meta != MetaKind::kTokenGroup;
     L_.d = head_dim;
     L_.bt = block_tokens;
     L_.gs = L_.per_channel ? head_dim : spec.group_size;
     L_.ng = head_dim / L_.gs;
     L_.row_bytes = head_dim * spec.bits / 8;
     L_.codes_bytes = block_tokens * L_.row_bytes;
-    L_.n_meta = L_.per_channel ? head_dim : block_tokens * L_.ng;
+    L_.n_meta = L_.meta == MetaKind::kChannel   ? head_dim
+                : L_.meta == MetaKind::kBlock   ? 1
+                : L_.meta == MetaKind::kStatic  ? 0
+                                                : block_tokens * L_.ng;
     L_.offset = L_.sym ? static_cast<float>(1 << (spec.bits - 1)) : 0.0f;
+    if (L_.meta == MetaKind::kStatic) {
+      // Scales as calibrated (fp32: they are per model, not per token, so cost no bits).
+      static_scale_ = config.static_scale;
+      static_bias_.resize(static_cast<size_t>(head_dim));
+      for (int64_t c = 0; c < head_dim; ++c) {
+        static_bias_[c] = L_.sym ? -L_.offset * static_scale_[c] : config.static_min[c];
+      }
+      L_.static_scale = static_scale_.data();
+      L_.static_bias = static_bias_.data();
+    }
     const int isa = KvCodecIsa();
     decode_ = ForBits<PickScalar>(L_.bits);
     if (isa >= 2 && (L_.per_channel || L_.gs % 16 == 0)) {
@@ -504,28 +536,47 @@ class UniformCodec final : public KvCodec {
     const float clip = spec().clip;
     std::vector<uint8_t> q(static_cast<size_t>(d));
     if (L_.per_channel) {
-      // Column statistics (NaN-blind), then one quantizer per channel.
-      std::vector<float> lo(static_cast<size_t>(d), 0.0f), hi(static_cast<size_t>(d), 0.0f);
-      std::vector<char> seen(static_cast<size_t>(d), 0);
-      for (int64_t t = 0; t < L_.bt; ++t) {
-        const float* r = x + t * d;
-        for (int64_t c = 0; c < d; ++c) {
-          if (!(r[c] == r[c])) continue;
-          if (!seen[c]) {
-            lo[c] = hi[c] = r[c];
-            seen[c] = 1;
-          }
-          lo[c] = std::min(lo[c], r[c]);
-          hi[c] = std::max(hi[c], r[c]);
-        }
-      }
       std::vector<Quantizer> qz;
       qz.reserve(static_cast<size_t>(d));
-      for (int64_t c = 0; c < d; ++c) {
-        const Meta m = ComputeMeta(L_, clip, lo[c], hi[c]);
-        StoreU16(scales + 2 * c, m.scale);
-        if (!L_.sym) StoreU16(mins + 2 * c, m.min);
-        qz.emplace_back(L_, m);
+      if (L_.meta == MetaKind::kStatic) {
+        for (int64_t c = 0; c < d; ++c) qz.emplace_back(L_, static_scale_[c], static_bias_[c]);
+      } else {
+        // Column statistics (NaN-blind), then one quantizer per channel (or one for all).
+        std::vector<float> lo(static_cast<size_t>(d), 0.0f), hi(static_cast<size_t>(d), 0.0f);
+        std::vector<char> seen(static_cast<size_t>(d), 0);
+        for (int64_t t = 0; t < L_.bt; ++t) {
+          const float* r = x + t * d;
+          for (int64_t c = 0; c < d; ++c) {
+            if (!(r[c] == r[c])) continue;
+            if (!seen[c]) {
+              lo[c] = hi[c] = r[c];
+              seen[c] = 1;
+            }
+            lo[c] = std::min(lo[c], r[c]);
+            hi[c] = std::max(hi[c], r[c]);
+          }
+        }
+        if (L_.meta == MetaKind::kBlock) {
+          float blo = 0.0f, bhi = 0.0f;
+          bool any = false;
+          for (int64_t c = 0; c < d; ++c) {
+            if (!seen[c]) continue;
+            blo = any ? std::min(blo, lo[c]) : lo[c];
+            bhi = any ? std::max(bhi, hi[c]) : hi[c];
+            any = true;
+          }
+          const Meta m = ComputeMeta(L_, clip, blo, bhi);
+          StoreU16(scales, m.scale);
+          if (!L_.sym) StoreU16(mins, m.min);
+          qz.assign(static_cast<size_t>(d), Quantizer(L_, m));
+        } else {
+          for (int64_t c = 0; c < d; ++c) {
+            const Meta m = ComputeMeta(L_, clip, lo[c], hi[c]);
+            StoreU16(scales + 2 * c, m.scale);
+            if (!L_.sym) StoreU16(mins + 2 * c, m.min);
+            qz.emplace_back(L_, m);
+          }
+        }
       }
       for (int64_t t = 0; t < L_.bt; ++t) {
         const float* r = x + t * d;
@@ -568,13 +619,13 @@ class UniformCodec final : public KvCodec {
  private:
   Layout L_{};
   DecodeFn decode_ = nullptr;
+  std::vector<float> static_scale_, static_bias_;
 };
 
 }  // namespace
 
-std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecSpec& spec, int64_t head_dim,
-                                          int64_t block_tokens) {
-  return std::make_unique<UniformCodec>(spec, head_dim, block_tokens);
+std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecConfig& config) {
+  return std::make_unique<UniformCodec>(config);
 }
 
 }  // namespace kv_codec_internal

@@ -94,4 +94,56 @@ void RopeTable::Apply(float* x, int64_t n_tokens, int64_t n_heads,
   }
 }
 
+void RopeTable::Precompute(int64_t n_positions) {
+  const int64_t half = spec_.head_dim / 2;
+  cos_cache_.resize(n_positions * half);
+  sin_cache_.resize(n_positions * half);
+  for (int64_t p = 0; p < n_positions; ++p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(p) * inv_freq_[i];
+      cos_cache_[p * half + i] = static_cast<float>(std::cos(angle) * magnitude_);
+      sin_cache_[p * half + i] = static_cast<float>(std::sin(angle) * magnitude_);
+    }
+  }
+  cached_positions_ = n_positions;
+}
+
+void RopeTable::RotateRows(float* x, int64_t n, int64_t first_position, bool inverse) const {
+  const int64_t d = spec_.head_dim;
+  const int64_t half = d / 2;
+  // The inverse of magnitude * R(angle) is R(-angle) / magnitude.
+  const float inv_mag2 = static_cast<float>(1.0 / (magnitude_ * magnitude_));
+  float cos_buf[512], sin_buf[512];
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t p = first_position + r;
+    const float* c;
+    const float* s;
+    if (p < cached_positions_) {
+      c = cos_cache_.data() + p * half;
+      s = sin_cache_.data() + p * half;
+    } else {
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = static_cast<double>(p) * inv_freq_[i];
+        cos_buf[i] = static_cast<float>(std::cos(angle) * magnitude_);
+        sin_buf[i] = static_cast<float>(std::sin(angle) * magnitude_);
+      }
+      c = cos_buf;
+      s = sin_buf;
+    }
+    float* v = x + r * d;
+    const float sign = inverse ? -1.0f : 1.0f;
+    const float mul = inverse ? inv_mag2 : 1.0f;
+    const int64_t stride = spec_.neox ? 1 : 2;
+    const int64_t second = spec_.neox ? half : 1;
+    for (int64_t i = 0; i < half; ++i) {
+      float& a = v[i * stride];
+      float& b = v[i * stride + second];
+      const float ci = c[i] * mul, si = sign * s[i] * mul;
+      const float a0 = a, b0 = b;
+      a = a0 * ci - b0 * si;
+      b = a0 * si + b0 * ci;
+    }
+  }
+}
+
 }  // namespace quantkv::kernels

@@ -100,8 +100,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(config.kv_spec, c.n_layers));
   kv.max_bytes = config.kv_max_bytes;
   kv.max_step_tokens = config.max_chunk_tokens;
-  QKV_ASSIGN_OR_RETURN(e->kv_, KvCache::Create(kv));
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
+  // Pre-RoPE keys are rotated again for every decoded key row: cache cos/sin per position.
+  if (kv.policy.pre_rope_keys) e->rope_->Precompute(std::min<int64_t>(c.context_length, 1 << 17));
+  kv.rope = e->rope_.get();
+  QKV_ASSIGN_OR_RETURN(e->kv_, KvCache::Create(kv));
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
   return e;
 }

@@ -18,23 +18,57 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
         c.n_layers, c.n_kv_heads, c.head_dim, c.max_step_tokens));
   }
   const int64_t bt = c.policy.block_tokens;
+  if (c.policy.pre_rope_keys && c.rope == nullptr) {
+    return absl::InvalidArgumentError(
+        "KV cache: rope=pre (pre-RoPE keys) needs the model's rotary embedding");
+  }
+  const int64_t per_layer = c.n_kv_heads * c.head_dim;
   std::vector<LayerCodecs> layers(c.n_layers);
   int64_t all_layers = 0;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerKvPolicy& lp = c.policy.ForLayer(l);
+    const LayerStaticScales* scales = c.policy.StaticScalesFor(l);
     for (int kv = 0; kv < 2; ++kv) {
-      absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec =
-          kernels::KvCodec::Create(kv == 0 ? lp.k : lp.v, c.head_dim, bt);
-      if (!codec.ok()) {
+      SlabCodecs& sc = layers[l].kv[kv];
+      const StaticScales* st = scales == nullptr ? nullptr : kv == 0 ? &scales->k : &scales->v;
+      const char* what = kv == 0 ? "keys" : "values";
+      if (st != nullptr && !st->scale.empty() &&
+          (static_cast<int64_t>(st->scale.size()) != per_layer ||
+           (!st->min.empty() && static_cast<int64_t>(st->min.size()) != per_layer))) {
         return absl::InvalidArgumentError(absl::StrFormat(
-            "KV policy '%s', layer %d %s: %s", c.policy.name, l, kv == 0 ? "keys" : "values",
-            codec.status().message()));
+            "KV policy '%s', layer %d %s: static scales hold %d scales and %d minima; this model "
+            "needs %d (kv heads %d x head_dim %d): was the calibration file made for another "
+            "model?",
+            c.policy.name, l, what, st->scale.size(), st->min.size(), per_layer, c.n_kv_heads,
+            c.head_dim));
       }
-      (kv == 0 ? layers[l].k : layers[l].v) = std::move(*codec);
+      for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+        kernels::KvCodecConfig cc;
+        cc.spec = kv == 0 ? lp.k : lp.v;
+        cc.head_dim = c.head_dim;
+        cc.block_tokens = bt;
+        if (st != nullptr && cc.spec.granularity == kernels::KvGranularity::kStatic) {
+          auto slice = [&](const std::vector<float>& a) {
+            return a.empty() ? std::vector<float>()
+                             : std::vector<float>(a.begin() + h * c.head_dim,
+                                                  a.begin() + (h + 1) * c.head_dim);
+          };
+          cc.static_scale = slice(st->scale);
+          cc.static_min = slice(st->min);
+        }
+        absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec = kernels::KvCodec::Create(cc);
+        if (!codec.ok()) {
+          return absl::InvalidArgumentError(absl::StrFormat("KV policy '%s', layer %d %s: %s",
+                                                            c.policy.name, l, what,
+                                                            codec.status().message()));
+        }
+        sc.offsets.push_back(sc.block_bytes);
+        sc.block_bytes += (*codec)->slab_bytes();
+        sc.ptrs.push_back(codec->get());
+        sc.heads.push_back(std::move(*codec));
+      }
+      all_layers += sc.block_bytes;
     }
-    layers[l].k_block_bytes = c.n_kv_heads * layers[l].k->slab_bytes();
-    layers[l].v_block_bytes = c.n_kv_heads * layers[l].v->slab_bytes();
-    all_layers += layers[l].k_block_bytes + layers[l].v_block_bytes;
   }
   const int64_t n_blocks = c.max_bytes / all_layers;
   if (n_blocks < 1) {
@@ -57,10 +91,10 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   cache->pool_ = static_cast<uint8_t*>(pool);
   uint8_t* p = cache->pool_;
   for (LayerCodecs& lc : layers) {
-    lc.k_pool = p;
-    p += n_blocks * lc.k_block_bytes;
-    lc.v_pool = p;
-    p += n_blocks * lc.v_block_bytes;
+    for (SlabCodecs& sc : lc.kv) {
+      sc.pool = p;
+      p += n_blocks * sc.block_bytes;
+    }
   }
   cache->layers_ = std::move(layers);
   cache->block_bytes_all_layers_ = all_layers;
@@ -140,22 +174,26 @@ void KvCache::Write(SequenceKv& seq, int64_t layer, int64_t pos, int64_t n, cons
 void KvCache::EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b) {
   const int64_t bt = block_tokens();
   const int64_t d = config_.head_dim;
-  const LayerCodecs& lc = layers_[layer];
   std::vector<float> x(static_cast<size_t>(bt * d));
   for (int kv = 0; kv < 2; ++kv) {
-    const kernels::KvCodec& codec = kv == 0 ? *lc.k : *lc.v;
-    uint8_t* block = (kv == 0 ? lc.k_pool : lc.v_pool) +
-                     static_cast<int64_t>(seq.blocks[b]) * (kv == 0 ? lc.k_block_bytes : lc.v_block_bytes);
+    const SlabCodecs& sc = layers_[layer].kv[kv];
+    uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.block_bytes;
     for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
       for (int64_t t = 0; t < bt; ++t) {
-        const uint8_t* r = RingRow(seq, layer, kv, b * bt + t) + h * d * kernels::KvStorageBytes(storage_);
+        const uint8_t* r =
+            RingRow(seq, layer, kv, b * bt + t) + h * d * kernels::KvStorageBytes(storage_);
         if (storage_ == kernels::KvStorage::kF32) {
           std::memcpy(x.data() + t * d, r, d * sizeof(float));
         } else {
           kernels::Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(r), x.data() + t * d, d);
         }
       }
-      codec.Encode(x.data(), block + h * codec.slab_bytes());
+      // Pre-RoPE keys: the ring holds keys as attention uses them (rotated); the encoded
+      // form is the un-rotated key, whose channels keep their outliers in place.
+      if (kv == 0 && config_.policy.pre_rope_keys) {
+        config_.rope->RotateRows(x.data(), bt, b * bt, /*inverse=*/true);
+      }
+      sc.heads[h]->Encode(x.data(), block + sc.offsets[h]);
     }
   }
 }
@@ -167,14 +205,17 @@ kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t
   v.head_dim = config_.head_dim;
   v.block_tokens = block_tokens();
   v.n_tokens = n_tokens;
-  v.k_codec = lc.k.get();
-  v.v_codec = lc.v.get();
+  kernels::KvSlabs* dst[2] = {&v.k, &v.v};
+  for (int kv = 0; kv < 2; ++kv) {
+    const SlabCodecs& sc = lc.kv[kv];
+    dst[kv]->codecs = sc.ptrs.data();
+    dst[kv]->slab_offsets = sc.offsets.data();
+    dst[kv]->base = sc.pool;
+    dst[kv]->block_bytes = sc.block_bytes;
+  }
   v.block_table = seq.blocks.data();
   v.n_blocks = std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), n_tokens / block_tokens());
-  v.k_base = lc.k_pool;
-  v.v_base = lc.v_pool;
-  v.k_block_bytes = lc.k_block_bytes;
-  v.v_block_bytes = lc.v_block_bytes;
+  if (config_.policy.pre_rope_keys) v.k_pre_rope = config_.rope;
   v.storage = storage_;
   const int64_t row = RowBytes();
   v.k_ring = seq.ring.data() + (layer * 2 + 0) * ring_tokens_ * row;

@@ -27,6 +27,9 @@ struct KvCacheConfig {
   // Most tokens one sequence appends in one step (prefill chunk); sizes the ring so every
   // query of a chunk still finds its window and tail in it.
   int64_t max_step_tokens = 512;
+  // The model's rotary embedding; needed when policy.pre_rope_keys (keys are un-rotated
+  // before encoding and attention re-rotates them). Must outlive the cache.
+  const kernels::RopeTable* rope = nullptr;
 };
 
 // One sequence's cache state, owned by whoever schedules the sequence.
@@ -79,11 +82,17 @@ class KvCache {
   int64_t capacity_tokens() const { return allocator_.num_blocks() * block_tokens(); }
 
  private:
+  // One of K or V of a layer: a codec per head (static scales and mixed precision differ by
+  // head) and where each head's slab sits in a block.
+  struct SlabCodecs {
+    std::vector<std::unique_ptr<kernels::KvCodec>> heads;
+    std::vector<const kernels::KvCodec*> ptrs;  // heads[h].get(), for KvSlabs
+    std::vector<int64_t> offsets;
+    int64_t block_bytes = 0;  // all heads
+    uint8_t* pool = nullptr;
+  };
   struct LayerCodecs {
-    std::unique_ptr<kernels::KvCodec> k, v;
-    int64_t k_block_bytes = 0, v_block_bytes = 0;  // all heads
-    uint8_t* k_pool = nullptr;
-    uint8_t* v_pool = nullptr;
+    SlabCodecs kv[2];  // K, V
   };
   KvCache(const KvCacheConfig& config, int32_t n_blocks);
   int64_t RowBytes() const;  // one protected token row (all heads) of K or V

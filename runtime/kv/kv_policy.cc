@@ -1,5 +1,6 @@
 #include "runtime/kv/kv_policy.h"
 
+#include <algorithm>
 #include <charconv>
 #include <fstream>
 #include <sstream>
@@ -52,6 +53,14 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers) {
     p.block_tokens = *v;
     return absl::OkStatus();
   }
+  if (key == "rope") {
+    if (value != "pre" && value != "post") {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KV spec: rope=%s (want rope=pre or rope=post)", std::string(value)));
+    }
+    p.pre_rope_keys = value == "pre";
+    return absl::OkStatus();
+  }
   absl::StatusOr<kernels::KvCodecSpec> c = kernels::ParseKvCodecSpec(value);
   if (!c.ok()) return c.status();
   if (key == "k" || key == "v" || key == "kv") {
@@ -78,7 +87,7 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers) {
     if (!layer.ok()) return layer.status();
   }
   return absl::InvalidArgumentError(absl::StrFormat(
-      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, sink, window, block)",
+      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, sink, window, block, rope)",
       std::string(key)));
 }
 
@@ -130,7 +139,7 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
     }
     add(absl::StrFormat("%s=%d", key, j[key].get<int64_t>()));
   }
-  for (const char* key : {"k", "v"}) {
+  for (const char* key : {"k", "v", "rope"}) {
     std::string c;
     if (absl::Status st = field_string(j, key, &c); !st.ok()) return st;
     if (!c.empty()) add(absl::StrFormat("%s=%s", key, c));
@@ -158,6 +167,45 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
         absl::StrFormat("KV policy file %s: %s", path, p.status().message()));
   }
   p->name = "@" + path;
+  if (j.contains("static_scales")) {
+    const nlohmann::json& ss = j["static_scales"];
+    if (!ss.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV policy file %s: 'static_scales' must be an object", path));
+    }
+    for (const auto& [layer_key, entry] : ss.items()) {
+      absl::StatusOr<int64_t> layer =
+          ParseCount("static_scales layer", layer_key, 0, n_layers > 0 ? n_layers - 1 : 1 << 20);
+      if (!layer.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("KV policy file %s: %s", path, layer.status().message()));
+      }
+      LayerStaticScales& out = p->static_scales[*layer];
+      for (const char* kv : {"k", "v"}) {
+        if (!entry.is_object() || !entry.contains(kv)) continue;
+        StaticScales& dst = kv[0] == 'k' ? out.k : out.v;
+        for (const char* list : {"scale", "min"}) {
+          const nlohmann::json& o = entry[kv];
+          if (!o.is_object() || !o.contains(list)) continue;
+          const nlohmann::json& a = o[list];
+          std::vector<float>& values = list[0] == 's' ? dst.scale : dst.min;
+          if (!a.is_array()) {
+            return absl::InvalidArgumentError(absl::StrFormat(
+                "KV policy file %s: static_scales.%s.%s.%s must be an array of numbers", path,
+                layer_key, kv, list));
+          }
+          for (const nlohmann::json& x : a) {
+            if (!x.is_number()) {
+              return absl::InvalidArgumentError(absl::StrFormat(
+                  "KV policy file %s: static_scales.%s.%s.%s holds a non-number", path,
+                  layer_key, kv, list));
+            }
+            values.push_back(x.get<float>());
+          }
+        }
+      }
+    }
+  }
   return p;
 }
 
@@ -166,6 +214,25 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
 const LayerKvPolicy& KvPolicy::ForLayer(int64_t layer) const {
   auto it = layers.find(layer);
   return it == layers.end() ? all : it->second;
+}
+
+const LayerStaticScales* KvPolicy::StaticScalesFor(int64_t layer) const {
+  auto it = static_scales.find(layer);
+  return it == static_scales.end() ? nullptr : &it->second;
+}
+
+std::string KvPolicy::ToSpec() const {
+  std::string s = absl::StrFormat("k=%s,v=%s", all.k.ToString(), all.v.ToString());
+  std::vector<int64_t> ids;
+  for (const auto& [l, lp] : layers) ids.push_back(l);
+  std::sort(ids.begin(), ids.end());
+  for (int64_t l : ids) {
+    const LayerKvPolicy& lp = layers.at(l);
+    s += absl::StrFormat(",%d.k=%s,%d.v=%s", l, lp.k.ToString(), l, lp.v.ToString());
+  }
+  s += absl::StrFormat(",sink=%d,window=%d,block=%d", sink_tokens, window_tokens, block_tokens);
+  if (pre_rope_keys) s += ",rope=pre";
+  return s;
 }
 
 bool KvPolicy::protected_fp32() const {

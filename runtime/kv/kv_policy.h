@@ -8,8 +8,12 @@
 //   sink=N                 the first N tokens stay in fp16 (attention sinks)
 //   window=N               the most recent N tokens stay in fp16
 //   block=N                tokens per cache block (default 32)
-// A policy file holds {"spec": "..."} or {"block":32,"sink":4,"window":32,
-//   "k":"int4:chan","v":"int4","layers":{"0":{"k":"int8","v":"int8"}}}.
+//   rope=pre|post          keys encoded before or after the rotary embedding (default post)
+// A policy file holds {"spec": "..."} or {"block":32,"sink":4,"window":32,"rope":"pre",
+//   "k":"int4:chan","v":"int4","layers":{"0":{"k":"int8","v":"int8"}}}, and for codecs
+//   with static scales (`quantkv calibrate` writes such files) "static_scales":
+//   {"0":{"k":{"scale":[...],"min":[...]},"v":{...}}, ...} with n_kv_heads * head_dim
+//   values per list, head-major.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +32,17 @@ struct LayerKvPolicy {
   kernels::KvCodecSpec v;
 };
 
+// Calibrated per-channel scales of one layer's K or V for codecs with static scales:
+// [n_kv_heads][head_dim] each; `min` is empty for symmetric codecs.
+struct StaticScales {
+  std::vector<float> scale;
+  std::vector<float> min;
+};
+
+struct LayerStaticScales {
+  StaticScales k, v;
+};
+
 struct KvPolicy {
   std::string name;  // the preset or the spec it was parsed from
   LayerKvPolicy all;
@@ -35,8 +50,15 @@ struct KvPolicy {
   int64_t block_tokens = 32;
   int64_t sink_tokens = 0;
   int64_t window_tokens = 0;
+  // Keys are encoded before RoPE and rotated after decoding (KVQuant's pre-RoPE keys).
+  bool pre_rope_keys = false;
+  absl::flat_hash_map<int64_t, LayerStaticScales> static_scales;  // by layer
 
   const LayerKvPolicy& ForLayer(int64_t layer) const;
+  // Scales of `layer`, or nullptr when the file gave none.
+  const LayerStaticScales* StaticScalesFor(int64_t layer) const;
+  // The spec grammar for everything but static scales ("k=...,v=...,L.k=...,sink=..").
+  std::string ToSpec() const;
   // Protected tokens live in fp32 when the whole cache is fp32, else fp16.
   bool protected_fp32() const;
 };
