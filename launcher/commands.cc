@@ -7,6 +7,7 @@ std::vector<Subcommand> BuiltinSubcommands() {
   commands.push_back(GenerateSubcommand());
   commands.push_back(PerplexitySubcommand());
   commands.push_back(KvPresetsSubcommand());
+  commands.push_back(CalibrateSubcommand());
   commands.push_back(FetchModelSubcommand());
   return commands;
 }

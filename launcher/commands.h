@@ -16,5 +16,6 @@ Subcommand FetchModelSubcommand();   // launcher/cmd_fetch_model.cc
 Subcommand GenerateSubcommand();     // launcher/cmd_generate.cc
 Subcommand PerplexitySubcommand();   // launcher/cmd_perplexity.cc
 Subcommand KvPresetsSubcommand();    // launcher/cmd_kv_presets.cc
+Subcommand CalibrateSubcommand();    // launcher/cmd_calibrate.cc
 
 }  // namespace quantkv::launcher

@@ -289,6 +289,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     add_bias(v, l.v_bias);
     rope_->Apply(q.data(), total, c.n_heads, positions.data());
     rope_->Apply(k.data(), total, c.n_kv_heads, positions.data());
+    if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());
     int64_t row = 0;
     for (const StepInput& in : inputs) {
       SequenceKv& sb = sequences_[in.seq];

@@ -3,6 +3,7 @@
 // linear layers see all rows at once, attention runs per sequence over its own blocks.
 #pragma once
 
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -36,6 +37,11 @@ struct EngineConfig {
   // From this many rows in a step the linear layers use tiled SGEMM. Tests set it out of
   // reach so a prefilled row is computed exactly like a decoded one.
   int64_t gemm_min_rows = 8;
+  // Sees every layer's K (rotated) and V rows of each step before they are cached, n rows
+  // of n_kv_heads * head_dim with their positions; for KV calibration (`quantkv calibrate`).
+  std::function<void(int64_t layer, int64_t n, const int32_t* positions, const float* k,
+                     const float* v)>
+      kv_observer;
 };
 
 using SequenceId = int64_t;
@@ -62,6 +68,7 @@ class Engine {
   const EngineConfig& config() const { return config_; }
   const WeightSource& weights() const { return *weights_; }
   const KvCache& kv_cache() const { return *kv_; }
+  const kernels::RopeTable& rope() const { return *rope_; }
 
   SequenceId NewSequence();
   absl::Status Release(SequenceId seq);

@@ -14,18 +14,16 @@ absl::Status ValidateConfig(const SchedulerConfig& c) {
     const KvPoolConfig& p = c.pools[i];
     if (p.n_blocks <= 0) {
       return absl::InvalidArgumentError(
-          absl::StrFormat("SchedulerConfig.pools[%d].n_blocks must be > 0, got %d", i,
-                          p.n_blocks));
+          absl::StrFormat("SchedulerConfig.pools[%d].n_blocks must be > 0, got %d", i, p.n_blocks));
     }
     if (p.block_tokens <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("SchedulerConfig.pools[%d].block_tokens must be > 0, got %d", i,
-                          p.block_tokens));
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "SchedulerConfig.pools[%d].block_tokens must be > 0, got %d", i, p.block_tokens));
     }
     for (size_t j = 0; j < i; ++j) {
       if (c.pools[j].name == p.name) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "SchedulerConfig.pools[%d].name '%s' repeats pools[%d]", i, p.name, j));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("SchedulerConfig.pools[%d].name '%s' repeats pools[%d]", i, p.name, j));
       }
     }
   }
@@ -34,9 +32,9 @@ absl::Status ValidateConfig(const SchedulerConfig& c) {
   }
   // Every running sequence decodes every step, so the budget must cover all of them.
   if (c.max_step_tokens < c.max_running) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "SchedulerConfig.max_step_tokens (%d) must be >= max_running (%d)", c.max_step_tokens,
-        c.max_running));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SchedulerConfig.max_step_tokens (%d) must be >= max_running (%d)",
+                        c.max_step_tokens, c.max_running));
   }
   if (c.max_queued <= 0) {
     return absl::InvalidArgumentError("SchedulerConfig.max_queued must be > 0");
@@ -71,16 +69,16 @@ int64_t Scheduler::BlocksFor(int pool, int64_t n_tokens) const {
 
 absl::Status Scheduler::Submit(const RequestSpec& spec) {
   if (spec.pool < 0 || spec.pool >= static_cast<int>(config_.pools.size())) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "RequestSpec.pool %d is unknown (%d pools)", spec.pool, config_.pools.size()));
+    return absl::InvalidArgumentError(absl::StrFormat("RequestSpec.pool %d is unknown (%d pools)",
+                                                      spec.pool, config_.pools.size()));
   }
   if (spec.prompt_tokens <= 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("RequestSpec.prompt_tokens must be > 0, got %d", spec.prompt_tokens));
   }
   if (spec.max_new_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "RequestSpec.max_new_tokens must be > 0, got %d", spec.max_new_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("RequestSpec.max_new_tokens must be > 0, got %d", spec.max_new_tokens));
   }
   // Written this way so that huge values cannot overflow the sum.
   if (spec.prompt_tokens > config_.max_context - spec.max_new_tokens) {
@@ -96,8 +94,8 @@ absl::Status Scheduler::Submit(const RequestSpec& spec) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "RequestSpec.prompt_tokens + max_new_tokens: %d tokens need %d blocks, but pool %d "
         "('%s') has only n_blocks=%d of %d tokens",
-        spec.prompt_tokens + spec.max_new_tokens - 1, peak, spec.pool, pool.name,
-        pool.n_blocks, pool.block_tokens));
+        spec.prompt_tokens + spec.max_new_tokens - 1, peak, spec.pool, pool.name, pool.n_blocks,
+        pool.block_tokens));
   }
   // An id cancelled while in the outstanding plan is still referenced by that plan.
   if (seqs_.contains(spec.id) || cancelled_in_flight_.contains(spec.id)) {
@@ -105,9 +103,9 @@ absl::Status Scheduler::Submit(const RequestSpec& spec) {
         absl::StrFormat("RequestSpec.id %d is already queued or running", spec.id));
   }
   if (queued_ >= config_.max_queued) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "request queue is full (%d waiting, max_queued=%d); retry later", queued_,
-        config_.max_queued));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("request queue is full (%d waiting, max_queued=%d); retry later", queued_,
+                        config_.max_queued));
   }
   SeqState s;
   s.spec = spec;
@@ -194,8 +192,7 @@ void Scheduler::ScheduleContinuedPrefills(StepPlan& plan, int64_t& budget) {
 }
 
 void Scheduler::Admit(StepPlan& plan, int64_t& budget) {
-  while (budget > 0 && queued_ > 0 &&
-         static_cast<int64_t>(running_.size()) < config_.max_running) {
+  while (budget > 0 && queued_ > 0 && static_cast<int64_t>(running_.size()) < config_.max_running) {
     auto level = queue_.begin();
     const uint64_t id = level->second.front();
     SeqState& s = seqs_.at(id);
@@ -264,9 +261,8 @@ absl::Status Scheduler::Commit(const StepPlan& plan, absl::Span<const SeqResult>
   // Validate everything before changing anything.
   absl::flat_hash_map<uint64_t, bool> finished;  // id -> reported finished
   for (const SeqResult& r : results) {
-    const bool sampling = std::any_of(
-        outstanding_->items.begin(), outstanding_->items.end(),
-        [&](const SeqWork& w) { return w.id == r.id && w.samples; });
+    const bool sampling = std::any_of(outstanding_->items.begin(), outstanding_->items.end(),
+                                      [&](const SeqWork& w) { return w.id == r.id && w.samples; });
     if (!sampling) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "SeqResult for id %d, which has no sampling item in step %d", r.id, plan.step));
@@ -309,9 +305,8 @@ absl::Status Scheduler::Cancel(uint64_t id) {
     RemoveQueued(s);
   } else {
     Release(s);
-    if (outstanding_ &&
-        std::any_of(outstanding_->items.begin(), outstanding_->items.end(),
-                    [&](const SeqWork& w) { return w.id == id; })) {
+    if (outstanding_ && std::any_of(outstanding_->items.begin(), outstanding_->items.end(),
+                                    [&](const SeqWork& w) { return w.id == id; })) {
       cancelled_in_flight_.insert(id);
     }
   }

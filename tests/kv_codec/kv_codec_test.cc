@@ -74,7 +74,7 @@ void ExpectSameSpec(const KvCodecSpec& a, const KvCodecSpec& b, const std::strin
 std::vector<std::string> AllSpecs() {
   std::vector<std::string> s = {"fp32", "fp16", "bf16", "fp8:g32", "fp8:g64", "fp8:g64:clip0.9"};
   for (const char* bits : {"int8", "int4", "int3", "int2"}) {
-    for (const char* gran : {"g32", "g64", "chan"}) {
+    for (const char* gran : {"g32", "g64", "chan", "block"}) {
       for (const char* sym : {"sym", "asym"}) {
         for (const char* clip : {"", ":clip0.9"}) {
           s.push_back(std::string(bits) + ":" + gran + ":" + sym + clip);
@@ -144,6 +144,10 @@ TEST(KvCodecSpecTest, CanonicalSpelling) {
       {"int2:chan", "int2:chan"},
       {"int2:asym:chan", "int2:chan"},
       {"int2:chan:sym", "int2:chan:sym"},
+      {"int4:block", "int4:block"},
+      {"int4:sym:block", "int4:block:sym"},
+      {"int2:static", "int2:static"},
+      {"int4:static:sym", "int4:static:sym"},
       {"int8:sym:clip0.95", "int8:g64:sym:clip0.95"},
       {"int3:clip1", "int3:g64:asym"},
   };
@@ -206,6 +210,9 @@ TEST(KvCodecSpecTest, ParseErrorsNameThePart) {
       {"int4:clip", "'clip'"},
       {"int4:chan:g32", "'g32'"},
       {"int4:g32:chan", "'chan'"},
+      {"int4:chan:block", "'block'"},
+      {"int4:static:chan", "'chan'"},
+      {"fp8:static", "'static'"},
       {"int4:g32:g64", "'g64'"},
       {"int4:sym:asym", "'asym'"},
       {"int4:sym:sym", "'sym'"},
@@ -313,8 +320,10 @@ int64_t ExpectedSlabBytes(const KvCodecSpec& s, int64_t d, int64_t bt) {
     case KvCodecType::kUniform: {
       const int64_t codes = s.bits * d * bt / 8;
       const int64_t per_meta = s.symmetric ? 2 : 4;
-      const int64_t n_meta =
-          s.granularity == KvGranularity::kPerChannel ? d : bt * (d / s.group_size);
+      const int64_t n_meta = s.granularity == KvGranularity::kPerChannel ? d
+                             : s.granularity == KvGranularity::kPerBlock ? 1
+                             : s.granularity == KvGranularity::kStatic   ? 0
+                                                                         : bt * (d / s.group_size);
       return codes + per_meta * n_meta;
     }
   }
@@ -416,6 +425,10 @@ std::vector<double> ErrorBound(const KvCodecSpec& s, const std::vector<float>& x
       for (int64_t t = 0; t < bt; ++t) idx.push_back(t * d + c);
       sets.push_back(std::move(idx));
     }
+  } else if (s.granularity == KvGranularity::kPerBlock) {
+    std::vector<int64_t> idx(static_cast<size_t>(d * bt));
+    for (int64_t i = 0; i < d * bt; ++i) idx[i] = i;
+    sets.push_back(std::move(idx));
   } else {
     for (int64_t t = 0; t < bt; ++t) {
       for (int64_t g = 0; g < d / s.group_size; ++g) {
@@ -805,6 +818,73 @@ TEST(KvCodecSpeed, DecodeThroughput) {
                 codec->bits_per_element(), best, static_cast<double>(d * bt) / best,
                 sink == 12345.0f ? " " : "");
   }
+}
+
+// ---------------------------------------------------------------- static scales
+
+TEST(KvCodecStaticTest, CalibratedScalesBoundTheErrorAndCostNoBits) {
+  std::mt19937_64 rng(Seed());
+  for (const char* text : {"int8:static", "int4:static", "int3:static", "int2:static",
+                           "int4:static:sym", "int2:static:sym"}) {
+    SCOPED_TRACE(text);
+    absl::StatusOr<KvCodecSpec> spec = ParseKvCodecSpec(text);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    const int64_t d = 64, bt = 32;
+    // Per-channel ranges spanning four orders of magnitude, as real K channels do.
+    std::uniform_real_distribution<float> mag(-2.0f, 2.0f), u(0.0f, 1.0f);
+    KvCodecConfig cfg{*spec, d, bt, {}, {}};
+    std::vector<float> lo(d), hi(d);
+    const float levels = static_cast<float>((1 << spec->bits) - 1);
+    const float qmax = static_cast<float>((1 << (spec->bits - 1)) - 1);
+    for (int64_t c = 0; c < d; ++c) {
+      const float range = std::pow(10.0f, mag(rng));
+      lo[c] = spec->symmetric ? -range : -range * u(rng);
+      hi[c] = spec->symmetric ? range : lo[c] + range;
+      cfg.static_scale.push_back(spec->symmetric ? range / qmax : range / levels);
+      if (!spec->symmetric) cfg.static_min.push_back(lo[c]);
+    }
+    absl::StatusOr<std::unique_ptr<KvCodec>> codec = KvCodec::Create(cfg);
+    ASSERT_TRUE(codec.ok()) << codec.status();
+    EXPECT_EQ((*codec)->bits_per_element(), spec->bits);  // scales are per model, not per token
+    // Values inside each channel's range, plus a few outside (they saturate).
+    std::vector<float> x(d * bt);
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t c = 0; c < d; ++c) {
+        const float span = hi[c] - lo[c];
+        x[t * d + c] = t == 0 ? hi[c] + span : t == 1 ? lo[c] - span : lo[c] + span * u(rng);
+      }
+    }
+    std::vector<uint8_t> slab((*codec)->slab_bytes());
+    (*codec)->Encode(x.data(), slab.data());
+    std::vector<float> y(d * bt);
+    (*codec)->Decode(slab.data(), 0, bt, y.data());
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t c = 0; c < d; ++c) {
+        const double xi = std::clamp(x[t * d + c], lo[c], hi[c]);
+        const double bound = cfg.static_scale[c] * (0.5 + 1e-5) + 1e-6 * std::fabs(xi);
+        ASSERT_LE(std::fabs(y[t * d + c] - xi), bound) << "token " << t << " channel " << c;
+      }
+    }
+  }
+}
+
+TEST(KvCodecStaticTest, MissingOrBadScalesAreClearErrors) {
+  absl::StatusOr<KvCodecSpec> spec = ParseKvCodecSpec("int4:static");
+  ASSERT_TRUE(spec.ok());
+  absl::Status st = KvCodec::Create(*spec, 64, 32).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(MessageHas(st, "quantkv calibrate")) << st;
+  KvCodecConfig cfg{*spec, 64, 32, std::vector<float>(64, 0.1f), std::vector<float>(63, 0.0f)};
+  st = KvCodec::Create(cfg).status();
+  EXPECT_TRUE(MessageHas(st, "got 64 scales, 63 minima")) << st;
+  cfg.static_min.push_back(0.0f);
+  cfg.static_scale[5] = std::nanf("");
+  st = KvCodec::Create(cfg).status();
+  EXPECT_TRUE(MessageHas(st, "channel 5")) << st;
+  cfg.static_scale[5] = -1.0f;
+  EXPECT_FALSE(KvCodec::Create(cfg).ok());
+  cfg.static_scale[5] = 0.1f;
+  EXPECT_TRUE(KvCodec::Create(cfg).ok());
 }
 
 }  // namespace

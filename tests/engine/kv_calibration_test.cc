@@ -1,0 +1,244 @@
+// KV calibration (runtime/kv/kv_calibration.h) on synthetic activations with known
+// statistics: each method gives the scales it promises, the per-channel maps beat one
+// per-tensor map, clipping pays off on heavy tails, and the written file loads back into
+// a cache bit for bit.
+#include "runtime/kv/kv_calibration.h"
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kernels/kv_codec.h"
+#include "runtime/kv/kv_cache.h"
+
+namespace quantkv {
+namespace {
+
+constexpr int64_t kLayers = 2, kKv = 2, kD = 16, kTokens = 512;
+constexpr int64_t kRow = kKv * kD;
+
+KvCalibrationConfig Config(const std::string& spec, CalibrationMethod m) {
+  auto policy = ParseKvPolicy(spec, kLayers);
+  EXPECT_TRUE(policy.ok()) << policy.status();
+  KvCalibrationConfig c;
+  c.n_layers = kLayers;
+  c.n_kv_heads = kKv;
+  c.head_dim = kD;
+  c.policy = *policy;
+  c.method = m;
+  c.max_tokens = kTokens;
+  return c;
+}
+
+// Rows whose channel ch has spread 0.1 * (1 + ch) around offset ch / 4 (normal), or
+// Laplace tails when heavy.
+std::vector<float> Rows(std::mt19937_64& rng, bool heavy) {
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::exponential_distribution<float> e(1.0f);
+  std::bernoulli_distribution sign(0.5);
+  std::vector<float> r(kTokens * kRow);
+  for (int64_t t = 0; t < kTokens; ++t) {
+    for (int64_t ch = 0; ch < kRow; ++ch) {
+      const float z = heavy ? (sign(rng) ? e(rng) : -e(rng)) : n(rng);
+      r[t * kRow + ch] = 0.25f * ch + 0.1f * (1 + ch) * z;
+    }
+  }
+  return r;
+}
+
+KvCalibrator Fed(const KvCalibrationConfig& c, const std::vector<float>& k,
+                 const std::vector<float>& v) {
+  auto cal = KvCalibrator::Create(c);
+  EXPECT_TRUE(cal.ok()) << cal.status();
+  for (int64_t l = 0; l < kLayers; ++l) {
+    for (int64_t t = 0; t < kTokens; t += 100) {
+      cal->Add(l, std::min<int64_t>(100, kTokens - t), k.data() + t * kRow, v.data() + t * kRow);
+    }
+    cal->Add(l, 50, k.data(), v.data());  // past max_tokens: ignored
+    EXPECT_EQ(cal->tokens(l), kTokens);
+  }
+  return std::move(*cal);
+}
+
+// Squared reconstruction error of rows through the cache codec a policy gives layer 0's K.
+double CodecError(const KvPolicy& p, const std::vector<float>& rows) {
+  double err = 0;
+  const LayerStaticScales* st = p.StaticScalesFor(0);
+  for (int64_t h = 0; h < kKv; ++h) {
+    kernels::KvCodecConfig cc{p.ForLayer(0).k, kD, p.block_tokens, {}, {}};
+    if (st != nullptr && !st->k.scale.empty()) {
+      cc.static_scale.assign(st->k.scale.begin() + h * kD, st->k.scale.begin() + (h + 1) * kD);
+      if (!st->k.min.empty()) {
+        cc.static_min.assign(st->k.min.begin() + h * kD, st->k.min.begin() + (h + 1) * kD);
+      }
+    }
+    auto codec = kernels::KvCodec::Create(cc);
+    EXPECT_TRUE(codec.ok()) << codec.status();
+    const int64_t bt = p.block_tokens;
+    std::vector<float> x(bt * kD), y(bt * kD);
+    std::vector<uint8_t> slab((*codec)->slab_bytes());
+    for (int64_t b = 0; (b + 1) * bt <= kTokens; ++b) {
+      for (int64_t t = 0; t < bt; ++t) {
+        std::copy_n(rows.data() + (b * bt + t) * kRow + h * kD, kD, x.data() + t * kD);
+      }
+      (*codec)->Encode(x.data(), slab.data());
+      (*codec)->Decode(slab.data(), 0, bt, y.data());
+      for (int64_t i = 0; i < bt * kD; ++i) err += (x[i] - y[i]) * (x[i] - y[i]);
+    }
+  }
+  return err;
+}
+
+TEST(KvCalibrationTest, MinMaxPerChannelIsTheColumnRange) {
+  std::mt19937_64 rng(1);
+  const std::vector<float> k = Rows(rng, false), v = Rows(rng, false);
+  auto p = Fed(Config("k=int4:static,v=int8:static:sym,block=32", CalibrationMethod::kMinMax),
+               k, v)
+               .Finish();
+  ASSERT_TRUE(p.ok()) << p.status();
+  const LayerStaticScales* st = p->StaticScalesFor(1);
+  ASSERT_NE(st, nullptr);
+  ASSERT_EQ(st->k.scale.size(), kRow);
+  ASSERT_EQ(st->k.min.size(), kRow);
+  EXPECT_TRUE(st->v.min.empty());  // symmetric
+  for (int64_t ch = 0; ch < kRow; ++ch) {
+    float lo = k[ch], hi = k[ch], amax = 0;
+    for (int64_t t = 0; t < kTokens; ++t) {
+      lo = std::min(lo, k[t * kRow + ch]);
+      hi = std::max(hi, k[t * kRow + ch]);
+      amax = std::max(amax, std::fabs(v[t * kRow + ch]));
+    }
+    EXPECT_FLOAT_EQ(st->k.min[ch], lo);
+    EXPECT_FLOAT_EQ(st->k.scale[ch], (hi - lo) / 15.0f);
+    EXPECT_FLOAT_EQ(st->v.scale[ch], amax / 127.0f);
+  }
+}
+
+TEST(KvCalibrationTest, PerChannelBeatsPerTensor) {
+  std::mt19937_64 rng(2);
+  const std::vector<float> k = Rows(rng, false), v = Rows(rng, false);
+  KvCalibrationConfig c = Config("int4:static,block=32", CalibrationMethod::kMinMax);
+  auto per_channel = Fed(c, k, v).Finish();
+  c.per_tensor = true;
+  auto per_tensor = Fed(c, k, v).Finish();
+  ASSERT_TRUE(per_channel.ok() && per_tensor.ok());
+  const StaticScales& t = per_tensor->StaticScalesFor(0)->k;
+  for (float s : t.scale) EXPECT_EQ(s, t.scale[0]);  // one map for the whole tensor
+  EXPECT_LT(CodecError(*per_channel, k), 0.25 * CodecError(*per_tensor, k));
+}
+
+TEST(KvCalibrationTest, PercentileAndMseClipHeavyTails) {
+  std::mt19937_64 rng(3);
+  const std::vector<float> k = Rows(rng, true), v = Rows(rng, true);
+  auto minmax = Fed(Config("int2:static,block=32", CalibrationMethod::kMinMax), k, v).Finish();
+  KvCalibrationConfig pc = Config("int2:static,block=32", CalibrationMethod::kPercentile);
+  pc.alpha = 0.99;
+  auto pct = Fed(pc, k, v).Finish();
+  auto mse = Fed(Config("int2:static,block=32", CalibrationMethod::kMse), k, v).Finish();
+  ASSERT_TRUE(minmax.ok() && pct.ok() && mse.ok());
+  for (int64_t ch = 0; ch < kRow; ++ch) {
+    EXPECT_LT(pct->StaticScalesFor(0)->k.scale[ch], minmax->StaticScalesFor(0)->k.scale[ch]);
+  }
+  const double e_minmax = CodecError(*minmax, k);
+  EXPECT_LT(CodecError(*pct, k), e_minmax);
+  EXPECT_LT(CodecError(*mse, k), 0.8 * e_minmax);
+}
+
+TEST(KvCalibrationTest, MseTunesTheClipOfDynamicCodecs) {
+  std::mt19937_64 rng(4);
+  const std::vector<float> k = Rows(rng, true), v = Rows(rng, true);
+  auto p = Fed(Config("k=int2:chan,v=int2:g16,block=32", CalibrationMethod::kMse), k, v).Finish();
+  ASSERT_TRUE(p.ok()) << p.status();
+  for (int64_t l = 0; l < kLayers; ++l) {
+    EXPECT_LT(p->ForLayer(l).k.clip, 1.0f) << "layer " << l;
+    EXPECT_LT(p->ForLayer(l).v.clip, 1.0f) << "layer " << l;
+  }
+  KvPolicy plain = *p;
+  plain.layers.clear();  // clip 1
+  EXPECT_LT(CodecError(*p, k), CodecError(plain, k));
+  // minmax leaves dynamic codecs alone.
+  auto same = Fed(Config("k=int2:chan,v=int2:g16,block=32", CalibrationMethod::kMinMax), k, v)
+                  .Finish();
+  ASSERT_TRUE(same.ok());
+  EXPECT_TRUE(same->layers.empty());
+}
+
+TEST(KvCalibrationTest, FileLoadsBackIntoACache) {
+  std::mt19937_64 rng(5);
+  const std::vector<float> k = Rows(rng, false), v = Rows(rng, false);
+  auto p = Fed(Config("k=int4:static,v=int2:chan,sink=4,window=8,block=32,rope=pre",
+                      CalibrationMethod::kMse),
+               k, v)
+               .Finish();
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::string path = ::testing::TempDir() + "/kv_calibration_test.json";
+  {
+    std::ofstream out(path);
+    out << KvPolicyFileJson(*p, R"({"method":"mse"})");
+  }
+  auto back = ParseKvPolicy("@" + path, kLayers);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ToSpec(), p->ToSpec());
+  EXPECT_TRUE(back->pre_rope_keys);
+  for (int64_t l = 0; l < kLayers; ++l) {
+    EXPECT_EQ(back->StaticScalesFor(l)->k.scale, p->StaticScalesFor(l)->k.scale);
+    EXPECT_EQ(back->StaticScalesFor(l)->k.min, p->StaticScalesFor(l)->k.min);
+    EXPECT_EQ(back->ForLayer(l).v.clip, p->ForLayer(l).v.clip);
+  }
+  KvCacheConfig cc;
+  cc.n_layers = kLayers;
+  cc.n_kv_heads = kKv;
+  cc.head_dim = kD;
+  cc.policy = *back;
+  cc.max_bytes = 1 << 20;
+  kernels::RopeSpec rs;
+  rs.head_dim = kD;
+  kernels::RopeTable rope(rs);
+  cc.rope = &rope;
+  auto cache = KvCache::Create(cc);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  // Static keys cost exactly 4 bits; per-channel int2 values 2 bits plus 4 bytes of scale
+  // and min per channel per 32-token block (1 bit): 3.5 on average, protected tokens
+  // vanishing at this length.
+  EXPECT_NEAR((*cache)->BitsPerElementAt(1 << 20), 3.5, 1e-3);
+
+  // The same file for a model of another geometry is refused with a clear message.
+  cc.head_dim = 2 * kD;
+  rs.head_dim = 2 * kD;
+  kernels::RopeTable rope2(rs);
+  cc.rope = &rope2;
+  auto wrong = KvCache::Create(cc);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_NE(std::string(wrong.status().message()).find("another model"), std::string::npos)
+      << wrong.status();
+  // A static codec with no scales at all names the tool that makes them.
+  cc.policy = *ParseKvPolicy("int4:static", kLayers);
+  auto none = KvCache::Create(cc);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(std::string(none.status().message()).find("quantkv calibrate"), std::string::npos);
+  std::remove(path.c_str());
+}
+
+TEST(KvCalibrationTest, BadInputsAreClearErrors) {
+  KvCalibrationConfig c = Config("int4:static,block=32", CalibrationMethod::kPercentile);
+  c.alpha = 0.3;
+  EXPECT_FALSE(KvCalibrator::Create(c).ok());
+  c.alpha = 0.999;
+  c.max_tokens = 16;
+  EXPECT_FALSE(KvCalibrator::Create(c).ok());
+  c.max_tokens = 64;
+  auto cal = KvCalibrator::Create(c);
+  ASSERT_TRUE(cal.ok());
+  std::vector<float> rows(10 * kRow, 1.0f);
+  cal->Add(0, 10, rows.data(), rows.data());
+  auto p = cal->Finish();
+  ASSERT_FALSE(p.ok());
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(p.status().message()).find("layer 0 saw 10 tokens"), std::string::npos);
+  EXPECT_FALSE(ParseCalibrationMethod("kmeans").ok());
+}
+
+}  // namespace
+}  // namespace quantkv
