@@ -24,9 +24,23 @@ absl::StatusOr<int64_t> ParseCount(std::string_view key, std::string_view value,
   return v;
 }
 
-absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers) {
+absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
+                       bool expand_presets = true) {
   const size_t eq = item.find('=');
   if (eq == std::string_view::npos) {
+    // A preset name stands for its items, so "int2-comp,rope=pre" amends a preset. (Preset
+    // specs are plain items: no recursion past one level.)
+    for (const KvPreset& preset : KvPresets()) {
+      if (!expand_presets || preset.name != item) continue;
+      for (absl::string_view sub : absl::StrSplit(preset.spec, ',')) {
+        if (absl::Status s =
+                ApplyItem(p, std::string_view(sub.data(), sub.size()), n_layers, false);
+            !s.ok()) {
+          return s;
+        }
+      }
+      return absl::OkStatus();
+    }
     absl::StatusOr<kernels::KvCodecSpec> c = kernels::ParseKvCodecSpec(item);
     if (!c.ok()) return c.status();
     p.all.k = p.all.v = *c;

@@ -2,6 +2,7 @@
 // precision. Selected with `--kv SPEC`: a preset name, a spec string, or @policy.json.
 //
 // Spec grammar (comma-separated, later items override earlier ones):
+//   PRESET                 a preset's items, to amend: "int2-comp,rope=pre"
 //   CODEC                  keys and values (e.g. "int4", "int4:g32:sym", "fp8")
 //   k=CODEC | v=CODEC      keys or values only ("k=int2:chan,v=int2:g32")
 //   L.k=CODEC | L.v=CODEC  one layer (0-based), e.g. "0.k=int8"

@@ -73,6 +73,20 @@ TEST(KvPolicyTest, PresetsParseAndMeetTheirBudgets) {
   }
 }
 
+TEST(KvPolicyTest, PresetsCanBeAmended) {
+  auto p = ParseKvPolicy("int2-comp,rope=pre,window=32", 30);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_TRUE(p->pre_rope_keys);
+  EXPECT_EQ(p->window_tokens, 32);
+  EXPECT_EQ(p->sink_tokens, 4);  // from the preset
+  EXPECT_EQ(p->all.k.granularity, kernels::KvGranularity::kPerChannel);
+  EXPECT_EQ(p->all.k.bits, 2);
+  // ToSpec spells everything out and parses back to the same policy.
+  auto back = ParseKvPolicy(p->ToSpec(), 30);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ToSpec(), p->ToSpec());
+}
+
 TEST(KvPolicyTest, GrammarAndErrors) {
   auto p = ParseKvPolicy("k=int4:chan,v=int2,0.k=int8,sink=4,window=16,block=64", 30);
   ASSERT_TRUE(p.ok()) << p.status();
