@@ -3,14 +3,20 @@
 // presets, with the bytes the step must read and the achieved fraction of the memory
 // bandwidth measured in the same run.
 //
-//   attention_bench [--threads N] [--out DIR]
+//   attention_bench [--threads N] [--out DIR] [--contexts 1024,8192] [--presets fp16,int4]
+//                   [--reps N]
+//
+// --contexts / --presets and --reps (timed calls per row) narrow the sweep for profiling; the fp16
+// speed-up column needs fp16 in the same context, else it reads 0.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "bench/bandwidth.h"
 #include "bench/results.h"
 #include "kernels/attention.h"
@@ -22,12 +28,24 @@ namespace {
 int Main(int argc, char** argv) {
   int threads = 1;
   std::string out = "bench/results";
+  std::vector<int64_t> contexts = {1024, 8192, 32768};
+  std::vector<std::string> presets = {"fp16", "int8", "int4", "int2"};
+  int reps_flag = 0;  // 0: by context
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i];
     if (f == "--threads") {
       threads = std::atoi(argv[i + 1]);
     } else if (f == "--out") {
       out = argv[i + 1];
+    } else if (f == "--contexts") {
+      contexts.clear();
+      for (absl::string_view c : absl::StrSplit(argv[i + 1], ',')) {
+        contexts.push_back(std::atoll(std::string(c).c_str()));
+      }
+    } else if (f == "--reps") {
+      reps_flag = std::atoi(argv[i + 1]);
+    } else if (f == "--presets") {
+      presets = absl::StrSplit(argv[i + 1], ',');
     } else {
       std::cerr << "attention_bench: unknown flag " << f << "\n";
       return 2;
@@ -43,14 +61,15 @@ int Main(int argc, char** argv) {
   nlohmann::json rows = nlohmann::json::array();
   std::string md = absl::StrFormat(
       "Read bandwidth (%d threads): %.2f GB/s. One layer, 9 query / 3 KV heads, head_dim 64.\n\n"
-      "| preset | context | us/token | MB read | GB/s | fraction of bandwidth | speed-up vs fp16 |\n"
+      "| preset | context | us/token | MB read | GB/s | fraction of bandwidth | speed-up vs fp16 "
+      "|\n"
       "|---|---|---|---|---|---|---|\n",
       threads, bw.read_gbps);
-  std::printf("%-6s %8s %10s %9s %8s %9s %8s\n", "preset", "context", "us/token", "MB read",
-              "GB/s", "fraction", "vs fp16");
-  for (int64_t ctx : {1024, 8192, 32768}) {
+  std::printf("%-6s %8s %10s %9s %8s %9s %8s\n", "preset", "context", "us/token", "MB read", "GB/s",
+              "fraction", "vs fp16");
+  for (int64_t ctx : contexts) {
     double fp16_us = 0;
-    for (const char* preset : {"fp16", "int8", "int4", "int2"}) {
+    for (const std::string& preset : presets) {
       KvCacheConfig c;
       c.n_layers = 1;
       c.n_kv_heads = n_kv;
@@ -79,20 +98,23 @@ int Main(int argc, char** argv) {
       const kernels::KvLayerView view = (*cache)->View(seq, 0, ctx);
       kernels::AttentionQuery aq{q.data(), 1, n_heads, &position, 0.125f};
       kernels::Attention(aq, view, o.data(), &pool);  // warm
-      const int reps = std::max<int>(3, static_cast<int>(200000 / ctx));
+      const int reps = reps_flag > 0 ? reps_flag : std::max<int>(3, static_cast<int>(200000 / ctx));
       const auto t0 = std::chrono::steady_clock::now();
       for (int r = 0; r < reps; ++r) kernels::Attention(aq, view, o.data(), &pool);
       const double us =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e6 / reps;
       const double bytes = (*cache)->BytesPerTokenAt(ctx) * ctx;
       const double gbps = bytes / (us * 1e-6) / 1e9;
-      if (std::string(preset) == "fp16") fp16_us = us;
-      std::printf("%-6s %8ld %10.1f %9.2f %8.2f %9.2f %8.2f\n", preset, static_cast<long>(ctx), us,
-                  bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
+      if (preset == "fp16") fp16_us = us;
+      std::printf("%-6s %8ld %10.1f %9.2f %8.2f %9.2f %8.2f\n", preset.c_str(),
+                  static_cast<long>(ctx), us, bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
       md += absl::StrFormat("| %s | %d | %.1f | %.2f | %.2f | %.2f | %.2f |\n", preset, ctx, us,
                             bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
-      rows.push_back({{"preset", preset}, {"context", ctx}, {"us_per_token", us},
-                      {"bytes_read", bytes}, {"gbps", gbps},
+      rows.push_back({{"preset", preset},
+                      {"context", ctx},
+                      {"us_per_token", us},
+                      {"bytes_read", bytes},
+                      {"gbps", gbps},
                       {"fraction_of_bandwidth", gbps / bw.read_gbps},
                       {"speedup_vs_fp16", fp16_us / us}});
     }

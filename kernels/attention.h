@@ -69,6 +69,10 @@ struct AttentionQuery {
   int64_t n_heads = 0;
   const int32_t* positions = nullptr;  // causal: query i sees tokens 0..positions[i]
   float scale = 0.0f;                  // usually 1/sqrt(head_dim)
+  // Few queries (decode) may take the fused decode kernels, which read codes directly and
+  // round differently from the tiled kernel. false keeps every call on the tiled kernel, so
+  // that a token scored in a prefill chunk gets bit for bit what decode gives it.
+  bool fused_decode = true;
 };
 
 // out: [n_q][n_heads][head_dim]. Query heads map to KV heads in contiguous groups (GQA).

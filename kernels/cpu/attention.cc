@@ -4,55 +4,14 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/attention_internal.h"
 #include "kernels/cpu/quant_dot.h"
 #include "kernels/dequantize.h"
 
 namespace quantkv::kernels {
 namespace {
 
-// Rows [t0, t1) x head_dim of head h of K (kv = 0) or V (kv = 1), in either form:
-// Encoded() decodes them from their blocks, Exact() reads the protected copy (sinks for
-// t < sink_tokens, the ring otherwise).
-class RowSource {
- public:
-  RowSource(const KvLayerView& v, int kv, int64_t h) : v_(v), kv_(kv), h_(h) {}
-
-  // Tokens must lie in encoded blocks (t1 <= n_blocks * block_tokens).
-  void Encoded(int64_t t0, int64_t t1, float* out) const {
-    const KvSlabs& slabs = kv_ ? v_.v : v_.k;
-    const KvCodec* codec = slabs.codecs[h_];
-    for (int64_t t = t0; t < t1;) {
-      const int64_t b = t / v_.block_tokens;
-      const int64_t end = std::min(t1, (b + 1) * v_.block_tokens);
-      codec->Decode(slabs.Slab(v_.block_table[b], h_), t - b * v_.block_tokens,
-                    end - b * v_.block_tokens, out + (t - t0) * v_.head_dim);
-      t = end;
-    }
-    if (kv_ == 0 && v_.k_pre_rope != nullptr) {
-      v_.k_pre_rope->RotateRows(out, t1 - t0, t0, /*inverse=*/false);
-    }
-  }
-
-  void Exact(int64_t t0, int64_t t1, float* out) const {
-    for (int64_t t = t0; t < t1; ++t) {
-      const bool sink = t < v_.sink_tokens;
-      const uint8_t* base = sink ? (kv_ ? v_.v_sinks : v_.k_sinks) : (kv_ ? v_.v_ring : v_.k_ring);
-      const int64_t row = sink ? t : t % v_.ring_tokens;
-      const int64_t off = (row * v_.n_kv_heads + h_) * v_.head_dim;
-      float* o = out + (t - t0) * v_.head_dim;
-      if (v_.storage == KvStorage::kF32) {
-        std::copy_n(reinterpret_cast<const float*>(base) + off, v_.head_dim, o);
-      } else {
-        Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(base) + off, o, v_.head_dim);
-      }
-    }
-  }
-
- private:
-  const KvLayerView& v_;
-  int kv_;
-  int64_t h_;
-};
+using attention_internal::RowSource;
 
 constexpr int64_t kTileTokens = 64;
 constexpr int64_t kTileQueries = 32;
@@ -74,8 +33,7 @@ int64_t RingStart(const KvLayerView& v, int64_t p) {
   return std::min(full * v.block_tokens, std::max<int64_t>(0, p + 1 - v.window_tokens));
 }
 
-void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out,
-               ThreadPool* pool) {
+void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, ThreadPool* pool) {
   const int64_t d = kv.head_dim;
   const int64_t group = query.n_heads / kv.n_kv_heads;
   const int64_t n_qtiles = (query.n_q + kTileQueries - 1) / kTileQueries;
@@ -96,6 +54,8 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out,
   // Per task: rows_per_tile (m, l) pairs and rows_per_tile x d accumulators.
   std::vector<float> state_m(n_tasks * rows_per_tile), state_l(n_tasks * rows_per_tile),
       state_acc(n_tasks * rows_per_tile * d);
+  const bool decode =
+      query.fused_decode && attention_internal::DecodeKernelsUsable(query.n_q, d);
   auto run = [&](int64_t t0, int64_t t1, int) {
     std::vector<float> sc(static_cast<size_t>(kTileTokens));
     TileRows kt, vt;
@@ -124,6 +84,16 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out,
       const int64_t n_tiles = (n_ctx + kTileTokens - 1) / kTileTokens;
       const int64_t s_begin = n_tiles * split / n_splits * kTileTokens;
       const int64_t s_end = std::min(n_ctx, n_tiles * (split + 1) / n_splits * kTileTokens);
+      if (decode) {
+        // Few queries: each runs its GQA rows through the decode kernels on its own.
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = (i - i0) * group;
+          attention_internal::DecodeRange(kv, g, query.q + (i * query.n_heads + g * group) * d,
+                                          group, query.scale, query.positions[i], s_begin, s_end,
+                                          m + r, l + r, acc + r * d);
+        }
+        continue;
+      }
       const RowSource keys(kv, 0, g), values(kv, 1, g);
       for (int64_t s = s_begin; s < s_end; s += kTileTokens) {
         const int64_t e = std::min(s_end, s + kTileTokens);

@@ -301,6 +301,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.n_heads = c.n_heads;
       aq.positions = positions.data() + row;
       aq.scale = scale;
+      aq.fused_decode = config_.fused_decode_attention;
       kernels::Attention(aq, kv_->View(sb, li, sb.length + n), attn.data() + row * q_dim, pool);
       row += n;
     }

@@ -37,6 +37,9 @@ struct EngineConfig {
   // From this many rows in a step the linear layers use tiled SGEMM. Tests set it out of
   // reach so a prefilled row is computed exactly like a decoded one.
   int64_t gemm_min_rows = 8;
+  // Decode steps use the fused decode attention kernels (kernels/attention.h); false keeps
+  // them on the tiled kernel, bit-identical to prefill (for tests that compare the two).
+  bool fused_decode_attention = true;
   // Sees every layer's K (rotated) and V rows of each step before they are cached, n rows
   // of n_kv_heads * head_dim with their positions; for KV calibration (`quantkv calibrate`).
   std::function<void(int64_t layer, int64_t n, const int32_t* positions, const float* k,

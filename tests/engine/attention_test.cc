@@ -156,5 +156,26 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"int4,sink=4,window=40", 8, 1, 4097, 1}, Case{"fp16", 8, 1, 3000, 3}),
     Name);
 
+// Decode (n_q <= 4): the kernels that read uniform codes directly (int8/int4/int2 per token
+// group), lengths on and off the 16-token and block grids, GQA ratios 1, 3, 4 and 8 (two
+// passes of query rows), codecs the value kernel leaves to the tile path (int4/int2 with
+// small groups), mixed K/V codecs, blocks that are not a multiple of 16 tokens, and several
+// decode queries per call.
+INSTANTIATE_TEST_SUITE_P(
+    Decode, AttentionTest,
+    ::testing::Values(
+        Case{"int4", 9, 3, 1, 1}, Case{"int4", 9, 3, 31, 1}, Case{"int4", 9, 3, 33, 1},
+        Case{"int4", 9, 3, 1000, 1}, Case{"int4", 9, 3, 4097, 1}, Case{"int4:sym", 4, 4, 1000, 1},
+        Case{"int8", 4, 4, 1000, 1}, Case{"int8:g16:sym", 8, 2, 33, 1},
+        Case{"int8:g32", 9, 3, 4097, 1}, Case{"int2", 9, 3, 4097, 1},
+        Case{"int2:g16", 6, 2, 1000, 1}, Case{"int2:sym", 8, 2, 31, 1},
+        Case{"int4:g32:sym", 16, 2, 1000, 1}, Case{"int4:g16", 9, 3, 257, 1},
+        Case{"int4,block=24", 6, 2, 1000, 1}, Case{"int8,block=16,sink=3,window=20", 9, 3, 31, 1},
+        Case{"int4,sink=4,window=40", 9, 3, 1000, 4}, Case{"int2,window=8", 8, 2, 300, 2},
+        Case{"fp16", 9, 3, 4097, 1}, Case{"k=int4,v=fp16", 6, 2, 1000, 1},
+        Case{"k=fp16,v=int8:g64:sym", 6, 2, 1000, 1}, Case{"k=int4:chan,v=int2", 9, 3, 700, 1},
+        Case{"fp32,sink=2,window=9", 12, 3, 500, 1}),
+    Name);
+
 }  // namespace
 }  // namespace quantkv
