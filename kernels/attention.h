@@ -47,6 +47,10 @@ struct KvLayerView {
   // key row decoded for token t is rotated to position t with this table before use.
   // nullptr: encoded keys are stored rotated, like the protected ones always are.
   const RopeTable* k_pre_rope = nullptr;
+  // Rotated storage (kernels/hadamard.h): encoded K / V rows are stored Hadamard-rotated
+  // with these signs [head_dim] and rotated back after decoding. nullptr: not rotated.
+  const float* k_rotation = nullptr;
+  const float* v_rotation = nullptr;
 
   // Protected tokens, rows of [n_kv_heads][head_dim] elements of `storage`.
   KvStorage storage = KvStorage::kF16;

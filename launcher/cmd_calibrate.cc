@@ -28,8 +28,7 @@ struct CalibrateFlags {
 
 void Define(FlagSet& f, CalibrateFlags& o) {
   DefineModelFlags(f, o.model);
-  f.Path("text", &o.text, "", "UTF-8 calibration text (not the evaluation text)",
-         PathKind::kFile)
+  f.Path("text", &o.text, "", "UTF-8 calibration text (not the evaluation text)", PathKind::kFile)
       .Required();
   f.String("out", &o.out, "", "calibrated KV policy file to write (use as --kv @FILE)")
       .Placeholder("FILE")
@@ -111,8 +110,8 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
   const int64_t total = std::min<int64_t>(o.tokens, static_cast<int64_t>(ids->size()));
   if (total < cc.policy.block_tokens) {
     ctx.err << absl::StrFormat(
-        "%s: %s has %d tokens, fewer than one KV block (%d); give a longer --text\n",
-        ctx.command, o.text, ids->size(), cc.policy.block_tokens);
+        "%s: %s has %d tokens, fewer than one KV block (%d); give a longer --text\n", ctx.command,
+        o.text, ids->size(), cc.policy.block_tokens);
     return kExitUsage;
   }
   ProgressReporter::Options po;
@@ -134,12 +133,9 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
 
   auto calibrated = cal->Finish();
   if (!calibrated.ok()) return ReportFailure(ctx, calibrated.status());
-  nlohmann::json prov = {{"model", session->path},
-                         {"text", o.text},
-                         {"tokens", total},
-                         {"target", o.model.kv},
-                         {"method", o.method},
-                         {"granularity", o.granularity}};
+  nlohmann::json prov = {{"model", session->path}, {"text", o.text},
+                         {"tokens", total},        {"target", o.model.kv},
+                         {"method", o.method},     {"granularity", o.granularity}};
   if (o.method == "percentile") prov["alpha"] = o.alpha;
   const std::string json = KvPolicyFileJson(*calibrated, prov.dump());
   {
@@ -155,8 +151,8 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
   ctx.out << absl::StrFormat(
       "calibrated %s on %d tokens of %s (%s, %s): %d layers with static scales; wrote %s\n"
       "use it as --kv @%s\n",
-      o.model.kv, total, o.text, o.method, o.granularity, calibrated->static_scales.size(),
-      o.out, o.out);
+      o.model.kv, total, o.text, o.method, o.granularity, calibrated->static_scales.size(), o.out,
+      o.out);
   return kExitOk;
 }
 

@@ -638,9 +638,13 @@ void DecodeRange(const KvLayerView& kv, int64_t h, const float* q, int64_t n_row
   t1 = std::min(t1, p + 1);
   if (t0 >= t1) return;
   const int64_t d = kv.head_dim;
-  const Uniform ku =
-      kv.k_pre_rope != nullptr ? Uniform{} : ReadableLayout(*kv.k.codecs[h], /*values=*/false);
-  const Uniform vu = ReadableLayout(*kv.v.codecs[h], /*values=*/true);
+  // Keys stored pre-RoPE or rotated, and rotated values, are decoded to a tile and fixed up
+  // there (RowSource::Encoded).
+  const Uniform ku = kv.k_pre_rope != nullptr || kv.k_rotation != nullptr
+                         ? Uniform{}
+                         : ReadableLayout(*kv.k.codecs[h], /*values=*/false);
+  const Uniform vu =
+      kv.v_rotation != nullptr ? Uniform{} : ReadableLayout(*kv.v.codecs[h], /*values=*/true);
   thread_local Scratch scratch;
   if (scratch.w.empty()) {
     scratch.ktile.resize(kChunk * kDecodeMaxHeadDim);

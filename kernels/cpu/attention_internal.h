@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernels/attention.h"
+#include "kernels/hadamard.h"
 #include "kernels/dequantize.h"
 
 namespace quantkv::kernels::attention_internal {
@@ -27,6 +28,10 @@ class RowSource {
       codec->Decode(slabs.Slab(v_.block_table[b], h_), t - b * v_.block_tokens,
                     end - b * v_.block_tokens, out + (t - t0) * v_.head_dim);
       t = end;
+    }
+    const float* rotation = kv_ ? v_.v_rotation : v_.k_rotation;
+    if (rotation != nullptr) {
+      HadamardRotate(out, t1 - t0, v_.head_dim, rotation, /*inverse=*/true);
     }
     if (kv_ == 0 && v_.k_pre_rope != nullptr) {
       v_.k_pre_rope->RotateRows(out, t1 - t0, t0, /*inverse=*/false);

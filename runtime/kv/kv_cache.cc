@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_format.h"
 #include "kernels/dequantize.h"
+#include "kernels/hadamard.h"
 
 namespace quantkv {
 
@@ -21,6 +22,10 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   if (c.policy.pre_rope_keys && c.rope == nullptr) {
     return absl::InvalidArgumentError(
         "KV cache: rope=pre (pre-RoPE keys) needs the model's rotary embedding");
+  }
+  if ((c.policy.rotate_k || c.policy.rotate_v) && (c.head_dim & (c.head_dim - 1)) != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV cache: rotate= needs a power-of-two head_dim (Hadamard), got %d", c.head_dim));
   }
   const int64_t per_layer = c.n_kv_heads * c.head_dim;
   std::vector<LayerCodecs> layers(c.n_layers);
@@ -58,9 +63,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
         }
         absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec = kernels::KvCodec::Create(cc);
         if (!codec.ok()) {
-          return absl::InvalidArgumentError(absl::StrFormat("KV policy '%s', layer %d %s: %s",
-                                                            c.policy.name, l, what,
-                                                            codec.status().message()));
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "KV policy '%s', layer %d %s: %s", c.policy.name, l, what, codec.status().message()));
         }
         sc.offsets.push_back(sc.block_bytes);
         sc.block_bytes += (*codec)->slab_bytes();
@@ -99,6 +103,9 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   cache->layers_ = std::move(layers);
   cache->block_bytes_all_layers_ = all_layers;
   cache->ring_tokens_ = c.policy.window_tokens + bt + c.max_step_tokens;
+  if (c.policy.rotate_k || c.policy.rotate_v) {
+    cache->rotation_signs_ = kernels::HadamardSigns(c.head_dim, kernels::kKvRotationSeed);
+  }
   cache->storage_ = c.policy.protected_fp32() ? kernels::KvStorage::kF32 : kernels::KvStorage::kF16;
   return cache;
 }
@@ -193,6 +200,9 @@ void KvCache::EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b) {
       if (kv == 0 && config_.policy.pre_rope_keys) {
         config_.rope->RotateRows(x.data(), bt, b * bt, /*inverse=*/true);
       }
+      if (kv == 0 ? config_.policy.rotate_k : config_.policy.rotate_v) {
+        kernels::HadamardRotate(x.data(), bt, d, rotation_signs_.data(), /*inverse=*/false);
+      }
       sc.heads[h]->Encode(x.data(), block + sc.offsets[h]);
     }
   }
@@ -214,8 +224,11 @@ kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t
     dst[kv]->block_bytes = sc.block_bytes;
   }
   v.block_table = seq.blocks.data();
-  v.n_blocks = std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), n_tokens / block_tokens());
+  v.n_blocks =
+      std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), n_tokens / block_tokens());
   if (config_.policy.pre_rope_keys) v.k_pre_rope = config_.rope;
+  if (config_.policy.rotate_k) v.k_rotation = rotation_signs_.data();
+  if (config_.policy.rotate_v) v.v_rotation = rotation_signs_.data();
   v.storage = storage_;
   const int64_t row = RowBytes();
   v.k_ring = seq.ring.data() + (layer * 2 + 0) * ring_tokens_ * row;
@@ -234,9 +247,9 @@ int64_t KvCache::ProtectedTokensAt(int64_t n) const {
   if (n <= 0) return 0;
   const int64_t sinks = std::min(config_.policy.sink_tokens, n);
   const int64_t full = n / block_tokens();
-  const int64_t ring_start =
-      std::max(sinks, std::min(full * block_tokens(),
-                               std::max<int64_t>(0, n - config_.policy.window_tokens)));
+  const int64_t ring_start = std::max(
+      sinks,
+      std::min(full * block_tokens(), std::max<int64_t>(0, n - config_.policy.window_tokens)));
   return sinks + (n - ring_start);
 }
 
@@ -247,8 +260,9 @@ int64_t KvCache::SequenceBytes(const SequenceKv& seq) const {
 
 double KvCache::BytesPerTokenAt(int64_t n) const {
   if (n <= 0) return 0;
-  const double bytes = static_cast<double>(n / block_tokens()) * block_bytes_all_layers_ +
-                       static_cast<double>(ProtectedTokensAt(n)) * RowBytes() * 2 * config_.n_layers;
+  const double bytes =
+      static_cast<double>(n / block_tokens()) * block_bytes_all_layers_ +
+      static_cast<double>(ProtectedTokensAt(n)) * RowBytes() * 2 * config_.n_layers;
   return bytes / static_cast<double>(n);
 }
 

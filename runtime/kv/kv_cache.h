@@ -109,6 +109,7 @@ class KvCache {
   int64_t block_bytes_all_layers_ = 0;
   uint8_t* pool_ = nullptr;
   size_t pool_bytes_ = 0;
+  std::vector<float> rotation_signs_;  // [head_dim] when the policy rotates K or V
 };
 
 }  // namespace quantkv

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "absl/strings/str_format.h"
+#include "kernels/hadamard.h"
 #include "kernels/kv_codec.h"
 #include "nlohmann/json.hpp"
 
@@ -54,8 +55,8 @@ absl::StatusOr<CalibrationMethod> ParseCalibrationMethod(const std::string& name
   if (name == "minmax") return CalibrationMethod::kMinMax;
   if (name == "percentile") return CalibrationMethod::kPercentile;
   if (name == "mse") return CalibrationMethod::kMse;
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "calibration method '%s' unknown (want minmax, percentile or mse)", name));
+  return absl::InvalidArgumentError(
+      absl::StrFormat("calibration method '%s' unknown (want minmax, percentile or mse)", name));
 }
 
 std::string CalibrationMethodName(CalibrationMethod m) {
@@ -78,16 +79,23 @@ absl::StatusOr<KvCalibrator> KvCalibrator::Create(const KvCalibrationConfig& c) 
     return absl::InvalidArgumentError(
         absl::StrFormat("calibration: --alpha %g must be in (0.5, 1]", c.alpha));
   }
+  if ((c.policy.rotate_k || c.policy.rotate_v) && (c.head_dim & (c.head_dim - 1)) != 0) {
+    return absl::InvalidArgumentError("calibration: rotate= needs a power-of-two head_dim");
+  }
   if (c.max_tokens < c.policy.block_tokens) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "calibration: %d tokens are fewer than one cache block (%d)", c.max_tokens,
-        c.policy.block_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("calibration: %d tokens are fewer than one cache block (%d)", c.max_tokens,
+                        c.policy.block_tokens));
   }
   return KvCalibrator(c);
 }
 
 KvCalibrator::KvCalibrator(const KvCalibrationConfig& c)
-    : config_(c), k_(c.n_layers), v_(c.n_layers) {}
+    : config_(c), k_(c.n_layers), v_(c.n_layers) {
+  if (c.policy.rotate_k || c.policy.rotate_v) {
+    signs_ = kernels::HadamardSigns(c.head_dim, kernels::kKvRotationSeed);
+  }
+}
 
 void KvCalibrator::Add(int64_t layer, int64_t n, const float* k, const float* v) {
   if (layer < 0 || layer >= config_.n_layers) return;
@@ -95,6 +103,16 @@ void KvCalibrator::Add(int64_t layer, int64_t n, const float* k, const float* v)
   const int64_t take = std::clamp<int64_t>(n, 0, room);
   k_[layer].insert(k_[layer].end(), k, k + take * row());
   v_[layer].insert(v_[layer].end(), v, v + take * row());
+  // Rotated caches encode rotated rows: calibrate those.
+  const int64_t rows = take * config_.n_kv_heads;
+  if (config_.policy.rotate_k) {
+    kernels::HadamardRotate(k_[layer].data() + k_[layer].size() - take * row(), rows,
+                            config_.head_dim, signs_.data(), /*inverse=*/false);
+  }
+  if (config_.policy.rotate_v) {
+    kernels::HadamardRotate(v_[layer].data() + v_[layer].size() - take * row(), rows,
+                            config_.head_dim, signs_.data(), /*inverse=*/false);
+  }
 }
 
 StaticScales KvCalibrator::StaticFor(const kernels::KvCodecSpec& spec,

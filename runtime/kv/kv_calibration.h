@@ -27,8 +27,8 @@ struct KvCalibrationConfig {
   int64_t head_dim = 0;
   KvPolicy policy;  // what to calibrate for: codecs, block size, rope=pre|post
   CalibrationMethod method = CalibrationMethod::kMinMax;
-  double alpha = 0.999;     // kPercentile: keep the [1 - alpha, alpha] quantiles
-  bool per_tensor = false;  // static scales: one map per (layer, K|V) instead of per channel
+  double alpha = 0.999;       // kPercentile: keep the [1 - alpha, alpha] quantiles
+  bool per_tensor = false;    // static scales: one map per (layer, K|V) instead of per channel
   int64_t max_tokens = 4096;  // rows kept per layer (the first ones seen)
 };
 
@@ -56,7 +56,8 @@ class KvCalibrator {
                                 const std::vector<float>& rows) const;
 
   KvCalibrationConfig config_;
-  std::vector<std::vector<float>> k_, v_;  // [layer][tokens * row]
+  std::vector<std::vector<float>> k_, v_;  // [layer][tokens * row], as the cache encodes them
+  std::vector<float> signs_;               // Hadamard signs when the policy rotates
 };
 
 // The calibration file: the policy in the KV policy file format (kv_policy.h) with its

@@ -17,9 +17,9 @@ absl::StatusOr<int64_t> ParseCount(std::string_view key, std::string_view value,
   int64_t v = 0;
   const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
   if (ec != std::errc() || end != value.data() + value.size() || v < lo || v > hi) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "KV spec: %s=%s is not an integer in [%d, %d]", std::string(key), std::string(value), lo,
-        hi));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("KV spec: %s=%s is not an integer in [%d, %d]", std::string(key),
+                        std::string(value), lo, hi));
   }
   return v;
 }
@@ -69,10 +69,19 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
   }
   if (key == "rope") {
     if (value != "pre" && value != "post") {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "KV spec: rope=%s (want rope=pre or rope=post)", std::string(value)));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV spec: rope=%s (want rope=pre or rope=post)", std::string(value)));
     }
     p.pre_rope_keys = value == "pre";
+    return absl::OkStatus();
+  }
+  if (key == "rotate") {
+    if (value != "none" && value != "k" && value != "v" && value != "kv") {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV spec: rotate=%s (want rotate=none, k, v or kv)", std::string(value)));
+    }
+    p.rotate_k = value == "k" || value == "kv";
+    p.rotate_v = value == "v" || value == "kv";
     return absl::OkStatus();
   }
   absl::StatusOr<kernels::KvCodecSpec> c = kernels::ParseKvCodecSpec(value);
@@ -101,7 +110,8 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
     if (!layer.ok()) return layer.status();
   }
   return absl::InvalidArgumentError(absl::StrFormat(
-      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, sink, window, block, rope)",
+      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, sink, window, block, rope, "
+      "rotate)",
       std::string(key)));
 }
 
@@ -153,7 +163,7 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
     }
     add(absl::StrFormat("%s=%d", key, j[key].get<int64_t>()));
   }
-  for (const char* key : {"k", "v", "rope"}) {
+  for (const char* key : {"k", "v", "rope", "rotate"}) {
     std::string c;
     if (absl::Status st = field_string(j, key, &c); !st.ok()) return st;
     if (!c.empty()) add(absl::StrFormat("%s=%s", key, c));
@@ -210,9 +220,9 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
           }
           for (const nlohmann::json& x : a) {
             if (!x.is_number()) {
-              return absl::InvalidArgumentError(absl::StrFormat(
-                  "KV policy file %s: static_scales.%s.%s.%s holds a non-number", path,
-                  layer_key, kv, list));
+              return absl::InvalidArgumentError(
+                  absl::StrFormat("KV policy file %s: static_scales.%s.%s.%s holds a non-number",
+                                  path, layer_key, kv, list));
             }
             values.push_back(x.get<float>());
           }
@@ -246,6 +256,8 @@ std::string KvPolicy::ToSpec() const {
   }
   s += absl::StrFormat(",sink=%d,window=%d,block=%d", sink_tokens, window_tokens, block_tokens);
   if (pre_rope_keys) s += ",rope=pre";
+  if (rotate_k || rotate_v)
+    s += rotate_k && rotate_v ? ",rotate=kv" : rotate_k ? ",rotate=k" : ",rotate=v";
   return s;
 }
 

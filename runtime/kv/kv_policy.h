@@ -10,6 +10,7 @@
 //   window=N               the most recent N tokens stay in fp16
 //   block=N                tokens per cache block (default 32)
 //   rope=pre|post          keys encoded before or after the rotary embedding (default post)
+//   rotate=none|k|v|kv     Hadamard-rotate K and/or V rows before encoding (QuaRot)
 // A policy file holds {"spec": "..."} or {"block":32,"sink":4,"window":32,"rope":"pre",
 //   "k":"int4:chan","v":"int4","layers":{"0":{"k":"int8","v":"int8"}}}, and for codecs
 //   with static scales (`quantkv calibrate` writes such files) "static_scales":
@@ -53,6 +54,9 @@ struct KvPolicy {
   int64_t window_tokens = 0;
   // Keys are encoded before RoPE and rotated after decoding (KVQuant's pre-RoPE keys).
   bool pre_rope_keys = false;
+  // Encoded K / V rows are stored randomized-Hadamard rotated (kernels/hadamard.h).
+  bool rotate_k = false;
+  bool rotate_v = false;
   absl::flat_hash_map<int64_t, LayerStaticScales> static_scales;  // by layer
 
   const LayerKvPolicy& ForLayer(int64_t layer) const;

@@ -94,8 +94,7 @@ double CodecError(const KvPolicy& p, const std::vector<float>& rows) {
 TEST(KvCalibrationTest, MinMaxPerChannelIsTheColumnRange) {
   std::mt19937_64 rng(1);
   const std::vector<float> k = Rows(rng, false), v = Rows(rng, false);
-  auto p = Fed(Config("k=int4:static,v=int8:static:sym,block=32", CalibrationMethod::kMinMax),
-               k, v)
+  auto p = Fed(Config("k=int4:static,v=int8:static:sym,block=32", CalibrationMethod::kMinMax), k, v)
                .Finish();
   ASSERT_TRUE(p.ok()) << p.status();
   const LayerStaticScales* st = p->StaticScalesFor(1);
@@ -159,8 +158,8 @@ TEST(KvCalibrationTest, MseTunesTheClipOfDynamicCodecs) {
   plain.layers.clear();  // clip 1
   EXPECT_LT(CodecError(*p, k), CodecError(plain, k));
   // minmax leaves dynamic codecs alone.
-  auto same = Fed(Config("k=int2:chan,v=int2:g16,block=32", CalibrationMethod::kMinMax), k, v)
-                  .Finish();
+  auto same =
+      Fed(Config("k=int2:chan,v=int2:g16,block=32", CalibrationMethod::kMinMax), k, v).Finish();
   ASSERT_TRUE(same.ok());
   EXPECT_TRUE(same->layers.empty());
 }

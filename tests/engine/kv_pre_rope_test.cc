@@ -37,8 +37,7 @@ Data MakeData(std::mt19937_64& rng, const kernels::RopeTable& rope) {
   return x;
 }
 
-std::vector<float> Attend(const std::string& spec, const kernels::RopeTable& rope,
-                          const Data& x) {
+std::vector<float> Attend(const std::string& spec, const kernels::RopeTable& rope, const Data& x) {
   auto policy = ParseKvPolicy(spec);
   EXPECT_TRUE(policy.ok()) << policy.status();
   KvCacheConfig cfg;
