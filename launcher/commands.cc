@@ -9,6 +9,8 @@ std::vector<Subcommand> BuiltinSubcommands() {
   commands.push_back(KvPresetsSubcommand());
   commands.push_back(CalibrateSubcommand());
   commands.push_back(FetchModelSubcommand());
+  commands.push_back(ServeSubcommand());
+  commands.push_back(ClientSubcommand());
   return commands;
 }
 

@@ -17,5 +17,7 @@ Subcommand GenerateSubcommand();     // launcher/cmd_generate.cc
 Subcommand PerplexitySubcommand();   // launcher/cmd_perplexity.cc
 Subcommand KvPresetsSubcommand();    // launcher/cmd_kv_presets.cc
 Subcommand CalibrateSubcommand();    // launcher/cmd_calibrate.cc
+Subcommand ServeSubcommand();        // launcher/cmd_serve.cc
+Subcommand ClientSubcommand();       // launcher/cmd_client.cc
 
 }  // namespace quantkv::launcher

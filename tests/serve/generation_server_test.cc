@@ -1,0 +1,485 @@
+// The gRPC generation server in-process over SmolLM2-135M: streamed greedy output equals
+// the engine's own, batching does not change it, the unary calls answer, cancellation and
+// Abort free KV blocks, validation names the field, and the API key is enforced.
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <limits>
+#include <thread>
+
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "gtest/gtest.h"
+#include "quantkv/v1/generation.grpc.pb.h"
+#include "runtime/engine/engine.h"
+#include "runtime/model/gguf_model.h"
+#include "runtime/serve/engine_loop.h"
+#include "runtime/serve/generation_server.h"
+#include "tests/testutil/paths.h"
+
+namespace quantkv {
+namespace {
+
+constexpr char kApiKey[] = "test-key-123";
+constexpr char kPrompt[] = "The capital of France is";
+constexpr int kMaxTokens = 16;
+// Long enough to still be running when the test cancels it.
+constexpr int kLong = 1000;
+
+// Per-row matmuls and the tiled attention kernel everywhere, as `quantkv serve` runs by
+// default (without --prefill-gemm / --fused-decode-attention).
+EngineConfig ServingEngineConfig() {
+  EngineConfig cfg;
+  cfg.threads = 2;
+  cfg.kv_spec = "fp16";
+  cfg.kv_max_bytes = int64_t{64} << 20;
+  cfg.max_chunk_tokens = 128;
+  cfg.gemm_min_rows = std::numeric_limits<int64_t>::max();
+  cfg.fused_decode_attention = false;
+  return cfg;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const EngineConfig& cfg) {
+  auto model = GgufModel::Open(testing::DefaultModelPath().string());
+  if (!model.ok()) return model.status();
+  return Engine::Create(std::move(*model), cfg);
+}
+
+struct Collected {
+  std::vector<int32_t> ids;
+  std::string text;
+  v1::GenerateFinal final;
+  bool got_final = false;
+  grpc::Status status;
+};
+
+class GenerationServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const auto path = testing::DefaultModelPath();
+    if (!std::filesystem::exists(path)) return;
+    auto model = GgufModel::Open(path.string());
+    ASSERT_TRUE(model.ok()) << model.status();
+    auto tok = Tokenizer::FromGguf((*model)->gguf());
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tokenizer_ = std::move(*tok).release();
+    auto engine = Engine::Create(std::move(*model), ServingEngineConfig());
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    auto loop = EngineLoop::Create(
+        std::move(*engine), tokenizer_,
+        {.max_running = 12, .max_queued = 64, .max_step_tokens = 128, .kv_preset = "fp16"});
+    ASSERT_TRUE(loop.ok()) << loop.status();
+    loop_ = std::move(*loop).release();
+    GenerationServerOptions options;
+    options.listen = "127.0.0.1:0";  // a free port
+    options.api_key = kApiKey;
+    options.model_path = path.string();
+    auto server = GenerationServer::Start(loop_, options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = std::move(*server).release();
+  }
+
+  static void TearDownTestSuite() {
+    if (server_ != nullptr) server_->Shutdown(absl::Seconds(2));
+    delete server_;
+    delete loop_;
+    delete tokenizer_;
+    server_ = nullptr;
+    loop_ = nullptr;
+    tokenizer_ = nullptr;
+  }
+
+  void SetUp() override {
+    if (server_ == nullptr) {
+      GTEST_SKIP() << "default model not in the cache (" << testing::DefaultModelPath()
+                   << "); run `quantkv fetch-model` or scripts/setup.sh";
+    }
+    stub_ = v1::Generation::NewStub(
+        grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  }
+
+  static void Authorize(grpc::ClientContext& c) {
+    c.AddMetadata("authorization", std::string("Bearer ") + kApiKey);
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  }
+
+  static v1::GenerateRequest Greedy(const std::string& prompt, int max_tokens = kMaxTokens) {
+    v1::GenerateRequest r;
+    r.set_text(prompt);
+    r.set_max_tokens(max_tokens);
+    r.set_ignore_eos(true);  // fixed length, so runs compare token for token
+    return r;
+  }
+
+  Collected Run(const v1::GenerateRequest& req) {
+    Collected out;
+    grpc::ClientContext c;
+    Authorize(c);
+    auto reader = stub_->Generate(&c, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+      if (resp.has_chunk()) {
+        out.ids.insert(out.ids.end(), resp.chunk().token_ids().begin(),
+                       resp.chunk().token_ids().end());
+        out.text += resp.chunk().text();
+      } else if (resp.has_final()) {
+        out.final = resp.final();
+        out.got_final = true;
+      }
+    }
+    out.status = reader->Finish();
+    return out;
+  }
+
+  v1::StatsResponse GetStats() {
+    grpc::ClientContext c;
+    Authorize(c);
+    v1::StatsResponse resp;
+    EXPECT_TRUE(stub_->Stats(&c, v1::StatsRequest(), &resp).ok());
+    return resp;
+  }
+
+  // Waits until nothing runs or waits and no KV block is held.
+  bool WaitIdle() {
+    for (int i = 0; i < 250; ++i) {
+      const v1::StatsResponse s = GetStats();
+      if (s.running() == 0 && s.queued() == 0 && s.kv_blocks_used() == 0) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+
+  static Tokenizer* tokenizer_;
+  static EngineLoop* loop_;
+  static GenerationServer* server_;
+  std::unique_ptr<v1::Generation::Stub> stub_;
+};
+
+Tokenizer* GenerationServerTest::tokenizer_ = nullptr;
+EngineLoop* GenerationServerTest::loop_ = nullptr;
+GenerationServer* GenerationServerTest::server_ = nullptr;
+
+TEST_F(GenerationServerTest, StreamedGreedyEqualsEngineGreedy) {
+  const Collected got = Run(Greedy(kPrompt));
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  ASSERT_TRUE(got.got_final);
+  EXPECT_EQ(got.final.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(got.final.generated_tokens(), kMaxTokens);
+  EXPECT_GT(got.final.kv_bits_per_element(), 0);
+
+  // The same greedy loop directly on an engine of the same configuration.
+  auto engine = MakeEngine(ServingEngineConfig());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto prompt = tokenizer_->Encode(kPrompt, {.add_special = true});
+  ASSERT_TRUE(prompt.ok());
+  EXPECT_EQ(got.final.prompt_tokens(), static_cast<int32_t>(prompt->size()));
+  const SequenceId seq = (*engine)->NewSequence();
+  std::vector<float> logits;
+  ASSERT_TRUE((*engine)->Forward(seq, *prompt, false, &logits).ok());
+  Sampler greedy(SamplingParams{});
+  std::vector<int32_t> history = *prompt, want;
+  for (int i = 0; i < kMaxTokens; ++i) {
+    const int32_t next = greedy.Sample(logits, history);
+    want.push_back(next);
+    history.push_back(next);
+    logits.clear();
+    ASSERT_TRUE((*engine)->Forward(seq, {&next, 1}, false, &logits).ok());
+  }
+  EXPECT_EQ(got.ids, want);
+  auto text = tokenizer_->Decode(want, {.skip_special = true});
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(got.text, *text);
+}
+
+TEST_F(GenerationServerTest, BatchingDoesNotChangeGreedyOutput) {
+  const Collected alone = Run(Greedy(kPrompt));
+  ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+  ASSERT_EQ(alone.ids.size(), static_cast<size_t>(kMaxTokens));
+
+  const std::vector<std::string> others = {
+      "Once upon a time",  "def fibonacci(n):", "The quick brown fox",    "1, 2, 3, 4,",
+      "In 1492, Columbus", "Water boils at",    "My favourite colour is", "Dear Sir or Madam,"};
+  std::vector<Collected> other_out(others.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < others.size(); ++i) {
+    threads.emplace_back([&, i] {
+      v1::GenerateRequest r = Greedy(others[i], kMaxTokens + static_cast<int>(i));
+      if (i % 2 == 1) {  // sampled neighbours too: they must not disturb the greedy one
+        r.mutable_sampling()->set_temperature(0.8f);
+        r.mutable_sampling()->set_seed(i);
+      }
+      auto stub = v1::Generation::NewStub(
+          grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+      grpc::ClientContext c;
+      Authorize(c);
+      auto reader = stub->Generate(&c, r);
+      v1::GenerateResponse resp;
+      while (reader->Read(&resp)) {
+        if (resp.has_chunk()) {
+          other_out[i].ids.insert(other_out[i].ids.end(), resp.chunk().token_ids().begin(),
+                                  resp.chunk().token_ids().end());
+        }
+      }
+      other_out[i].status = reader->Finish();
+    });
+  }
+  // Start once the others are in, so the request is admitted among running sequences.
+  for (int i = 0; i < 500 && GetStats().running() < 4; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const Collected batched = Run(Greedy(kPrompt));
+  const int64_t generated_before = GetStats().generated_tokens();
+  for (std::thread& t : threads) t.join();
+  ASSERT_TRUE(batched.status.ok()) << batched.status.error_message();
+  EXPECT_EQ(batched.ids, alone.ids);
+  EXPECT_EQ(batched.text, alone.text);
+  for (size_t i = 0; i < others.size(); ++i) {
+    EXPECT_TRUE(other_out[i].status.ok()) << other_out[i].status.error_message();
+    EXPECT_EQ(other_out[i].ids.size(), kMaxTokens + i);
+  }
+  // The neighbours were still generating while the request ran, i.e. they shared steps.
+  EXPECT_LT(generated_before, GetStats().generated_tokens());
+  EXPECT_TRUE(WaitIdle());
+}
+
+// Drains a RequestStream of the engine loop into token ids; the final event too.
+std::vector<int32_t> Drain(RequestStream& stream, GenerationFinal* final) {
+  std::vector<int32_t> ids;
+  while (true) {
+    for (StreamEvent& e : stream.Wait(absl::Seconds(1))) {
+      if (e.kind == StreamEvent::Kind::kChunk) {
+        ids.insert(ids.end(), e.token_ids.begin(), e.token_ids.end());
+      } else {
+        EXPECT_EQ(e.kind, StreamEvent::Kind::kFinal) << e.error;
+        *final = e.final;
+        return ids;
+      }
+    }
+  }
+}
+
+// A KV pool too small for all requests at once: the scheduler preempts, the loop releases
+// and later re-prefills prompt + generated ids, and greedy output stays the same.
+TEST_F(GenerationServerTest, PreemptedRequestsRecomputeTheSameTokens) {
+  EngineConfig cfg = ServingEngineConfig();
+  cfg.kv_max_bytes = int64_t{4} << 20;  // 5 blocks of 32 tokens
+  auto engine = MakeEngine(cfg);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto loop = EngineLoop::Create(
+      std::move(*engine), tokenizer_,
+      {.max_running = 8, .max_queued = 8, .max_step_tokens = 64, .kv_preset = "fp16"});
+  ASSERT_TRUE(loop.ok()) << loop.status();
+  const std::vector<std::string> prompts = {kPrompt, "Once upon a time", "The quick brown fox",
+                                            "Water boils at"};
+  constexpr int kTokens = 40;
+  auto params = [&](const std::string& text) {
+    GenerationParams p;
+    p.prompt = *tokenizer_->Encode(text, {.add_special = true});
+    p.max_tokens = kTokens;
+    p.ignore_eos = true;
+    return p;
+  };
+  ASSERT_LT((*loop)->capacity_tokens(), static_cast<int64_t>(prompts.size()) * (kTokens + 4));
+  std::vector<std::vector<int32_t>> alone;
+  for (const std::string& text : prompts) {
+    auto stream = (*loop)->Submit(params(text));
+    ASSERT_TRUE(stream.ok()) << stream.status();
+    GenerationFinal f;
+    alone.push_back(Drain(**stream, &f));
+    EXPECT_EQ(f.preemptions, 0);
+  }
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (const std::string& text : prompts) {
+    auto stream = (*loop)->Submit(params(text));
+    ASSERT_TRUE(stream.ok()) << stream.status();
+    streams.push_back(*stream);
+  }
+  int64_t preemptions = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    GenerationFinal f;
+    EXPECT_EQ(Drain(*streams[i], &f), alone[i]) << "request " << i;
+    EXPECT_EQ(f.reason, FinishReason::kLength);
+    preemptions += f.preemptions;
+  }
+  EXPECT_GT(preemptions, 0);
+  EXPECT_EQ((*loop)->Stats().scheduler.preemptions, preemptions);
+  (*loop)->Shutdown();
+}
+
+TEST_F(GenerationServerTest, TokenizeModelInfoStats) {
+  {
+    grpc::ClientContext c;
+    Authorize(c);
+    v1::TokenizeRequest req;
+    req.set_text(kPrompt);
+    v1::TokenizeResponse resp;
+    ASSERT_TRUE(stub_->Tokenize(&c, req, &resp).ok());
+    auto want = tokenizer_->Encode(kPrompt, {.add_special = true});
+    ASSERT_TRUE(want.ok());
+    EXPECT_EQ(std::vector<int32_t>(resp.ids().begin(), resp.ids().end()), *want);
+  }
+  {
+    grpc::ClientContext c;
+    Authorize(c);
+    v1::ModelInfoResponse info;
+    ASSERT_TRUE(stub_->ModelInfo(&c, v1::ModelInfoRequest(), &info).ok());
+    EXPECT_EQ(info.architecture(), "llama");
+    EXPECT_EQ(info.context_length(), loop_->model_config().context_length);
+    EXPECT_EQ(info.tp_degree(), 1);
+    ASSERT_EQ(info.kv_presets_size(), 1);
+    EXPECT_EQ(info.kv_presets(0), "fp16");
+    EXPECT_EQ(info.block_tokens(), loop_->block_tokens());
+    EXPECT_GT(info.capacity_tokens(), 0);
+    EXPECT_EQ(info.capacity_tokens() % info.block_tokens(), 0);
+  }
+  ASSERT_TRUE(WaitIdle());
+  const v1::StatsResponse s = GetStats();
+  EXPECT_EQ(s.kv_blocks_used() + s.kv_blocks_free(), loop_->n_blocks());
+  EXPECT_GT(s.kv_bytes_per_token(), 0);
+}
+
+TEST_F(GenerationServerTest, ScoreMatchesTeacherForcing) {
+  grpc::ClientContext c;
+  Authorize(c);
+  v1::ScoreRequest req;
+  req.set_text("The capital of France is Paris.");
+  v1::ScoreResponse resp;
+  ASSERT_TRUE(stub_->Score(&c, req, &resp).ok());
+  auto ids = tokenizer_->Encode(req.text(), {.add_special = true});
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(resp.token_count(), static_cast<int64_t>(ids->size()) - 1);
+  EXPECT_LT(resp.total_logprob(), 0);
+  EXPECT_GT(resp.perplexity(), 1);
+  EXPECT_NEAR(resp.perplexity(), std::exp(-resp.total_logprob() / resp.token_count()), 1e-6);
+  EXPECT_TRUE(WaitIdle());
+}
+
+TEST_F(GenerationServerTest, CancelledStreamFreesItsBlocks) {
+  ASSERT_TRUE(WaitIdle());
+  grpc::ClientContext c;
+  Authorize(c);
+  auto reader = stub_->Generate(&c, Greedy(kPrompt, kLong));
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(reader->Read(&resp));  // it is running
+  // Stats are published after each step, so the first chunk may arrive just before them.
+  int64_t used = 0;
+  for (int i = 0; i < 100 && (used = GetStats().kv_blocks_used()) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_GT(used, 0);
+  c.TryCancel();
+  while (reader->Read(&resp)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitIdle()) << "blocks still used: " << GetStats().kv_blocks_used();
+}
+
+TEST_F(GenerationServerTest, AbortEndsTheStream) {
+  ASSERT_TRUE(WaitIdle());
+  grpc::ClientContext c;
+  Authorize(c);
+  v1::GenerateRequest req = Greedy(kPrompt, kLong);
+  req.set_request_id("abort-me");
+  auto reader = stub_->Generate(&c, req);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(reader->Read(&resp));
+  EXPECT_EQ(resp.request_id(), "abort-me");
+  {
+    grpc::ClientContext ac;
+    Authorize(ac);
+    v1::AbortRequest areq;
+    areq.set_request_id("abort-me");
+    v1::AbortResponse aresp;
+    ASSERT_TRUE(stub_->Abort(&ac, areq, &aresp).ok());
+    EXPECT_TRUE(aresp.found());
+  }
+  bool got_final = false;
+  while (reader->Read(&resp)) {
+    if (resp.has_final()) {
+      got_final = true;
+      EXPECT_EQ(resp.final().finish_reason(), v1::FINISH_REASON_ABORT);
+      EXPECT_LT(resp.final().generated_tokens(), kLong);
+    }
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_TRUE(got_final);
+  EXPECT_TRUE(WaitIdle());
+}
+
+TEST_F(GenerationServerTest, StopStringEndsGeneration) {
+  const Collected full = Run(Greedy(kPrompt));
+  ASSERT_TRUE(full.status.ok());
+  ASSERT_GE(full.text.size(), 6u);
+  // Stop at a piece of the greedy text: output is what came before it.
+  const std::string stop = full.text.substr(3, 3);
+  v1::GenerateRequest req = Greedy(kPrompt);
+  req.add_stop(stop);
+  const Collected got = Run(req);
+  ASSERT_TRUE(got.status.ok());
+  EXPECT_EQ(got.final.finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(got.text, full.text.substr(0, full.text.find(stop)));
+}
+
+TEST_F(GenerationServerTest, InvalidArgumentsNameTheField) {
+  auto expect_invalid = [&](const v1::GenerateRequest& req, const std::string& field) {
+    const Collected got = Run(req);
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << field << ": " << got.status.error_message();
+    EXPECT_NE(got.status.error_message().find(field), std::string::npos)
+        << got.status.error_message() << " does not name " << field;
+  };
+  v1::GenerateRequest r = Greedy("");
+  expect_invalid(r, "GenerateRequest.text");
+  r.clear_text();
+  expect_invalid(r, "GenerateRequest.prompt");
+  r = Greedy(kPrompt, 0);
+  expect_invalid(r, "GenerateRequest.max_tokens");
+  const int ctx = static_cast<int>(loop_->model_config().context_length);
+  r = Greedy(kPrompt, ctx + 1);
+  expect_invalid(r, "GenerateRequest.max_tokens");
+  r = Greedy(kPrompt);
+  r.mutable_tokens()->mutable_ids()->Resize(ctx - 2, 42);  // + 16 new tokens > the context
+  expect_invalid(r, "GenerateRequest.prompt");
+  r = Greedy(kPrompt);
+  r.mutable_sampling()->set_temperature(-0.5f);
+  expect_invalid(r, "temperature");
+  r = Greedy(kPrompt);
+  r.mutable_sampling()->set_top_p(1.5f);
+  expect_invalid(r, "top_p");
+  r = Greedy(kPrompt);
+  r.set_kv_preset("int2-comp");
+  expect_invalid(r, "GenerateRequest.kv_preset");
+  r = Greedy("caf\xc3");  // truncated UTF-8
+  expect_invalid(r, "GenerateRequest.text");
+
+  // A message over the receive limit is refused by gRPC before it is parsed.
+  r = Greedy(std::string(kMaxRequestBytes + 1024, 'a'));
+  EXPECT_EQ(Run(r).status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(WaitIdle());
+}
+
+TEST_F(GenerationServerTest, ApiKeyIsRequired) {
+  {
+    grpc::ClientContext c;  // no key
+    v1::ModelInfoResponse resp;
+    EXPECT_EQ(stub_->ModelInfo(&c, v1::ModelInfoRequest(), &resp).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  {
+    grpc::ClientContext c;
+    c.AddMetadata("authorization", "Bearer wrong-key");
+    auto reader = stub_->Generate(&c, Greedy(kPrompt));
+    v1::GenerateResponse resp;
+    EXPECT_FALSE(reader->Read(&resp));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  {
+    grpc::ClientContext c;
+    Authorize(c);
+    v1::ModelInfoResponse resp;
+    EXPECT_TRUE(stub_->ModelInfo(&c, v1::ModelInfoRequest(), &resp).ok());
+  }
+}
+
+}  // namespace
+}  // namespace quantkv
