@@ -6,6 +6,12 @@ Writes bench/results/kv_table_ctx{CTX}.json and .md, and (with matplotlib instal
 bench/results/kv_table_ctx{CTX}.png: ΔPPL% against bits/element.
 
     python3 bench/kv_table.py [--ctx 2048] [--chunks 16] [--threads 2] [--configs a,b,...]
+                              [--merge]
+
+Rows whose spec starts with "cal:" use a calibrated policy file that this script makes
+first with `quantkv calibrate` on CALIB_TEXT (the GPL-3 text shipped with Debian, not
+WikiText), kept in bench/results/kv_calibration/. --merge keeps the rows of an earlier
+results file that this run does not redo (refused unless its fp16 baseline is identical).
 """
 import argparse
 import datetime
@@ -18,6 +24,23 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUANTKV = os.path.join(ROOT, "build", "launcher", "quantkv")
 TEXT = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt")
+CALIB_TEXT = "/usr/share/common-licenses/GPL-3"
+CALIB_DIR = os.path.join(ROOT, "bench", "results", "kv_calibration")
+
+# Calibrated policies: name -> (target --kv, calibrate flags).
+CALIBRATIONS = {
+    "int4-tensor": ("int4:static,block=32", ["--granularity", "tensor"]),
+    "int2-tensor": ("int2:static,block=32", ["--granularity", "tensor"]),
+    "int4-static": ("int4:static,block=32", []),
+    "int4-static-p999": ("int4:static,block=32", ["--method", "percentile", "--alpha", "0.999"]),
+    "int4-static-mse": ("int4:static,block=32", ["--method", "mse"]),
+    "k-int4-static": ("k=int4:static,v=int4,block=32", []),
+    "k-int4-static-prerope": ("k=int4:static,v=int4,block=32,rope=pre", []),
+    "int4-comp-mse": ("int4-comp", ["--method", "mse"]),
+    "int2-comp-mse": ("k=int2:chan,v=int2,sink=4,window=8,block=128", ["--method", "mse"]),
+    "int2-comp-mse-prerope": ("k=int2:chan,v=int2,sink=4,window=8,block=128,rope=pre",
+                              ["--method", "mse"]),
+}
 
 # (label, --kv spec): naive baselines first, then one technique added per row.
 CONFIGS = [
@@ -25,23 +48,50 @@ CONFIGS = [
     ("bf16", "bf16"),
     ("fp8 e4m3, g64 scales", "fp8"),
     ("int8 per-token min-max", "int8"),
+    ("int4 per-tensor static min-max (naive)", "cal:int4-tensor"),
+    ("int4 per-channel static min-max", "cal:int4-static"),
+    ("int4 per-channel static percentile 0.999", "cal:int4-static-p999"),
+    ("int4 per-channel static MSE-optimal clip", "cal:int4-static-mse"),
+    ("int4 block-wise (one scale per 32-token block)", "int4:block,block=32"),
     ("int4 per-token min-max (naive)", "int4"),
+    ("int4 static per-channel keys, per-token values", "cal:k-int4-static"),
+    ("int4 static per-channel pre-RoPE keys, per-token values", "cal:k-int4-static-prerope"),
     ("int4 g32", "int4:g32"),
     ("int4 + per-channel keys", "k=int4:chan,v=int4,block=128"),
+    ("int4 + per-channel pre-RoPE keys", "k=int4:chan,v=int4,block=128,rope=pre"),
     ("int4 + per-channel keys + sink4 + window8 (int4-comp)", "int4-comp"),
+    ("int4-comp + MSE-calibrated clips", "cal:int4-comp-mse"),
     ("int3 per-token min-max", "int3"),
     ("int3 + per-channel keys + sink4 + window8", "k=int3:chan,v=int3,sink=4,window=8,block=128"),
+    ("int2 per-tensor static min-max (naive)", "cal:int2-tensor"),
     ("int2 per-token min-max (naive)", "int2"),
     ("int2 + per-channel keys", "k=int2:chan,v=int2,block=128"),
     ("int2 + per-channel keys + sink4 + window8", "k=int2:chan,v=int2:g64:asym,sink=4,window=8,block=128"),
     ("int2 + per-channel keys + sink4 + window8 + clipped scales (int2-comp)", "int2-comp"),
+    ("int2-comp with pre-RoPE keys", "int2-comp,rope=pre"),
+    ("int2 + per-channel keys + sink4 + window8 + MSE-calibrated clips", "cal:int2-comp-mse"),
+    ("... + pre-RoPE keys", "cal:int2-comp-mse-prerope"),
 ]
 
 
+def calibrated(name, threads):
+    """The policy file of CALIBRATIONS[name], made once."""
+    path = os.path.join(CALIB_DIR, name + ".json")
+    if not os.path.exists(path):
+        os.makedirs(CALIB_DIR, exist_ok=True)
+        target, flags = CALIBRATIONS[name]
+        print(f"calibrating {name} ...", file=sys.stderr)
+        subprocess.run([QUANTKV, "calibrate", "--text", CALIB_TEXT, "--kv", target, "--out", path,
+                        "--threads", str(threads)] + flags, check=True, capture_output=True)
+    return "@" + os.path.relpath(path, ROOT)
+
+
 def run(kv, ctx, chunks, threads, extra):
+    if kv.startswith("cal:"):
+        kv = calibrated(kv[4:], threads)
     cmd = [QUANTKV, "perplexity", "--text", TEXT, "--ctx", str(ctx), "--chunks", str(chunks),
            "--threads", str(threads), "--kv", kv, "--json"] + extra
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -73,9 +123,11 @@ def main():
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--configs", default="", help="comma-separated labels' specs to run (default all)")
+    ap.add_argument("--configs", default="", help="semicolon-separated specs to run (default all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--plot-only", default="", help="redraw the plot of a results JSON and exit")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep rows of the existing results file that this run does not redo")
     a = ap.parse_args()
     if a.plot_only:
         d = json.load(open(a.plot_only))
@@ -87,23 +139,39 @@ def main():
     base = run("fp16", a.ctx, a.chunks, a.threads, ["--save-logits", base_file])
     configs = CONFIGS
     if a.configs:
-        wanted = set(a.configs.split(","))
+        wanted = set(a.configs.split(";"))
         configs = [c for c in CONFIGS if c[1] in wanted]
+    name = f"kv_table_ctx{a.ctx}"
+    kept = None
+    if a.merge and os.path.exists(os.path.join(a.out, name + ".json")):
+        # Rows of another run are comparable only over the same windows and baseline.
+        old = json.load(open(os.path.join(a.out, name + ".json")))
+        old_base = next(r for r in old["rows"] if r["spec"] == "fp16")
+        if old["chunks"] != a.chunks or abs(old_base["ppl"] / base["ppl"] - 1) > 1e-9:
+            sys.exit(f"--merge: {name}.json has another baseline (ppl {old_base['ppl']} vs "
+                     f"{base['ppl']}); rerun every row")
+        redo = {spec for _, spec in configs} | {"fp16"}
+        kept = {r["spec"]: r for r in old["rows"] if r["spec"] not in redo}
     rows = [dict(label="fp16 (baseline)", spec="fp16", **base, kl_mean=0.0, top1_agreement=1.0)]
     for label, spec in configs:
         print(f"{label} ...", file=sys.stderr)
         r = run(spec, a.ctx, a.chunks, a.threads, ["--kl-base", base_file])
         rows.append(dict(label=label, spec=spec, **r))
     os.remove(base_file)
+    if kept is not None:
+        order = ["fp16"] + [spec for _, spec in CONFIGS]
+        rows = sorted(rows + list(kept.values()),
+                      key=lambda r: order.index(r["spec"]) if r["spec"] in order else len(order))
     for r in rows:
         r["delta_ppl_pct"] = 100.0 * (r["ppl"] / base["ppl"] - 1.0)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    name = f"kv_table_ctx{a.ctx}"
     md = [f"# {name}", "", f"{stamp}, {platform.processor() or platform.machine()}, "
           f"SmolLM2-135M-Instruct Q4_1, WikiText-2 test, ctx {a.ctx}, {a.chunks} windows, "
           f"{base['tokens_scored']} scored tokens (second half of each window), same windows "
           "for every row. KL and top-1 agreement against the FP16-cache run; bits/element "
           "include all metadata and fp16-protected tokens at the window length. "
+          f"Calibrated rows (`cal:`) use scales from `quantkv calibrate` on {CALIB_TEXT} "
+          "(4096 tokens), files in bench/results/kv_calibration/. "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}.", "",
           "| configuration | --kv | bits/elem | vs fp16 | PPL | ΔPPL % | KL mean | top-1 agree |",
           "|---|---|---|---|---|---|---|---|"]
