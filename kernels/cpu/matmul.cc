@@ -56,9 +56,15 @@ void MatMulInt8(const WeightMatrix& w, const float* x, int64_t m, float* y, Thre
   act.Quantize(x, m, w.cols);
   std::vector<internal::ActQ8Row> rows(m);
   for (int64_t i = 0; i < m; ++i) rows[i] = act.row(i);
+  // Several activation rows (batched decode): unpack each weight row once for all of them.
+  const internal::QuantDotMultiFn multi = m > 1 ? internal::GetQuantDotMulti(w.type) : nullptr;
   ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = w.data + r * row_bytes;
+      if (multi != nullptr) {
+        multi(row, rows.data(), m, nb, y + r, w.rows);
+        continue;
+      }
       for (int64_t i = 0; i < m; ++i) y[i * w.rows + r] = dot(row, rows[i], nb);
     }
   });
@@ -165,5 +171,46 @@ absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t m, float* y, 
 }
 
 const char* MatMulIsa() { return internal::QuantDotIsa(); }
+
+absl::StatusOr<WeightMatrix> SliceRows(const WeightMatrix& w, int64_t row_begin, int64_t n_rows) {
+  if (row_begin < 0 || n_rows < 0 || row_begin + n_rows > w.rows) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "SliceRows: rows [%d, %d) outside a %d-row matrix", row_begin, row_begin + n_rows, w.rows));
+  }
+  absl::StatusOr<int64_t> row_bytes = GgmlRowBytes(w.type, w.cols);
+  if (!row_bytes.ok()) return row_bytes.status();
+  WeightMatrix s = w;
+  s.data = w.data + row_begin * *row_bytes;
+  s.rows = n_rows;
+  return s;
+}
+
+absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_begin,
+                                          int64_t n_cols, std::vector<uint8_t>* storage) {
+  if (col_begin < 0 || n_cols < 0 || col_begin + n_cols > w.cols) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "SliceColumns: columns [%d, %d) outside a %d-column matrix", col_begin,
+        col_begin + n_cols, w.cols));
+  }
+  if (col_begin == 0 && n_cols == w.cols) return w;
+  const GgmlTypeInfo& info = GgmlTypeInfoOf(w.type);
+  if (col_begin % info.block_size != 0 || n_cols % info.block_size != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "SliceColumns: columns [%d, %d) are not on whole %d-element %s blocks", col_begin,
+        col_begin + n_cols, info.block_size, info.name));
+  }
+  absl::StatusOr<int64_t> row_bytes = GgmlRowBytes(w.type, w.cols);
+  if (!row_bytes.ok()) return row_bytes.status();
+  const int64_t skip = col_begin / info.block_size * info.type_size;
+  const int64_t keep = n_cols / info.block_size * info.type_size;
+  storage->resize(static_cast<size_t>(w.rows * keep));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    std::copy_n(w.data + r * *row_bytes + skip, keep, storage->data() + r * keep);
+  }
+  WeightMatrix s = w;
+  s.data = storage->data();
+  s.cols = n_cols;
+  return s;
+}
 
 }  // namespace quantkv::kernels

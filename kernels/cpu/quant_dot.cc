@@ -240,6 +240,84 @@ QKV_AVX512 float DotQ4Avx512(const uint8_t* w, const ActQ8Row& a, int64_t nb) {
   return sum;
 }
 
+// DotQ4Avx512 for M activation rows at once: the weight scales and nibbles are unpacked
+// once and meet every row. Each row's accumulation is the single-row kernel's, operation
+// for operation, so batching never changes a result (batch invariance in serving).
+template <int kBytes, int kQsOffset, bool kHasMin, int M>
+QKV_AVX512 void DotQ4Avx512Rows(const uint8_t* w, const ActQ8Row* a, int64_t nb, float* out,
+                                int64_t out_stride) {
+  const __m512i gather_idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(kBytes));
+  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  __m512 acc[M], acc_extra[M], scale[M];
+  for (int i = 0; i < M; ++i) acc[i] = acc_extra[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b += 16) {
+    const int64_t n = std::min<int64_t>(16, nb - b);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+    const uint8_t* wb = w + b * kBytes;
+    const __m512i g =
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, gather_idx, wb, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    const __m512 m = kHasMin ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)))
+                             : dw;
+    for (int i = 0; i < M; ++i) {
+      scale[i] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(lanes, a[i].d + b));
+      acc_extra[i] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(lanes, a[i].ds + b), acc_extra[i]);
+    }
+    for (int k = 0; 2 * k < n; ++k) {
+      const uint8_t* p0 = wb + 2 * k * kBytes + kQsOffset;
+      const __m128i hi_block = 2 * k + 1 < n
+                                   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + kBytes))
+                                   : _mm_setzero_si128();
+      const __m256i v = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
+          hi_block, 1);
+      const __m512i q = _mm512_and_si512(
+          _mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1), shifts), mask);
+      const __m512i idx = _mm512_add_epi32(pair_idx, _mm512_set1_epi32(2 * k));
+      for (int i = 0; i < M; ++i) {
+        const __m512i dot = _mm512_dpbusd_epi32(
+            _mm512_setzero_si512(), q, _mm512_loadu_si512(a[i].pairs + b * 32 + 64 * k));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[i]),
+                                 acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    float sum = _mm512_reduce_add_ps(acc[i]);
+    sum += kHasMin ? _mm512_reduce_add_ps(acc_extra[i]) : -8.0f * _mm512_reduce_add_ps(acc_extra[i]);
+    out[i * out_stride] = sum;
+  }
+}
+
+template <int kBytes, int kQsOffset, bool kHasMin>
+void DotQ4Avx512Multi(const uint8_t* w, const ActQ8Row* a, int64_t m, int64_t nb, float* out,
+                      int64_t out_stride) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    DotQ4Avx512Rows<kBytes, kQsOffset, kHasMin, 4>(w, a + i, nb, out + i * out_stride, out_stride);
+  }
+  switch (m - i) {
+    case 3:
+      DotQ4Avx512Rows<kBytes, kQsOffset, kHasMin, 3>(w, a + i, nb, out + i * out_stride,
+                                                     out_stride);
+      break;
+    case 2:
+      DotQ4Avx512Rows<kBytes, kQsOffset, kHasMin, 2>(w, a + i, nb, out + i * out_stride,
+                                                     out_stride);
+      break;
+    case 1:
+      DotQ4Avx512Rows<kBytes, kQsOffset, kHasMin, 1>(w, a + i, nb, out + i * out_stride,
+                                                     out_stride);
+      break;
+    default:
+      break;
+  }
+}
+
 QKV_AVX512 float DotQ8_0Avx512(const uint8_t* w, const ActQ8Block* a, int64_t nb) {
   __m512 acc = _mm512_setzero_ps();
   int64_t b = 0;
@@ -514,6 +592,15 @@ QuantDotFn GetQuantDot(GgmlType type) {
       return GetQuantDotScalar(type);
   }
   return nullptr;
+}
+
+QuantDotMultiFn GetQuantDotMulti(GgmlType type) {
+  if (DetectIsa() != Isa::kAvx512Vnni) return nullptr;
+  switch (type) {
+    case GgmlType::kQ4_0: return DotQ4Avx512Multi<kQ4_0Bytes, 2, false>;
+    case GgmlType::kQ4_1: return DotQ4Avx512Multi<kQ4_1Bytes, 4, true>;
+    default: return nullptr;
+  }
 }
 
 FloatDotFn GetFloatDot(GgmlType type) {

@@ -51,6 +51,13 @@ using QuantDotFn = float (*)(const uint8_t* w_row, const ActQ8Row& a, int64_t nb
 
 // nullptr when `type` has no int8 path.
 QuantDotFn GetQuantDot(GgmlType type);
+
+// One weight row against m activation rows: out[i * out_stride] = dot(w_row, a[i]), each
+// bit-identical to GetQuantDot's result for that row alone, with the weights unpacked once
+// for several rows. nullptr when `type` has no such kernel on this CPU.
+using QuantDotMultiFn = void (*)(const uint8_t* w_row, const ActQ8Row* a, int64_t m,
+                                 int64_t nb, float* out, int64_t out_stride);
+QuantDotMultiFn GetQuantDotMulti(GgmlType type);
 const char* QuantDotIsa();
 
 // Scalar versions, the reference the SIMD ones are tested against.

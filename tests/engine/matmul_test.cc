@@ -121,6 +121,36 @@ TEST(QuantDotTest, ActivationQuantizationRoundTrips) {
   }
 }
 
+// Batch invariance: a row's result must not depend on which rows share its MatMul (the
+// serving engine batches decodes from many requests and promises identical greedy output).
+TEST(MatMulBatchTest, RowsAreBitIdenticalAloneAndBatched) {
+  const uint64_t seed = quantkv::testing::TestSeed();
+  SCOPED_TRACE(::testing::Message() << "QUANTKV_TEST_SEED=" << seed);
+  std::mt19937_64 rng(seed);
+  const int64_t rows = 37, cols = 576 + 64;  // a block count that is not a multiple of 16
+  ThreadPool pool(2);
+  for (GgmlType type : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0}) {
+    const std::vector<uint8_t> w = RandomWeights(rng, type, rows, cols);
+    for (int64_t m : {2, 3, 4, 5, 9, 16}) {
+      const std::vector<float> x = RandomFloats(rng, m * cols);
+      std::vector<float> batched(m * rows), alone(rows);
+      MatMulOptions opt;
+      opt.activations = ActivationPrecision::kInt8;
+      opt.gemm_min_rows = int64_t{1} << 40;
+      ASSERT_TRUE(MatMul({type, w.data(), rows, cols}, x.data(), m, batched.data(), &pool, opt).ok());
+      for (int64_t i = 0; i < m; ++i) {
+        ASSERT_TRUE(
+            MatMul({type, w.data(), rows, cols}, x.data() + i * cols, 1, alone.data(), &pool, opt)
+                .ok());
+        for (int64_t r = 0; r < rows; ++r) {
+          ASSERT_EQ(batched[i * rows + r], alone[r])
+              << "type " << static_cast<int>(type) << " m " << m << " row " << i << " out " << r;
+        }
+      }
+    }
+  }
+}
+
 TEST(MatMulErrors, RejectsBadShapes) {
   std::vector<uint8_t> w(64);
   float x[40] = {}, y[2] = {};
