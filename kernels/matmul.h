@@ -5,8 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/ggml_types.h"
 #include "kernels/thread_pool.h"
 
@@ -20,6 +22,18 @@ struct WeightMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
 };
+
+// Rows [row_begin, row_begin + n_rows) of w: a view of the same blocks (rows are
+// contiguous), no copy. For column-parallel (output-split) tensor-parallel layers.
+absl::StatusOr<WeightMatrix> SliceRows(const WeightMatrix& w, int64_t row_begin, int64_t n_rows);
+
+// Columns [col_begin, col_begin + n_cols) of every row, for row-parallel (input-split)
+// layers. Blocks run along a row, so both bounds must be multiples of the type's block
+// size; each row's sub-range of blocks is copied into *storage (resized; the result points
+// into it, so it must outlive the result and not be resized). The whole width is returned
+// as the same view, without a copy.
+absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_begin, int64_t n_cols,
+                                          std::vector<uint8_t>* storage);
 
 enum class ActivationPrecision {
   kFloat32,  // activations stay fp32: weights are dequantized and dotted in fp32

@@ -27,7 +27,7 @@ struct GenerateOptions {
 };
 
 void Define(FlagSet& f, GenerateOptions& o) {
-  DefineModelFlags(f, o.model);
+  DefineModelFlags(f, o.model, {.tensor_parallel = true});
   f.String("prompt", &o.prompt, "", "text to continue (with --chat: the user message)")
       .Required()
       .Placeholder("TEXT");
@@ -55,6 +55,10 @@ int Run(const GenerateOptions& o, CommandContext& ctx) {
   if (!session.ok()) return ReportFailure(ctx, session.status());
   Engine& engine = *session->engine;
   const Tokenizer& tok = *session->tokenizer;
+  // Under --tp every rank runs the same steps and samples the same tokens (the logits are
+  // bit-identical and the sampler seeded alike); only rank 0 prints them.
+  std::ostream& out = session->ResultStream(ctx.out);
+  const bool report = session->rank() == 0;
 
   std::string text = o.prompt;
   if (o.chat) {
@@ -93,7 +97,7 @@ int Run(const GenerateOptions& o, CommandContext& ctx) {
   std::vector<float> logits;
   const auto t0 = Clock::now();
   if (absl::Status s = engine.Forward(seq, *ids, false, &logits); !s.ok()) {
-    return ReportFailure(ctx, s);
+    return ReportSessionFailure(ctx, *session, s);
   }
   const auto t1 = Clock::now();
   StreamDecoder stream(tok, {.skip_special = true});
@@ -109,24 +113,26 @@ int Run(const GenerateOptions& o, CommandContext& ctx) {
       break;
     }
     auto piece = stream.Push(next);
-    if (!piece.ok()) return ReportFailure(ctx, piece.status());
-    ctx.out << *piece << std::flush;
+    if (!piece.ok()) return ReportSessionFailure(ctx, *session, piece.status());
+    out << *piece << std::flush;
     if (generated == o.max_tokens) break;
     logits.clear();
     if (absl::Status s = engine.Forward(seq, {&next, 1}, false, &logits); !s.ok()) {
-      return ReportFailure(ctx, s);
+      return ReportSessionFailure(ctx, *session, s);
     }
   }
-  ctx.out << stream.Flush() << "\n";
+  out << stream.Flush() << "\n";
   const auto t2 = Clock::now();
   const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
   const double decode_s = std::chrono::duration<double>(t2 - t1).count();
+  if (!report) return kExitOk;
   ctx.err << absl::StrFormat(
       "[prompt %d tokens in %.0f ms (%.1f tok/s); generated %d tokens in %.0f ms (%.1f tok/s); "
-      "stop: %s; KV %s, %.1f bits/element]\n",
+      "stop: %s; KV %s, %.1f bits/element%s]\n",
       ids->size(), prefill_s * 1e3, ids->size() / std::max(prefill_s, 1e-9), generated,
       decode_s * 1e3, generated / std::max(decode_s, 1e-9), stop_reason, o.model.kv,
-      engine.kv_cache().BitsPerElementAt(static_cast<int64_t>(history.size())));
+      engine.kv_cache().BitsPerElementAt(static_cast<int64_t>(history.size())),
+      o.model.tp > 1 ? absl::StrFormat("; tensor parallel over %d ranks", o.model.tp) : "");
   return kExitOk;
 }
 

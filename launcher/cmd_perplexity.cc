@@ -24,7 +24,7 @@ struct PerplexityFlags {
 };
 
 void Define(FlagSet& f, PerplexityFlags& o) {
-  DefineModelFlags(f, o.model);
+  DefineModelFlags(f, o.model, {.tensor_parallel = true});
   f.Path("text", &o.text, "", "UTF-8 text file to score", PathKind::kFile).Required();
   f.Int<int64_t>("ctx", &o.ctx, 512, "window length in tokens (the second half is scored)",
                  {.min = 8, .max = 1 << 20});
@@ -56,6 +56,9 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   ecfg.max_chunk_tokens = o.ctx;  // one window per forward step
   auto session = OpenModelSession(o.model, ecfg);
   if (!session.ok()) return ReportFailure(ctx, session.status());
+  // Under --tp every rank scores the same windows; only rank 0 prints and writes files.
+  std::ostream& out = session->ResultStream(ctx.out);
+  const bool report = session->rank() == 0;
   if (o.ctx > session->engine->model_config().context_length) {
     ctx.err << absl::StrFormat("%s: --ctx %d exceeds the model's context length %d\n",
                                ctx.command, o.ctx, session->engine->model_config().context_length);
@@ -79,12 +82,12 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   progress_options.label = "perplexity";
   progress_options.total = chunks;
   progress_options.unit = "chunk";
-  ProgressReporter progress(progress_options);
+  ProgressReporter progress(progress_options, &session->ResultStream(std::cerr));
   opt.progress = [&](int64_t done, int64_t) { progress.Update(done); };
   auto r = ComputePerplexity(*session->engine, *ids, opt);
   progress.Finish();
-  if (!r.ok()) return ReportFailure(ctx, r.status());
-  if (!o.save_logits.empty()) {
+  if (!r.ok()) return ReportSessionFailure(ctx, *session, r.status());
+  if (!o.save_logits.empty() && report) {
     if (absl::Status s = WriteLogitsBaseline(o.save_logits, save); !s.ok()) {
       return ReportFailure(ctx, s);
     }
@@ -108,24 +111,33 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"kv_policy", kv.policy().name},
                         {"kv_bits_per_element", kv_bits},
                         {"kv_bytes_per_token", kv_bytes},
-                        {"kv_compression_vs_fp16", 16.0 / kv_bits}};
+                        {"kv_compression_vs_fp16", 16.0 / kv_bits},
+                        {"tp", o.model.tp},
+                        // bytes per token above: rank 0's share of the KV heads
+                        {"kv_heads_rank0", kv.config().n_kv_heads}};
     if (r->has_kl) {
       j["kl_mean"] = r->kl_mean;
       j["kl_stderr"] = r->kl_stderr;
       j["top1_agreement"] = r->top1_agreement;
     }
-    ctx.out << j.dump() << "\n";
+    out << j.dump() << "\n";
     return kExitOk;
   }
-  ctx.out << absl::StrFormat(
+  out << absl::StrFormat(
       "PPL = %.4f +/- %.4f over %d scored tokens (%d windows of %d, second halves)\n"
       "%.1f tokens/s; KV %s: %.2f bits/element (%.2fx smaller than fp16), %.0f bytes/token "
       "at %d tokens\n",
       r->ppl, r->ppl_stderr, r->tokens_scored, r->chunks, o.ctx, r->tokens_per_s, o.model.kv,
       kv_bits, 16.0 / kv_bits, kv_bytes, o.ctx);
+  if (o.model.tp > 1) {
+    // The cache is sharded by KV head: the byte counts above are rank 0's share.
+    out << absl::StrFormat("tensor parallel over %d ranks: rank 0 caches %d of %d KV heads\n",
+                           o.model.tp, kv.config().n_kv_heads,
+                           session->engine->model_config().n_kv_heads);
+  }
   if (r->has_kl) {
-    ctx.out << absl::StrFormat("KL vs baseline = %.6f +/- %.6f, top-1 agreement = %.2f%%\n",
-                               r->kl_mean, r->kl_stderr, 100.0 * r->top1_agreement);
+    out << absl::StrFormat("KL vs baseline = %.6f +/- %.6f, top-1 agreement = %.2f%%\n", r->kl_mean,
+                           r->kl_stderr, 100.0 * r->top1_agreement);
   }
   return kExitOk;
 }

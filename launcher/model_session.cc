@@ -1,18 +1,180 @@
 #include "launcher/model_session.h"
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_format.h"
+#include "runtime/comm/mpi_communicator.h"
+#include "runtime/kv/kv_policy.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/model/hf_model.h"
-#include "runtime/kv/kv_policy.h"
 #include "runtime/util/model_cache.h"
 #include "runtime/util/status_macros.h"
 
 namespace quantkv::launcher {
+namespace {
 
-void DefineModelFlags(FlagSet& flags, ModelFlags& o) {
+// FNV-1a: stable across processes and builds, unlike absl::Hash.
+class Fnv {
+ public:
+  void Add(const void* data, size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < n; ++i) h_ = (h_ ^ p[i]) * 1099511628211ull;
+  }
+  void Add(const std::string& s) {
+    Add(s.data(), s.size());
+    Add("\0", 1);
+  }
+  void AddInt(int64_t v) { Add(&v, sizeof(v)); }
+  // The first `limit` bytes of a file.
+  void AddFilePrefix(const std::filesystem::path& p, int64_t limit) {
+    std::ifstream in(p, std::ios::binary);
+    std::vector<char> buf(1 << 16);
+    for (int64_t left = limit; left > 0 && in;) {
+      in.read(buf.data(), std::min<int64_t>(left, static_cast<int64_t>(buf.size())));
+      Add(buf.data(), static_cast<size_t>(in.gcount()));
+      left -= in.gcount();
+    }
+  }
+  uint64_t value() const { return h_; }
+
+ private:
+  uint64_t h_ = 1469598103934665603ull;
+};
+
+// What the ranks of a tensor-parallel group compare at start-up; one fixed-size record.
+struct Fingerprint {
+  int64_t model_bytes = 0;
+  uint64_t model_hash = 0;  // GGUF: header/metadata prefix and tensor directory
+  uint64_t kv_hash = 0;     // the --kv text, and the policy file's bytes for @FILE
+  int32_t tp = 0;
+  char kv[200] = {};  // the start of the --kv text, for the message
+};
+
+// A GGUF file: its size, the first 8 MiB (header, metadata and tensor table for models of
+// up to ~8 MB of metadata; past that the tensor table hash still covers it) and the parsed
+// tensor directory. An HF directory: config.json and every file's name and size.
+Fingerprint ModelFingerprint(const std::filesystem::path& path, const GgufModel* gguf) {
+  Fingerprint f;
+  Fnv h;
+  std::error_code ec;
+  if (std::filesystem::is_directory(path)) {
+    std::vector<std::filesystem::path> files;
+    for (const auto& e : std::filesystem::directory_iterator(path, ec)) {
+      if (e.is_regular_file()) files.push_back(e.path());
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& file : files) {
+      const int64_t size = static_cast<int64_t>(std::filesystem::file_size(file, ec));
+      h.Add(file.filename().string());
+      h.AddInt(size);
+      f.model_bytes += size;
+    }
+    h.AddFilePrefix(path / "config.json", int64_t{1} << 20);
+  } else {
+    f.model_bytes = static_cast<int64_t>(std::filesystem::file_size(path, ec));
+    h.AddFilePrefix(path, int64_t{8} << 20);
+    if (gguf != nullptr) {
+      for (const GgufTensor& t : gguf->gguf().tensors()) {
+        h.Add(t.name);
+        h.AddInt(static_cast<int64_t>(t.type));
+        for (int64_t d : t.dims) h.AddInt(d);
+        h.AddInt(static_cast<int64_t>(t.offset));
+      }
+    }
+  }
+  f.model_hash = h.value();
+  return f;
+}
+
+uint64_t KvFingerprint(const std::string& kv) {
+  Fnv h;
+  h.Add(kv);
+  if (!kv.empty() && kv[0] == '@') h.AddFilePrefix(kv.substr(1), int64_t{64} << 20);
+  return h.value();
+}
+
+// Every rank compares its fingerprint with rank 0's (broadcast); mismatches are reported
+// by the ranks that differ, and AgreeOnStatus makes the error every rank's.
+absl::Status CheckSameInputs(Communicator& comm, const Fingerprint& mine, const ModelFlags& flags,
+                             const std::string& path) {
+  Fingerprint root = mine;
+  QKV_RETURN_IF_ERROR(comm.Broadcast(&root, sizeof(root), 0));
+  absl::Status local = absl::OkStatus();
+  if (root.tp != mine.tp) {
+    local = absl::InvalidArgumentError(
+        absl::StrFormat("--tp %d here but --tp %d on rank 0", mine.tp, root.tp));
+  } else if (root.model_bytes != mine.model_bytes || root.model_hash != mine.model_hash) {
+    local = absl::InvalidArgumentError(absl::StrFormat(
+        "model %s (%d bytes, header hash %016x) differs from rank 0's (%d bytes, header hash "
+        "%016x): every rank must load the same model file",
+        path, mine.model_bytes, mine.model_hash, root.model_bytes, root.model_hash));
+  } else if (root.kv_hash != mine.kv_hash) {
+    local = absl::InvalidArgumentError(absl::StrFormat(
+        "--kv %s (hash %016x) differs from rank 0's --kv %s (hash %016x): every rank must use "
+        "the same KV cache policy",
+        flags.kv, mine.kv_hash, std::string(root.kv, strnlen(root.kv, sizeof(root.kv))),
+        root.kv_hash));
+  }
+  return AgreeOnStatus(comm, local);
+}
+
+absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
+  const int world = LauncherWorldSize();
+  if (flags.tp > 1 && world == 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "--tp %d needs %d processes started by mpirun, but this process was not started by "
+        "mpirun (run `mpirun -np %d quantkv ... --tp %d`)",
+        flags.tp, flags.tp, flags.tp, flags.tp));
+  }
+  if (world > 1 && world != flags.tp) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "mpirun started %d processes but --tp is %d; they must be equal (mpirun -np %d ... "
+        "--tp %d)",
+        world, flags.tp, world, world));
+  }
+  if (flags.tp > 1 && base.kv_observer) {
+    return absl::UnimplementedError(
+        "--tp > 1 cannot observe the KV cache (each rank sees "
+        "only its own KV heads)");
+  }
+  return absl::OkStatus();
+}
+
+// Opens the weights and tokenizer (s->path already resolved).
+absl::StatusOr<std::unique_ptr<WeightSource>> OpenWeights(ModelSession& s, Fingerprint* print) {
+  const std::filesystem::path path = s.path;
+  std::unique_ptr<WeightSource> weights;
+  if (std::filesystem::is_directory(path)) {
+    QKV_ASSIGN_OR_RETURN(weights, OpenHfModelDir(s.path));
+    const std::filesystem::path tok = path / "tokenizer.json";
+    if (!std::filesystem::exists(tok)) {
+      return absl::NotFoundError(
+          absl::StrFormat("%s: no tokenizer.json in the model directory", s.path));
+    }
+    QKV_ASSIGN_OR_RETURN(s.tokenizer, Tokenizer::FromJson(tok.string()));
+    if (print != nullptr) *print = ModelFingerprint(path, nullptr);
+  } else {
+    QKV_ASSIGN_OR_RETURN(std::unique_ptr<GgufModel> gguf, GgufModel::Open(s.path));
+    QKV_ASSIGN_OR_RETURN(s.tokenizer, Tokenizer::FromGguf(gguf->gguf()));
+    if (print != nullptr) *print = ModelFingerprint(path, gguf.get());
+    weights = std::move(gguf);
+  }
+  if (s.tokenizer->vocab_size() > weights->config().vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: the tokenizer has %d tokens but the embedding only %d rows", s.path,
+                        s.tokenizer->vocab_size(), weights->config().vocab_size));
+  }
+  return weights;
+}
+
+}  // namespace
+
+void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
   flags.String("model", &o.model, "smollm2-135m",
                "GGUF file, HF model directory, or a known model name (see fetch-model --list)")
       .Placeholder("PATH|NAME");
@@ -29,37 +191,63 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o) {
   flags.Int<int64_t>("kv-budget-mb", &o.kv_budget_mb, 1024,
                      "KV cache pool size in MiB (sets how many tokens fit)",
                      {.min = 1, .max = int64_t{1} << 20});
+  if (what.tensor_parallel) {
+    flags.Int("tp", &o.tp, 1,
+              "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
+              "N`; only rank 0 prints. Give each rank --threads cores/N",
+              {.min = 1, .max = 256});
+  }
 }
 
 absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const EngineConfig& base) {
+  QKV_RETURN_IF_ERROR(CheckLaunch(flags, base));
   ModelSession s;
-  QKV_ASSIGN_OR_RETURN(std::filesystem::path path, ResolveModel(flags.model));
-  s.path = path.string();
-  std::unique_ptr<WeightSource> weights;
-  if (std::filesystem::is_directory(path)) {
-    QKV_ASSIGN_OR_RETURN(weights, OpenHfModelDir(s.path));
-    const std::filesystem::path tok = path / "tokenizer.json";
-    if (!std::filesystem::exists(tok)) {
-      return absl::NotFoundError(
-          absl::StrFormat("%s: no tokenizer.json in the model directory", s.path));
-    }
-    QKV_ASSIGN_OR_RETURN(s.tokenizer, Tokenizer::FromJson(tok.string()));
-  } else {
-    QKV_ASSIGN_OR_RETURN(std::unique_ptr<GgufModel> gguf, GgufModel::Open(s.path));
-    QKV_ASSIGN_OR_RETURN(s.tokenizer, Tokenizer::FromGguf(gguf->gguf()));
-    weights = std::move(gguf);
+  if (flags.tp > 1) {
+    QKV_ASSIGN_OR_RETURN(s.comm, CreateMpiCommunicator());
   }
-  if (s.tokenizer->vocab_size() > weights->config().vocab_size) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: the tokenizer has %d tokens but the embedding only %d rows", s.path,
-        s.tokenizer->vocab_size(), weights->config().vocab_size));
+  // Under tensor parallelism every step below ends in an agreement, so one rank's error
+  // (a file missing on its host) reaches all instead of leaving them in a collective.
+  auto agree = [&s](const absl::Status& local) {
+    return s.comm ? AgreeOnStatus(*s.comm, local) : local;
+  };
+  Fingerprint print;
+  absl::StatusOr<std::unique_ptr<WeightSource>> weights =
+      [&]() -> absl::StatusOr<std::unique_ptr<WeightSource>> {
+    QKV_ASSIGN_OR_RETURN(std::filesystem::path path, ResolveModel(flags.model));
+    s.path = path.string();
+    return OpenWeights(s, s.comm ? &print : nullptr);
+  }();
+  QKV_RETURN_IF_ERROR(agree(weights.status()));
+  if (s.comm) {
+    print.kv_hash = KvFingerprint(flags.kv);
+    std::memcpy(print.kv, flags.kv.data(), std::min(flags.kv.size(), sizeof(print.kv) - 1));
+    print.tp = flags.tp;
+    QKV_RETURN_IF_ERROR(CheckSameInputs(*s.comm, print, flags, s.path));
   }
   EngineConfig cfg = base;
   cfg.threads = flags.threads;
   cfg.kv_spec = flags.kv;
   cfg.kv_max_bytes = flags.kv_budget_mb << 20;
-  QKV_ASSIGN_OR_RETURN(s.engine, Engine::Create(std::move(weights), cfg));
+  cfg.comm = s.comm.get();
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
+  QKV_RETURN_IF_ERROR(agree(engine.status()));
+  s.engine = std::move(*engine);
   return s;
+}
+
+std::ostream& ModelSession::ResultStream(std::ostream& out) const {
+  static std::ostream discard(nullptr);  // no buffer: every write is dropped
+  return rank() == 0 ? out : discard;
+}
+
+int ReportSessionFailure(CommandContext& ctx, const ModelSession& session,
+                         const absl::Status& status) {
+  if (!session.comm || session.comm->size() == 1) return ReportFailure(ctx, status);
+  ctx.err << ctx.command << ": error on rank " << session.rank() << ": " << status.message()
+          << " (aborting all ranks)\n"
+          << std::flush;
+  session.comm->Abort(kExitFailure);
+  return kExitFailure;  // not reached: Abort ends the process
 }
 
 }  // namespace quantkv::launcher

@@ -1,5 +1,6 @@
 // What every model-running subcommand shares: the --model/--threads/--kv/... flags and
-// loading the engine and tokenizer they describe.
+// loading the engine and tokenizer they describe, on one process or, with --tp N under
+// `mpirun -np N`, as one rank of a tensor-parallel group.
 #pragma once
 
 #include <memory>
@@ -8,6 +9,8 @@
 
 #include "absl/status/statusor.h"
 #include "launcher/flags.h"
+#include "launcher/subcommand.h"
+#include "runtime/comm/communicator.h"
 #include "runtime/engine/engine.h"
 #include "runtime/tokenizer/tokenizer.h"
 
@@ -18,19 +21,40 @@ struct ModelFlags {
   int threads = 1;
   std::string kv;
   int64_t kv_budget_mb = 0;
+  int tp = 1;  // tensor-parallel ranks; > 1 only under mpirun with as many processes
 };
 
-void DefineModelFlags(FlagSet& flags, ModelFlags& options);
+struct ModelFlagOptions {
+  // Defines --tp: for commands whose every rank runs the same engine Steps in the same
+  // order (generate, perplexity), and that print only on rank 0.
+  bool tensor_parallel = false;
+};
+
+void DefineModelFlags(FlagSet& flags, ModelFlags& options, ModelFlagOptions what = {});
 
 struct ModelSession {
   std::string path;
   std::unique_ptr<Tokenizer> tokenizer;
+  // Declared before the engine, which points to it: destroyed after it.
+  std::unique_ptr<Communicator> comm;  // set with --tp > 1
   std::unique_ptr<Engine> engine;
+
+  int rank() const { return comm ? comm->rank() : 0; }
+  // Results are printed by rank 0 only: `out` there, a stream that drops them elsewhere.
+  std::ostream& ResultStream(std::ostream& out) const;
 };
 
 // Resolves --model (path or known name), opens GGUF or an HF directory, builds the
-// tokenizer and the engine. `tune` may adjust the engine config before creation.
+// tokenizer and the engine. With --tp N (N > 1) the process must be one of N started by
+// mpirun; the ranks check they opened the same model file and --kv policy, and a failure
+// on any rank is returned on every rank (prefixed "rank R: ").
 absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags,
                                               const EngineConfig& base = {});
+
+// Reports a failure after the session opened, which may be this rank's alone (the others
+// then wait in a collective forever): under tensor parallelism the whole job is aborted
+// after the message. Otherwise ReportFailure.
+int ReportSessionFailure(CommandContext& ctx, const ModelSession& session,
+                         const absl::Status& status);
 
 }  // namespace quantkv::launcher

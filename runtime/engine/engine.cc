@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <numeric>
 
 #include "absl/strings/str_format.h"
 #include "kernels/activation.h"
@@ -77,6 +78,23 @@ absl::StatusOr<std::vector<float>> Vector(const WeightSource& w, const std::stri
   return v;
 }
 
+std::vector<float> SliceVector(const std::vector<float>& v, ShardRange r) {
+  if (v.empty()) return v;
+  return std::vector<float>(v.begin() + r.begin, v.begin() + r.end());
+}
+
+// Calibrated static scales are [n_kv_heads][head_dim] per layer: keep this rank's heads.
+// Lists of another length are left alone for KvCache::Create to reject with its message.
+void SliceStaticScales(KvPolicy& policy, int64_t full, ShardRange r) {
+  for (auto& [layer, scales] : policy.static_scales) {
+    for (StaticScales* kv : {&scales.k, &scales.v}) {
+      for (std::vector<float>* list : {&kv->scale, &kv->min}) {
+        if (static_cast<int64_t>(list->size()) == full) *list = SliceVector(*list, r);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 Engine::~Engine() = default;
@@ -91,13 +109,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   std::unique_ptr<Engine> e(new Engine());
   e->config_ = config;
   e->weights_ = std::move(weights);
+  QKV_RETURN_IF_ERROR(e->PlanShard());
   QKV_RETURN_IF_ERROR(e->LoadWeights());
   const ModelConfig& c = e->weights_->config();
   KvCacheConfig kv;
   kv.n_layers = c.n_layers;
-  kv.n_kv_heads = c.n_kv_heads;
+  // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
+  kv.n_kv_heads = e->shard_.kv_heads.size;
   kv.head_dim = c.head_dim;
   QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(config.kv_spec, c.n_layers));
+  if (!e->shard_.whole()) {
+    SliceStaticScales(kv.policy, c.n_kv_heads * c.head_dim,
+                      {e->shard_.kv_heads.begin * c.head_dim, kv.n_kv_heads * c.head_dim});
+  }
   kv.max_bytes = config.kv_max_bytes;
   kv.max_step_tokens = config.max_chunk_tokens;
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
@@ -109,11 +133,65 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   return e;
 }
 
+absl::Status Engine::PlanShard() {
+  const ModelConfig& c = weights_->config();
+  const int ranks = config_.comm != nullptr ? config_.comm->size() : 1;
+  if (ranks == 1) {
+    shard_ = TensorShard{};
+    shard_.kv_heads = {0, c.n_kv_heads};
+    shard_.heads = {0, c.n_heads};
+    shard_.intermediate = {0, c.intermediate};
+    return absl::OkStatus();
+  }
+  ShardShape shape;
+  shape.n_heads = c.n_heads;
+  shape.n_kv_heads = c.n_kv_heads;
+  shape.head_dim = c.head_dim;
+  shape.intermediate = c.intermediate;
+  // Cuts fall on whole blocks of every layer's row-parallel weights (types may vary by
+  // layer, e.g. Q6_K in a few); a missing tensor is LoadWeights' error to report.
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string p = absl::StrFormat("blk.%d.", i);
+    if (const WeightTensor* t = weights_->Find(p + "ffn_down.weight")) {
+      shape.intermediate_align =
+          std::lcm<int64_t>(shape.intermediate_align, kernels::GgmlTypeInfoOf(t->type).block_size);
+    }
+    if (const WeightTensor* t = weights_->Find(p + "attn_output.weight")) {
+      shape.o_align = std::lcm<int64_t>(shape.o_align, kernels::GgmlTypeInfoOf(t->type).block_size);
+    }
+  }
+  absl::StatusOr<TensorShard> shard = PlanTensorShard(shape, config_.comm->rank(), ranks);
+  if (!shard.ok()) {
+    return absl::Status(shard.status().code(),
+                        absl::StrFormat("%s: %s", weights_->origin(), shard.status().message()));
+  }
+  shard_ = *shard;
+  return absl::OkStatus();
+}
+
+// Megatron layout: Q/K/V and gate/up are column-parallel (this rank's output rows: a view
+// of the mapped file), attn_output and ffn_down row-parallel (this rank's input columns:
+// copied, see sliced_). The embedding, norms and lm_head are replicated on every rank.
 absl::Status Engine::LoadWeights() {
   const WeightSource& w = *weights_;
   const ModelConfig& c = w.config();
   const int64_t q_dim = c.n_heads * c.head_dim;
   const int64_t kv_dim = c.n_kv_heads * c.head_dim;
+  const ShardRange q_rows{shard_.heads.begin * c.head_dim, shard_.heads.size * c.head_dim};
+  const ShardRange kv_rows{shard_.kv_heads.begin * c.head_dim, shard_.kv_heads.size * c.head_dim};
+  const ShardRange ff = shard_.intermediate;
+  auto rows = [&](const std::string& name, int64_t n_rows, int64_t cols,
+                  ShardRange r) -> absl::StatusOr<kernels::WeightMatrix> {
+    QKV_ASSIGN_OR_RETURN(kernels::WeightMatrix m, Matrix(w, name, n_rows, cols));
+    return kernels::SliceRows(m, r.begin, r.size);
+  };
+  auto columns = [&](const std::string& name, int64_t n_rows, int64_t cols,
+                     ShardRange r) -> absl::StatusOr<kernels::WeightMatrix> {
+    QKV_ASSIGN_OR_RETURN(kernels::WeightMatrix m, Matrix(w, name, n_rows, cols));
+    if (r.begin == 0 && r.size == cols) return m;
+    sliced_.emplace_back();  // moving the outer vector keeps the inner buffers in place
+    return kernels::SliceColumns(m, r.begin, r.size, &sliced_.back());
+  };
   QKV_ASSIGN_OR_RETURN(embedding_, Matrix(w, "token_embd.weight", c.vocab_size, c.hidden));
   if (w.Find("output.weight") != nullptr) {
     QKV_ASSIGN_OR_RETURN(lm_head_, Matrix(w, "output.weight", c.vocab_size, c.hidden));
@@ -125,27 +203,36 @@ absl::Status Engine::LoadWeights() {
   for (int64_t i = 0; i < c.n_layers; ++i) {
     Layer& l = layers_[i];
     const std::string p = absl::StrFormat("blk.%d.", i);
-    QKV_ASSIGN_OR_RETURN(l.q, Matrix(w, p + "attn_q.weight", q_dim, c.hidden));
-    QKV_ASSIGN_OR_RETURN(l.k, Matrix(w, p + "attn_k.weight", kv_dim, c.hidden));
-    QKV_ASSIGN_OR_RETURN(l.v, Matrix(w, p + "attn_v.weight", kv_dim, c.hidden));
-    QKV_ASSIGN_OR_RETURN(l.o, Matrix(w, p + "attn_output.weight", c.hidden, q_dim));
-    QKV_ASSIGN_OR_RETURN(l.gate, Matrix(w, p + "ffn_gate.weight", c.intermediate, c.hidden));
-    QKV_ASSIGN_OR_RETURN(l.up, Matrix(w, p + "ffn_up.weight", c.intermediate, c.hidden));
-    QKV_ASSIGN_OR_RETURN(l.down, Matrix(w, p + "ffn_down.weight", c.hidden, c.intermediate));
+    QKV_ASSIGN_OR_RETURN(l.q, rows(p + "attn_q.weight", q_dim, c.hidden, q_rows));
+    QKV_ASSIGN_OR_RETURN(l.k, rows(p + "attn_k.weight", kv_dim, c.hidden, kv_rows));
+    QKV_ASSIGN_OR_RETURN(l.v, rows(p + "attn_v.weight", kv_dim, c.hidden, kv_rows));
+    QKV_ASSIGN_OR_RETURN(l.o, columns(p + "attn_output.weight", c.hidden, q_dim, q_rows));
+    QKV_ASSIGN_OR_RETURN(l.gate, rows(p + "ffn_gate.weight", c.intermediate, c.hidden, ff));
+    QKV_ASSIGN_OR_RETURN(l.up, rows(p + "ffn_up.weight", c.intermediate, c.hidden, ff));
+    QKV_ASSIGN_OR_RETURN(l.down, columns(p + "ffn_down.weight", c.hidden, c.intermediate, ff));
     QKV_ASSIGN_OR_RETURN(l.attn_norm, Vector(w, p + "attn_norm.weight", c.hidden));
     QKV_ASSIGN_OR_RETURN(l.ffn_norm, Vector(w, p + "ffn_norm.weight", c.hidden));
     if (c.attention_bias) {
       QKV_ASSIGN_OR_RETURN(l.q_bias, Vector(w, p + "attn_q.bias", q_dim));
       QKV_ASSIGN_OR_RETURN(l.k_bias, Vector(w, p + "attn_k.bias", kv_dim));
       QKV_ASSIGN_OR_RETURN(l.v_bias, Vector(w, p + "attn_v.bias", kv_dim));
+      l.q_bias = SliceVector(l.q_bias, q_rows);
+      l.k_bias = SliceVector(l.k_bias, kv_rows);
+      l.v_bias = SliceVector(l.v_bias, kv_rows);
     }
     // LLaMA checkpoints with attention_bias also carry an output-projection bias (Qwen2
-    // does not): use it when present rather than silently dropping it.
+    // does not): use it when present rather than silently dropping it. Replicated: it is
+    // added once, after the partial outputs are summed.
     if (w.Find(p + "attn_output.bias") != nullptr) {
       QKV_ASSIGN_OR_RETURN(l.o_bias, Vector(w, p + "attn_output.bias", c.hidden));
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n) const {
+  if (shard_.whole()) return absl::OkStatus();
+  return config_.comm->AllReduceSum(x.data(), n);
 }
 
 SequenceId Engine::NewSequence() {
@@ -247,10 +334,13 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
   }
 
+  // This rank's dimensions: all of them without tensor parallelism.
   const int64_t H = c.hidden;
-  const int64_t q_dim = c.n_heads * c.head_dim;
-  const int64_t kv_dim = c.n_kv_heads * c.head_dim;
-  const int64_t I = c.intermediate;
+  const int64_t n_heads = shard_.heads.size;
+  const int64_t n_kv_heads = shard_.kv_heads.size;
+  const int64_t q_dim = n_heads * c.head_dim;
+  const int64_t kv_dim = n_kv_heads * c.head_dim;
+  const int64_t I = shard_.intermediate.size;
   std::vector<int32_t> tokens, positions;
   tokens.reserve(total);
   positions.reserve(total);
@@ -287,8 +377,8 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     add_bias(q, l.q_bias);
     add_bias(k, l.k_bias);
     add_bias(v, l.v_bias);
-    rope_->Apply(q.data(), total, c.n_heads, positions.data());
-    rope_->Apply(k.data(), total, c.n_kv_heads, positions.data());
+    rope_->Apply(q.data(), total, n_heads, positions.data());
+    rope_->Apply(k.data(), total, n_kv_heads, positions.data());
     if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());
     int64_t row = 0;
     for (const StepInput& in : inputs) {
@@ -298,7 +388,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       kernels::AttentionQuery aq;
       aq.q = q.data() + row * q_dim;
       aq.n_q = n;
-      aq.n_heads = c.n_heads;
+      aq.n_heads = n_heads;
       aq.positions = positions.data() + row;
       aq.scale = scale;
       aq.fused_decode = config_.fused_decode_attention;
@@ -306,12 +396,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       row += n;
     }
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));
+    QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H));
     add_bias(proj, l.o_bias);
     kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.gate, xn.data(), total, gate.data(), pool, mm));
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.up, xn.data(), total, up.data(), pool, mm));
     kernels::SwiGlu(gate.data(), up.data(), gate.data(), total * I);
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.down, gate.data(), total, proj.data(), pool, mm));
+    QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H));
     for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];
   }
 

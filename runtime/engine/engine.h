@@ -15,6 +15,8 @@
 #include "kernels/matmul.h"
 #include "kernels/rope.h"
 #include "kernels/thread_pool.h"
+#include "runtime/comm/communicator.h"
+#include "runtime/comm/tensor_shard.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/weight_source.h"
 
@@ -42,9 +44,15 @@ struct EngineConfig {
   bool fused_decode_attention = true;
   // Sees every layer's K (rotated) and V rows of each step before they are cached, n rows
   // of n_kv_heads * head_dim with their positions; for KV calibration (`quantkv calibrate`).
+  // Under tensor parallelism only this rank's KV heads (shard().kv_heads).
   std::function<void(int64_t layer, int64_t n, const int32_t* positions, const float* k,
                      const float* v)>
       kv_observer;
+  // Tensor parallelism (Megatron): with a group of N > 1 ranks this engine computes rank
+  // comm->rank()'s shard (runtime/comm/tensor_shard.h) and sums partial outputs over the
+  // group after the attention output and down projections. Every rank must run the same
+  // Steps. nullptr (or a group of 1): the whole model. Not owned; must outlive the engine.
+  Communicator* comm = nullptr;
 };
 
 using SequenceId = int64_t;
@@ -72,6 +80,8 @@ class Engine {
   const WeightSource& weights() const { return *weights_; }
   const KvCache& kv_cache() const { return *kv_; }
   const kernels::RopeTable& rope() const { return *rope_; }
+  // The heads and MLP columns this engine computes (everything without tensor parallelism).
+  const TensorShard& shard() const { return shard_; }
 
   SequenceId NewSequence();
   absl::Status Release(SequenceId seq);
@@ -89,7 +99,8 @@ class Engine {
 
   const StepTimings& last_step() const { return last_step_; }
 
-  // Bytes of weights a decode step reads (all linear layers, the lm_head, one embedding row).
+  // Bytes of weights a decode step reads (all linear layers, the lm_head, one embedding row);
+  // this rank's shards under tensor parallelism.
   int64_t WeightBytesPerToken() const;
 
  private:
@@ -98,7 +109,10 @@ class Engine {
     std::vector<float> attn_norm, ffn_norm, q_bias, k_bias, v_bias, o_bias;
   };
   Engine() = default;
+  absl::Status PlanShard();
   absl::Status LoadWeights();
+  // Sums a row-parallel layer's partial output over the tensor-parallel group.
+  absl::Status ReduceSum(std::vector<float>& x, int64_t n) const;
   void Embed(std::span<const int32_t> tokens, float* out) const;
 
   EngineConfig config_;
@@ -106,7 +120,11 @@ class Engine {
   std::unique_ptr<kernels::ThreadPool> pool_;
   std::unique_ptr<KvCache> kv_;
   std::unique_ptr<kernels::RopeTable> rope_;
+  TensorShard shard_;
   std::vector<Layer> layers_;
+  // Column slices of row-parallel weights (attn_output, ffn_down), copied at load time
+  // because a row's blocks are contiguous; the Layer matrices point into them.
+  std::vector<std::vector<uint8_t>> sliced_;
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
   absl::flat_hash_map<SequenceId, SequenceKv> sequences_;
