@@ -65,10 +65,12 @@ CONFIGS = [
     ("int3 + per-channel keys + sink4 + window8", "k=int3:chan,v=int3,sink=4,window=8,block=128"),
     ("int2 per-tensor static min-max (naive)", "cal:int2-tensor"),
     ("int2 per-token min-max (naive)", "int2"),
+    ("int2 per-token + Hadamard rotation of K and V", "int2:g64,rotate=kv"),
     ("int2 + per-channel keys", "k=int2:chan,v=int2,block=128"),
     ("int2 + per-channel keys + sink4 + window8", "k=int2:chan,v=int2:g64:asym,sink=4,window=8,block=128"),
     ("int2 + per-channel keys + sink4 + window8 + clipped scales (int2-comp)", "int2-comp"),
     ("int2-comp with pre-RoPE keys", "int2-comp,rope=pre"),
+    ("int2-comp with Hadamard-rotated values", "int2-comp,rotate=v"),
     ("int2 + per-channel keys + sink4 + window8 + MSE-calibrated clips", "cal:int2-comp-mse"),
     ("... + pre-RoPE keys", "cal:int2-comp-mse-prerope"),
 ]
