@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "launcher/commands.h"
+#include "launcher/read_file.h"
 #include "launcher/model_session.h"
 #include "launcher/progress.h"
 #include "nlohmann/json.hpp"
@@ -46,11 +47,9 @@ void Define(FlagSet& f, CalibrateFlags& o) {
 }
 
 int Run(const CalibrateFlags& o, CommandContext& ctx) {
-  std::ifstream in(o.text, std::ios::binary);
-  if (!in) return ReportFailure(ctx, absl::NotFoundError(o.text + ": cannot open"));
-  std::stringstream buf;
-  buf << in.rdbuf();
-  const std::string text = buf.str();
+  absl::StatusOr<std::string> read = ReadWholeFile(o.text);
+  if (!read.ok()) return ReportFailure(ctx, read.status());
+  const std::string text = std::move(*read);
   if (text.empty()) return ReportFailure(ctx, absl::InvalidArgumentError(o.text + ": empty"));
 
   // The model runs with an exact cache: calibration must see the activations themselves.

@@ -10,6 +10,7 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "launcher/commands.h"
+#include "launcher/read_file.h"
 #include "quantkv/v1/generation.grpc.pb.h"
 #include "runtime/serve/service_checks.h"
 
@@ -61,14 +62,6 @@ void Define(FlagSet& f, ClientOptions& o) {
   f.Int("timeout-s", &o.timeout_s, 0, "call deadline in seconds (0: none)", {.min = 0});
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrFormat("cannot read %s", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 std::string ToJson(const google::protobuf::Message& m) {
   std::string json;
   google::protobuf::util::JsonPrintOptions opt;
@@ -97,7 +90,7 @@ int Run(const ClientOptions& o, CommandContext& ctx) {
   if (o.tls_ca.empty()) {
     creds = grpc::InsecureChannelCredentials();
   } else {
-    auto ca = ReadFile(o.tls_ca);
+    auto ca = ReadWholeFile(o.tls_ca);
     if (!ca.ok()) return ReportFailure(ctx, ca.status());
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = *ca;

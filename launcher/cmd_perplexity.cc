@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_format.h"
 #include "launcher/commands.h"
+#include "launcher/read_file.h"
 #include "launcher/model_session.h"
 #include "launcher/progress.h"
 #include "nlohmann/json.hpp"
@@ -37,11 +38,9 @@ void Define(FlagSet& f, PerplexityFlags& o) {
 }
 
 int Run(const PerplexityFlags& o, CommandContext& ctx) {
-  std::ifstream in(o.text, std::ios::binary);
-  if (!in) return ReportFailure(ctx, absl::NotFoundError(o.text + ": cannot open"));
-  std::stringstream buf;
-  buf << in.rdbuf();
-  const std::string text = buf.str();
+  absl::StatusOr<std::string> read = ReadWholeFile(o.text);
+  if (!read.ok()) return ReportFailure(ctx, read.status());
+  const std::string text = std::move(*read);
   if (text.empty()) return ReportFailure(ctx, absl::InvalidArgumentError(o.text + ": empty"));
 
   LogitsBaseline base;

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_format.h"
 #include "launcher/commands.h"
+#include "launcher/read_file.h"
 #include "launcher/model_session.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
@@ -60,14 +61,6 @@ void Define(FlagSet& f, ServeOptions& o) {
          "differently under load, may then continue differently");
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrFormat("cannot read %s", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 int Run(const ServeOptions& o, CommandContext& ctx) {
   if (o.tls_cert.empty() != o.tls_key.empty()) {
     ctx.err << ctx.command << ": --tls-cert and --tls-key go together\n";
@@ -93,9 +86,9 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
     server_options.api_key = *key;
   }
   if (!o.tls_cert.empty()) {
-    auto cert = ReadFile(o.tls_cert);
+    auto cert = ReadWholeFile(o.tls_cert);
     if (!cert.ok()) return ReportFailure(ctx, cert.status());
-    auto key = ReadFile(o.tls_key);
+    auto key = ReadWholeFile(o.tls_key);
     if (!key.ok()) return ReportFailure(ctx, key.status());
     server_options.tls_cert_pem = *cert;
     server_options.tls_key_pem = *key;

@@ -186,63 +186,11 @@ QKV_AVX512 inline __m512 Scale2(float s0, float s1) {
                                              _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
 }
 
-// 16 blocks per step: the 16 scales come in with one gather (d, and m for Q4_1, are the
-// first 4 bytes of a block), each block pair's 64 nibbles meet the pre-interleaved
-// activations in one dpbusd, and the pair's scales are a permute of the 16.
-template <int kBytes, int kQsOffset, bool kHasMin>
-QKV_AVX512 float DotQ4Avx512(const uint8_t* w, const ActQ8Row& a, int64_t nb) {
-  const __m512i gather_idx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(kBytes));
-  // Lane pattern of a pair's dpbusd result: 4 lanes of block 2k, 4 of 2k+1, again.
-  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const __m512i mask = _mm512_set1_epi8(0x0f);
-  __m512 acc = _mm512_setzero_ps();
-  __m512 acc_extra = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 16) {
-    // The last step may hold fewer than 16 blocks: masked gather and loads, fewer pairs.
-    const int64_t n = std::min<int64_t>(16, nb - b);
-    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
-    const uint8_t* wb = w + b * kBytes;
-    const __m512i g =
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, gather_idx, wb, 1);
-    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-    const __m512 scale = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(lanes, a.d + b));
-    const __m512 ds = _mm512_maskz_loadu_ps(lanes, a.ds + b);
-    if constexpr (kHasMin) {
-      const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
-      acc_extra = _mm512_fmadd_ps(m, ds, acc_extra);
-    } else {
-      acc_extra = _mm512_fmadd_ps(dw, ds, acc_extra);
-    }
-    const uint8_t* act = a.pairs + b * 32;
-    for (int k = 0; 2 * k < n; ++k) {
-      const uint8_t* p0 = wb + 2 * k * kBytes + kQsOffset;
-      // An odd last block pairs with nothing: its partner's nibbles are zero.
-      const __m128i hi_block = 2 * k + 1 < n
-                                   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + kBytes))
-                                   : _mm_setzero_si128();
-      const __m256i v = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
-          hi_block, 1);
-      const __m512i q = _mm512_and_si512(
-          _mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1), shifts), mask);
-      const __m512i dot = _mm512_dpbusd_epi32(
-          _mm512_setzero_si512(), q, _mm512_loadu_si512(act + 64 * k));
-      const __m512 sc = _mm512_permutexvar_ps(
-          _mm512_add_epi32(pair_idx, _mm512_set1_epi32(2 * k)), scale);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc);
-    }
-  }
-  float sum = _mm512_reduce_add_ps(acc);
-  sum += kHasMin ? _mm512_reduce_add_ps(acc_extra) : -8.0f * _mm512_reduce_add_ps(acc_extra);
-  return sum;
-}
-
-// DotQ4Avx512 for M activation rows at once: the weight scales and nibbles are unpacked
-// once and meet every row. Each row's accumulation is the single-row kernel's, operation
-// for operation, so batching never changes a result (batch invariance in serving).
+// Q4_0/Q4_1 weights against M activation rows, 16 blocks per step: the 16 scales come in
+// with one gather (d, and m for Q4_1, are the first 4 bytes of a block), each block pair's
+// 64 nibbles are unpacked once and meet every row's pre-interleaved activations in one
+// dpbusd, and the pair's scales are a permute of the 16. The single-row dot is M = 1, so a
+// row's arithmetic is the same however many rows share the call (batch invariance).
 template <int kBytes, int kQsOffset, bool kHasMin, int M>
 QKV_AVX512 void DotQ4Avx512Rows(const uint8_t* w, const ActQ8Row* a, int64_t nb, float* out,
                                 int64_t out_stride) {
@@ -291,6 +239,13 @@ QKV_AVX512 void DotQ4Avx512Rows(const uint8_t* w, const ActQ8Row* a, int64_t nb,
     sum += kHasMin ? _mm512_reduce_add_ps(acc_extra[i]) : -8.0f * _mm512_reduce_add_ps(acc_extra[i]);
     out[i * out_stride] = sum;
   }
+}
+
+template <int kBytes, int kQsOffset, bool kHasMin>
+QKV_AVX512 float DotQ4Avx512(const uint8_t* w, const ActQ8Row& a, int64_t nb) {
+  float out = 0.0f;
+  DotQ4Avx512Rows<kBytes, kQsOffset, kHasMin, 1>(w, &a, nb, &out, 1);
+  return out;
 }
 
 template <int kBytes, int kQsOffset, bool kHasMin>

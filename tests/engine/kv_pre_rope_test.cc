@@ -8,10 +8,13 @@
 #include "kernels/attention.h"
 #include "kernels/rope.h"
 #include "runtime/kv/kv_cache.h"
+#include "tests/engine/test_metrics.h"
 #include "tests/engine/test_random.h"
 
 namespace quantkv {
 namespace {
+
+using testing::RelError;
 
 constexpr int64_t kD = 64, kKv = 2, kHeads = 4, kCtx = 300;
 
@@ -27,7 +30,7 @@ Data MakeData(std::mt19937_64& rng, const kernels::RopeTable& rope) {
   x.v = testing::RandomFloats(rng, kCtx * row);
   // Fixed-sign outlier channels before RoPE: large per-channel offsets.
   for (int64_t t = 0; t < kCtx; ++t) {
-    for (int64_t ch = 3; ch < row; ch += 11) x.k[t * row + ch] += 6.0f;
+    for (int64_t ch = 3; ch < row; ch += 11) x.k[t * row + ch] += 12.0f;
   }
   std::vector<int32_t> pos(kCtx);
   for (int64_t t = 0; t < kCtx; ++t) pos[t] = static_cast<int32_t>(t);
@@ -64,15 +67,6 @@ std::vector<float> Attend(const std::string& spec, const kernels::RopeTable& rop
   return out;
 }
 
-double RelError(const std::vector<float>& a, const std::vector<float>& ref) {
-  double e = 0, n = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    e += (a[i] - ref[i]) * (a[i] - ref[i]);
-    n += ref[i] * ref[i];
-  }
-  return std::sqrt(e / n);
-}
-
 TEST(KvPreRopeTest, ExactCodecMatchesPostRope) {
   for (bool neox : {false, true}) {
     kernels::RopeSpec rs;
@@ -99,7 +93,7 @@ TEST(KvPreRopeTest, PerChannelKeysQuantizeBetterBeforeRope) {
   const std::vector<float> exact = Attend("fp32,block=32", rope, x);
   const double post = RelError(Attend("k=int4:chan,v=fp32,block=32", rope, x), exact);
   const double pre = RelError(Attend("k=int4:chan,v=fp32,block=32,rope=pre", rope, x), exact);
-  EXPECT_LT(pre, 0.7 * post) << "pre-RoPE " << pre << " vs post-RoPE " << post;
+  EXPECT_LT(pre, 0.85 * post) << "pre-RoPE " << pre << " vs post-RoPE " << post;
 }
 
 TEST(KvPreRopeTest, NeedsTheRopeTable) {
