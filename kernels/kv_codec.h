@@ -38,6 +38,9 @@ struct KvCodecSpec {
   // Scales cover clip * max|x| (symmetric) or clip * (max - min) around the midpoint
   // (asymmetric); values beyond saturate. 1 = plain min-max. Set by calibration searches.
   float clip = 1.0f;
+  // Dense-and-sparse: this percentage of a slab's values (largest |x|) is kept exactly in
+  // fp16 beside the codes, the rest quantized without them. 0: off.
+  float outlier_pct = 0.0f;
 
   // Canonical spelling, parseable by ParseKvCodecSpec: "fp16", "int4:g32:asym",
   // "int2:chan", "int4:block", "int4:static", "int8:g64:sym:clip0.95", "fp8:g64".
@@ -47,7 +50,8 @@ struct KvCodecSpec {
 // Grammar: NAME[:OPTION]* with NAME in fp32|fp16|bf16|fp8|int8|int4|int3|int2 and options
 // gN (per-token groups of N channels), chan (per-channel over the block), block (one scale
 // per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
-// clipX (0 < X <= 1). Defaults for intN: g64, asym, clip1. Errors name the bad part.
+// clipX (0 < X <= 1), outX (keep X% of values, 0 < X <= 10, as fp16 outliers). Defaults
+// for intN: g64, asym, clip1, no outliers. Errors name the bad part.
 absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text);
 
 // A codec for one KV head: its spec and geometry, and for kStatic its calibrated scales.

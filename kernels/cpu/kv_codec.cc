@@ -94,6 +94,12 @@ std::string KvCodecSpec::ToString() const {
     s += ":clip";
     s.append(buf, ec == std::errc() ? end : buf);
   }
+  if (outlier_pct > 0.0f) {
+    char buf[64];
+    const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), outlier_pct);
+    s += ":out";
+    s.append(buf, ec == std::errc() ? end : buf);
+  }
   return s;
 }
 
@@ -128,7 +134,7 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
                                      name));
   }
 
-  bool have_gran = false, have_sym = false, have_clip = false;
+  bool have_gran = false, have_sym = false, have_clip = false, have_out = false;
   std::string_view rest =
       colon == std::string_view::npos ? std::string_view() : all.substr(colon + 1);
   if (colon != std::string_view::npos && rest.empty()) {
@@ -187,6 +193,20 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       if (have_clip) return SpecError(trimmed, absl::StrFormat("option '%s' repeats clip", opt));
       have_clip = true;
       spec.clip = v;
+    } else if (opt.size() > 3 && opt.substr(0, 3) == "out") {
+      if (is_fp8) return SpecError(trimmed, "option 'out' needs an integer codec (int8..int2)");
+      const std::string_view num = opt.substr(3);
+      float v = 0.0f;
+      const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
+      if (ec != std::errc() || end != num.data() + num.size() || !std::isfinite(v) || !(v > 0.0f) ||
+          v > 10.0f) {
+        return SpecError(trimmed, absl::StrFormat("bad outlier share '%s' (want outX with X a "
+                                                  "percentage, 0 < X <= 10)",
+                                                  opt));
+      }
+      if (have_out) return SpecError(trimmed, absl::StrFormat("option '%s' repeats out", opt));
+      have_out = true;
+      spec.outlier_pct = v;
     } else if (opt.size() > 1 && opt[0] == 'g' &&
                std::isdigit(static_cast<unsigned char>(opt[1]))) {
       const std::string_view num = opt.substr(1);
@@ -209,7 +229,7 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       return SpecError(trimmed, "bad group size 'g' (want gN with N >= 1)");
     } else {
       return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
-                                                "static, sym, asym or clipX)",
+                                                "static, sym, asym, clipX or outX)",
                                                 opt));
     }
   }
@@ -285,6 +305,17 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
         absl::StrFormat("%d-bit codes pack %d per unit, so head_dim must be a multiple "
                         "of %d (got %d)",
                         spec.bits, pack, pack, head_dim));
+  }
+  if (spec.outlier_pct > 0.0f) {
+    if (!(spec.outlier_pct <= 10.0f)) return err("outlier share must be in (0, 10] percent");
+    if (head_dim * block_tokens > 65536) {
+      return err(absl::StrFormat("outliers need block_tokens * head_dim <= 65536 (got %d)",
+                                 head_dim * block_tokens));
+    }
+    KvCodecConfig dense = config;
+    dense.spec.outlier_pct = 0.0f;
+    return kv_codec_internal::MakeOutlierCodec(spec, head_dim, block_tokens,
+                                               kv_codec_internal::MakeUniformCodec(dense));
   }
   return kv_codec_internal::MakeUniformCodec(config);
 }

@@ -152,6 +152,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"int3,sink=3,window=5,block=16", 6, 2, 101, 40},
         Case{"int2,window=32", 6, 2, 200, 1}, Case{"k=int2:chan,v=int2:g32:sym", 6, 2, 4097, 1},
         Case{"fp8", 6, 2, 65, 1}, Case{"fp8,sink=1", 6, 2, 1, 1},
+        Case{"int2:g64:out1,window=8", 6, 2, 300, 1}, Case{"k=int4:block,v=int2:out2", 9, 3, 200, 50},
         // Sequence splits (flash-decoding): one KV head, long context, 4 splits merged.
         Case{"int4,sink=4,window=40", 8, 1, 4097, 1}, Case{"fp16", 8, 1, 3000, 3}),
     Name);

@@ -887,5 +887,60 @@ TEST(KvCodecStaticTest, MissingOrBadScalesAreClearErrors) {
   EXPECT_TRUE(KvCodec::Create(cfg).ok());
 }
 
+// ---------------------------------------------------------------- dense-and-sparse
+
+TEST(KvCodecOutlierTest, ParsesAndRefuses) {
+  absl::StatusOr<KvCodecSpec> s = ParseKvCodecSpec("int2:out1");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_FLOAT_EQ(s->outlier_pct, 1.0f);
+  EXPECT_EQ(s->ToString(), "int2:g64:asym:out1");
+  EXPECT_FLOAT_EQ(ParseKvCodecSpec(s->ToString())->outlier_pct, 1.0f);
+  for (const char* bad : {"int4:out0", "int4:out11", "int4:outx", "fp8:out1", "int4:out1:out2",
+                          "fp16:out1"}) {
+    EXPECT_FALSE(ParseKvCodecSpec(bad).ok()) << bad;
+  }
+}
+
+TEST(KvCodecOutlierTest, KeepsTheLargestValuesAndShrinksTheRestsError) {
+  std::mt19937_64 rng(Seed());
+  const int64_t d = 64, bt = 32;
+  std::unique_ptr<KvCodec> plain = MustCreate("int2:g64", d, bt);
+  std::unique_ptr<KvCodec> sparse = MustCreate("int2:g64:out1", d, bt);
+  ASSERT_TRUE(plain && sparse);
+  // 1% of 2048 values: 21 (fp16 position + value, 4 bytes each).
+  EXPECT_EQ(sparse->slab_bytes(), plain->slab_bytes() + 4 * 21);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::uniform_int_distribution<int64_t> pos(0, d * bt - 1);
+  double e_plain = 0, e_sparse = 0;
+  for (int trial = 0; trial < 10; ++trial) {
+    std::vector<float> x(d * bt);
+    for (float& v : x) v = n(rng);
+    std::vector<int64_t> planted;
+    for (int i = 0; i < 15; ++i) {  // fewer than the outlier budget
+      planted.push_back(pos(rng));
+      x[planted.back()] = (i % 2 ? 1 : -1) * (20.0f + i);
+    }
+    auto roundtrip = [&](const KvCodec& c, int64_t t0, int64_t t1) {
+      std::vector<uint8_t> slab(c.slab_bytes());
+      std::vector<float> y((t1 - t0) * d);
+      c.Encode(x.data(), slab.data());
+      c.Decode(slab.data(), t0, t1, y.data());
+      return y;
+    };
+    const std::vector<float> yp = roundtrip(*plain, 0, bt), ys = roundtrip(*sparse, 0, bt);
+    for (int64_t p : planted) {
+      EXPECT_NEAR(ys[p], x[p], std::fabs(x[p]) / 1024) << "outlier at " << p;
+    }
+    for (int64_t i = 0; i < d * bt; ++i) {
+      e_plain += (yp[i] - x[i]) * (yp[i] - x[i]);
+      e_sparse += (ys[i] - x[i]) * (ys[i] - x[i]);
+    }
+    // A sub-range decodes to the same rows as the full decode.
+    const std::vector<float> part = roundtrip(*sparse, 5, 17);
+    for (int64_t i = 0; i < 12 * d; ++i) ASSERT_EQ(part[i], ys[5 * d + i]);
+  }
+  EXPECT_LT(e_sparse, 0.5 * e_plain) << "sparse " << e_sparse << " plain " << e_plain;
+}
+
 }  // namespace
 }  // namespace quantkv::kernels
