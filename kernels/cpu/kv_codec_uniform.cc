@@ -94,31 +94,49 @@ struct Layout {
   bool per_channel;  // meta != kTokenGroup: the same affine map per channel for all tokens
   int64_t d, bt, gs, ng;
   int64_t row_bytes, codes_bytes, n_meta;
-  float offset;  // 2^(bits-1) when symmetric, else 0
+  float offset;               // 2^(bits-1) when symmetric, else 0
   const float* static_scale;  // kStatic: [d] owned by the codec
   const float* static_bias;   // kStatic: [d], x = q * scale + bias
 };
 
-// Per-channel affine map x = q * sc[c] + bi[c] of a slab whose layout is per_channel.
-void ChannelAffine(const Layout& L, const uint8_t* slab, float* sc, float* bi) {
-  const uint8_t* scales = slab + L.codes_bytes;
-  const uint8_t* mins = scales + 2 * L.n_meta;
-  for (int64_t c = 0; c < L.d; ++c) {
-    switch (L.meta) {
-      case MetaKind::kStatic:
-        sc[c] = L.static_scale[c];
-        bi[c] = L.static_bias[c];
-        continue;
-      case MetaKind::kBlock:
-        sc[c] = Fp16ToFp32(internal::LoadU16(scales));
-        bi[c] = L.sym ? -L.offset * sc[c] : Fp16ToFp32(internal::LoadU16(mins));
-        continue;
-      default:
-        sc[c] = Fp16ToFp32(internal::LoadU16(scales + 2 * c));
-        bi[c] = L.sym ? -L.offset * sc[c] : Fp16ToFp32(internal::LoadU16(mins + 2 * c));
+// The per-channel affine map x = q * scale()[c] + bias()[c] of a per_channel slab: the
+// codec's own arrays for static scales, else converted from the slab's metadata into a
+// buffer that lives on the stack up to 512 channels.
+class ChannelAffine {
+ public:
+  ChannelAffine(const Layout& L, const uint8_t* slab) {
+    if (L.meta == MetaKind::kStatic) {
+      sc_ = L.static_scale;
+      bi_ = L.static_bias;
+      return;
     }
+    float* sc = stack_;
+    if (L.d > kStack) {
+      heap_.resize(static_cast<size_t>(2 * L.d));
+      sc = heap_.data();
+    }
+    float* bi = sc + L.d;
+    const uint8_t* scales = slab + L.codes_bytes;
+    const uint8_t* mins = scales + 2 * L.n_meta;
+    const bool block = L.meta == MetaKind::kBlock;  // one scale for every channel
+    for (int64_t c = 0; c < L.d; ++c) {
+      const int64_t m = block ? 0 : c;
+      sc[c] = Fp16ToFp32(internal::LoadU16(scales + 2 * m));
+      bi[c] = L.sym ? -L.offset * sc[c] : Fp16ToFp32(internal::LoadU16(mins + 2 * m));
+    }
+    sc_ = sc;
+    bi_ = bi;
   }
-}
+  const float* scale() const { return sc_; }
+  const float* bias() const { return bi_; }
+
+ private:
+  static constexpr int64_t kStack = 512;
+  float stack_[2 * kStack];
+  std::vector<float> heap_;
+  const float* sc_ = nullptr;
+  const float* bi_ = nullptr;
+};
 
 // Code of channel c in a packed row.
 inline int CodeAt(const uint8_t* row, int bits, int64_t c) {
@@ -240,17 +258,17 @@ void DecodeScalar(const Layout& L, const uint8_t* slab, int64_t t0, int64_t t1, 
   const uint8_t* mins = scales + 2 * L.n_meta;
   const int64_t d = L.d;
   constexpr int64_t kStack = 512;
-  float stack_buf[3 * kStack];
+  float stack_buf[kStack];
   std::vector<float> heap;
   float* q = stack_buf;
   if (d > kStack) {
-    heap.resize(static_cast<size_t>(3 * d));
+    heap.resize(static_cast<size_t>(d));
     q = heap.data();
   }
   if (L.per_channel) {
-    float* sc = q + d;
-    float* bi = sc + d;
-    ChannelAffine(L, slab, sc, bi);
+    const ChannelAffine affine(L, slab);
+    const float* sc = affine.scale();
+    const float* bi = affine.bias();
     for (int64_t t = t0; t < t1; ++t) {
       UnpackRow<B>(slab + t * L.row_bytes, d, q);
       float* o = out + (t - t0) * d;
@@ -314,16 +332,9 @@ QKV_CODEC_AVX512 void DecodeAvx512(const Layout& L, const uint8_t* slab, int64_t
   const int64_t d = L.d;
   if (L.per_channel) {
     // Per-channel scale and bias for the whole call (codes per 16 channels, scalar tail).
-    constexpr int64_t kStack = 512;
-    float stack_buf[2 * kStack];
-    std::vector<float> heap;
-    float* sc = stack_buf;
-    if (d > kStack) {
-      heap.resize(static_cast<size_t>(2 * d));
-      sc = heap.data();
-    }
-    float* bi = sc + d;
-    ChannelAffine(L, slab, sc, bi);
+    const ChannelAffine affine(L, slab);
+    const float* sc = affine.scale();
+    const float* bi = affine.bias();
     int64_t c = 0;
     const int64_t d16 = d / 16 * 16;
     for (int64_t t = t0; t < t1; ++t) {
@@ -405,16 +416,9 @@ QKV_CODEC_AVX2 void DecodeAvx2(const Layout& L, const uint8_t* slab, int64_t t0,
   const uint8_t* mins = scales + 2 * L.n_meta;
   const int64_t d = L.d;
   if (L.per_channel) {
-    constexpr int64_t kStack = 512;
-    float stack_buf[2 * kStack];
-    std::vector<float> heap;
-    float* sc = stack_buf;
-    if (d > kStack) {
-      heap.resize(static_cast<size_t>(2 * d));
-      sc = heap.data();
-    }
-    float* bi = sc + d;
-    ChannelAffine(L, slab, sc, bi);
+    const ChannelAffine affine(L, slab);
+    const float* sc = affine.scale();
+    const float* bi = affine.bias();
     int64_t c = 0;
     const int64_t d8 = d / 8 * 8;
     for (int64_t t = t0; t < t1; ++t) {
@@ -503,10 +507,10 @@ class UniformCodec final : public KvCodec {
     L_.ng = head_dim / L_.gs;
     L_.row_bytes = head_dim * spec.bits / 8;
     L_.codes_bytes = block_tokens * L_.row_bytes;
-    L_.n_meta = L_.meta == MetaKind::kChannel   ? head_dim
-                : L_.meta == MetaKind::kBlock   ? 1
-                : L_.meta == MetaKind::kStatic  ? 0
-                                                : block_tokens * L_.ng;
+    L_.n_meta = L_.meta == MetaKind::kChannel  ? head_dim
+                : L_.meta == MetaKind::kBlock  ? 1
+                : L_.meta == MetaKind::kStatic ? 0
+                                               : block_tokens * L_.ng;
     L_.offset = L_.sym ? static_cast<float>(1 << (spec.bits - 1)) : 0.0f;
     if (L_.meta == MetaKind::kStatic) {
       // Scales as calibrated (fp32: they are per model, not per token, so cost no bits).
