@@ -117,7 +117,6 @@ void KvCalibrator::Add(int64_t layer, int64_t n, const float* k, const float* v)
 
 StaticScales KvCalibrator::StaticFor(const kernels::KvCodecSpec& spec,
                                      const std::vector<float>& rows) const {
-  const int64_t d = config_.head_dim;
   const int64_t r = row();
   const int64_t n = static_cast<int64_t>(rows.size()) / r;
   const bool sym = spec.symmetric;
@@ -188,7 +187,6 @@ StaticScales KvCalibrator::StaticFor(const kernels::KvCodecSpec& spec,
     float min = 0;
     fit(col, &out.scale[ch], sym ? &min : &out.min[ch]);
   }
-  (void)d;
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include "kernels/attention.h"
 #include "kernels/rope.h"
 #include "runtime/kv/kv_cache.h"
+#include "tests/engine/test_cache.h"
 #include "tests/engine/test_metrics.h"
 #include "tests/engine/test_random.h"
 
@@ -19,8 +20,7 @@ using testing::RelError;
 constexpr int64_t kD = 64, kKv = 2, kHeads = 4, kCtx = 300;
 
 struct Data {
-  std::vector<float> k, v, q;  // k rotated, as the engine writes it
-  std::vector<int32_t> positions;
+  std::vector<float> k, v, q;  // k rotated, as the engine writes it; q of the last token
 };
 
 Data MakeData(std::mt19937_64& rng, const kernels::RopeTable& rope) {
@@ -36,35 +36,11 @@ Data MakeData(std::mt19937_64& rng, const kernels::RopeTable& rope) {
   for (int64_t t = 0; t < kCtx; ++t) pos[t] = static_cast<int32_t>(t);
   rope.Apply(x.k.data(), kCtx, kKv, pos.data());
   x.q = testing::RandomFloats(rng, kHeads * kD, 0.3f);
-  x.positions = {static_cast<int32_t>(kCtx - 1)};
   return x;
 }
 
 std::vector<float> Attend(const std::string& spec, const kernels::RopeTable& rope, const Data& x) {
-  auto policy = ParseKvPolicy(spec);
-  EXPECT_TRUE(policy.ok()) << policy.status();
-  KvCacheConfig cfg;
-  cfg.n_layers = 1;
-  cfg.n_kv_heads = kKv;
-  cfg.head_dim = kD;
-  cfg.policy = *policy;
-  cfg.max_bytes = 16 << 20;
-  cfg.max_step_tokens = 64;
-  cfg.rope = &rope;
-  auto cache = KvCache::Create(cfg);
-  EXPECT_TRUE(cache.ok()) << cache.status();
-  SequenceKv seq;
-  const int64_t row = kKv * kD;
-  for (int64_t pos = 0; pos < kCtx; pos += 64) {
-    const int64_t n = std::min<int64_t>(64, kCtx - pos);
-    EXPECT_TRUE((*cache)->Reserve(seq, pos + n).ok());
-    (*cache)->Write(seq, 0, pos, n, x.k.data() + pos * row, x.v.data() + pos * row);
-    seq.length = pos + n;
-  }
-  std::vector<float> out(kHeads * kD);
-  kernels::Attention({x.q.data(), 1, kHeads, x.positions.data(), 0.125f},
-                     (*cache)->View(seq, 0, kCtx), out.data(), nullptr);
-  return out;
+  return testing::AttendThroughCache({spec, kKv, kD, kHeads, &rope, nullptr}, x.k, x.v, x.q, 1);
 }
 
 TEST(KvPreRopeTest, ExactCodecMatchesPostRope) {

@@ -8,6 +8,7 @@
 #include "kernels/attention.h"
 #include "kernels/hadamard.h"
 #include "runtime/kv/kv_cache.h"
+#include "tests/engine/test_cache.h"
 #include "tests/engine/test_metrics.h"
 #include "tests/engine/test_random.h"
 
@@ -45,32 +46,8 @@ TEST(HadamardTest, OrthonormalAndInvertible) {
 
 std::vector<float> Attend(const std::string& spec, const std::vector<float>& k,
                           const std::vector<float>& v, const std::vector<float>& q, int n_q) {
-  auto policy = ParseKvPolicy(spec);
-  EXPECT_TRUE(policy.ok()) << policy.status();
-  KvCacheConfig cfg;
-  cfg.n_layers = 1;
-  cfg.n_kv_heads = kKv;
-  cfg.head_dim = kD;
-  cfg.policy = *policy;
-  cfg.max_bytes = 16 << 20;
-  cfg.max_step_tokens = 64;
-  auto cache = KvCache::Create(cfg);
-  EXPECT_TRUE(cache.ok()) << cache.status();
-  SequenceKv seq;
-  const int64_t row = kKv * kD;
-  for (int64_t pos = 0; pos < kCtx; pos += 64) {
-    const int64_t n = std::min<int64_t>(64, kCtx - pos);
-    EXPECT_TRUE((*cache)->Reserve(seq, pos + n).ok());
-    (*cache)->Write(seq, 0, pos, n, k.data() + pos * row, v.data() + pos * row);
-    seq.length = pos + n;
-  }
-  std::vector<int32_t> positions;
-  for (int i = 0; i < n_q; ++i) positions.push_back(static_cast<int32_t>(kCtx - n_q + i));
-  std::vector<float> out(n_q * kHeads * kD);
   kernels::ThreadPool pool(2);
-  kernels::Attention({q.data(), n_q, kHeads, positions.data(), 0.125f},
-                     (*cache)->View(seq, 0, kCtx), out.data(), &pool);
-  return out;
+  return testing::AttendThroughCache({spec, kKv, kD, kHeads, nullptr, &pool}, k, v, q, n_q);
 }
 
 TEST(KvRotationTest, ExactCodecUnchangedAndOutliersTamed) {

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -20,48 +22,78 @@ double Nll(const float* row, int64_t V, int32_t target) {
   return mx + std::log(z) - row[target];
 }
 
+// The first 150 fixture tokens: several blocks of 32, a partial tail, sinks and a window.
+std::vector<int32_t> FixtureIds() {
+  std::ifstream in(testing::FixturePath("smollm2/perplexity.json"));
+  EXPECT_TRUE(in);
+  if (!in) return {};
+  auto ids = nlohmann::json::parse(in)["input_ids"].get<std::vector<int32_t>>();
+  ids.resize(150);
+  return ids;
+}
+
+// Per-token NLL of `ids` scored in one prefill and token by token in decode, with the
+// same exact (fp32, row-wise, no SGEMM) linear layers in both modes: a 1-ulp difference in
+// K would otherwise flip int4 codes and hide what the comparison is about.
+struct PrefillAndDecodeNll {
+  std::vector<double> prefill, decode;
+  double MaxDiff() const {
+    double m = 0;
+    for (size_t t = 0; t < prefill.size(); ++t) m = std::max(m, std::fabs(prefill[t] - decode[t]));
+    return m;
+  }
+  static double Mean(const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x;
+    return s / static_cast<double>(v.size());
+  }
+};
+
+void ScoreBothWays(const std::string& spec, bool fused_decode, const std::vector<int32_t>& ids,
+                   PrefillAndDecodeNll* out) {
+  auto model = GgufModel::Open(testing::DefaultModelPath().string());
+  ASSERT_TRUE(model.ok()) << model.status();
+  EngineConfig cfg;
+  cfg.threads = 2;
+  cfg.kv_spec = spec;
+  cfg.decode_activations = kernels::ActivationPrecision::kFloat32;
+  cfg.lm_head_activations = kernels::ActivationPrecision::kFloat32;
+  cfg.gemm_min_rows = int64_t{1} << 40;
+  cfg.max_chunk_tokens = 64;  // prefill in chunks that end mid-block
+  cfg.fused_decode_attention = fused_decode;
+  auto engine = Engine::Create(std::move(*model), cfg);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int64_t V = (*engine)->model_config().vocab_size;
+  const SequenceId a = (*engine)->NewSequence(), b = (*engine)->NewSequence();
+  std::vector<float> prefill, decode;
+  ASSERT_TRUE((*engine)->Forward(a, ids, true, &prefill).ok());
+  for (const int32_t& t : ids) ASSERT_TRUE((*engine)->Forward(b, {&t, 1}, true, &decode).ok());
+  for (size_t t = 0; t + 1 < ids.size(); ++t) {
+    out->prefill.push_back(Nll(prefill.data() + t * V, V, ids[t + 1]));
+    out->decode.push_back(Nll(decode.data() + t * V, V, ids[t + 1]));
+    if (std::getenv("QUANTKV_DEBUG_NLL") &&
+        std::fabs(out->prefill.back() - out->decode.back()) > 1e-3) {
+      std::printf("  t=%zu prefill %.4f decode %.4f\n", t, out->prefill.back(), out->decode.back());
+    }
+  }
+}
+
 TEST(PrefillDecodeModelTest, QuantizedCacheScoresAlikeInPrefillAndDecode) {
   const auto path = testing::DefaultModelPath();
   if (!std::filesystem::exists(path)) GTEST_SKIP() << "default model not in the cache: " << path;
-  std::ifstream in(testing::FixturePath("smollm2/perplexity.json"));
-  ASSERT_TRUE(in);
-  auto ids = nlohmann::json::parse(in)["input_ids"].get<std::vector<int32_t>>();
-  ids.resize(150);  // several blocks of 32, a partial tail, sinks and a window
+  const std::vector<int32_t> ids = FixtureIds();
+  ASSERT_FALSE(ids.empty());
   std::vector<double> means, diffs;
-  const char* specs[] = {"fp32", "int4,block=32", "k=int2:chan,v=int2,sink=4,window=16,block=32"};
-  for (const char* spec : specs) {
-    auto model = GgufModel::Open(path.string());
-    ASSERT_TRUE(model.ok());
-    EngineConfig cfg;
-    cfg.threads = 2;
-    cfg.kv_spec = spec;
-    // Same arithmetic in both modes (row-wise fp32 dots, no SGEMM), so only what the cache
-    // shows each query could differ: a 1-ulp difference in K would otherwise flip int4
-    // codes and hide real differences in noise.
-    cfg.decode_activations = kernels::ActivationPrecision::kFloat32;
-    cfg.lm_head_activations = kernels::ActivationPrecision::kFloat32;
-    cfg.gemm_min_rows = int64_t{1} << 40;
-    cfg.max_chunk_tokens = 64;  // prefill in chunks that end mid-block
-    cfg.fused_decode_attention = false;  // the tiled kernel in both modes: same arithmetic
-    auto engine = Engine::Create(std::move(*model), cfg);
-    ASSERT_TRUE(engine.ok()) << engine.status();
-    const int64_t V = (*engine)->model_config().vocab_size;
-    const SequenceId a = (*engine)->NewSequence(), b = (*engine)->NewSequence();
-    std::vector<float> prefill, decode;
-    ASSERT_TRUE((*engine)->Forward(a, ids, true, &prefill).ok());
-    for (const int32_t& t : ids) ASSERT_TRUE((*engine)->Forward(b, {&t, 1}, true, &decode).ok());
-    double max_diff = 0, mean_p = 0;
-    for (size_t t = 0; t + 1 < ids.size(); ++t) {
-      const double np = Nll(prefill.data() + t * V, V, ids[t + 1]);
-      const double nd = Nll(decode.data() + t * V, V, ids[t + 1]);
-      max_diff = std::max(max_diff, std::fabs(np - nd));
-      if (std::getenv("QUANTKV_DEBUG_NLL") && std::fabs(np - nd) > 1e-3) {
-        std::printf("  t=%zu prefill %.4f decode %.4f\n", t, np, nd);
-      }
-      mean_p += np;
-    }
+  for (const char* spec :
+       {"fp32", "int4,block=32", "k=int2:chan,v=int2,sink=4,window=16,block=32"}) {
+    // The tiled kernel in both modes: the same arithmetic, so only what the cache shows each
+    // query could differ.
+    PrefillAndDecodeNll nll;
+    ScoreBothWays(spec, /*fused_decode=*/false, ids, &nll);
+    if (HasFatalFailure()) return;
+    const double max_diff = nll.MaxDiff();
     EXPECT_LT(max_diff, 1e-4) << spec;
-    means.push_back(mean_p / (ids.size() - 1));
+    means.push_back(PrefillAndDecodeNll::Mean(nll.prefill));
     diffs.push_back(max_diff);
     std::printf("%s: max |NLL prefill - NLL decode| = %.2e, mean NLL %.4f\n", spec, max_diff,
                 means.back());
@@ -78,38 +110,20 @@ TEST(PrefillDecodeModelTest, QuantizedCacheScoresAlikeInPrefillAndDecode) {
 TEST(PrefillDecodeModelTest, FusedDecodeKernelsAgreeWithPrefill) {
   const auto path = testing::DefaultModelPath();
   if (!std::filesystem::exists(path)) GTEST_SKIP() << "default model not in the cache: " << path;
-  std::ifstream in(testing::FixturePath("smollm2/perplexity.json"));
-  ASSERT_TRUE(in);
-  auto ids = nlohmann::json::parse(in)["input_ids"].get<std::vector<int32_t>>();
-  ids.resize(150);
+  const std::vector<int32_t> ids = FixtureIds();
+  ASSERT_FALSE(ids.empty());
   for (const char* spec : {"fp32", "int4,block=32"}) {
-    auto model = GgufModel::Open(path.string());
-    ASSERT_TRUE(model.ok());
-    EngineConfig cfg;
-    cfg.threads = 2;
-    cfg.kv_spec = spec;
-    cfg.decode_activations = kernels::ActivationPrecision::kFloat32;
-    cfg.lm_head_activations = kernels::ActivationPrecision::kFloat32;
-    cfg.gemm_min_rows = int64_t{1} << 40;
-    cfg.max_chunk_tokens = 64;
-    auto engine = Engine::Create(std::move(*model), cfg);
-    ASSERT_TRUE(engine.ok()) << engine.status();
-    const int64_t V = (*engine)->model_config().vocab_size;
-    const SequenceId a = (*engine)->NewSequence(), b = (*engine)->NewSequence();
-    std::vector<float> prefill, decode;
-    ASSERT_TRUE((*engine)->Forward(a, ids, true, &prefill).ok());
-    for (const int32_t& t : ids) ASSERT_TRUE((*engine)->Forward(b, {&t, 1}, true, &decode).ok());
-    double max_diff = 0, mean_p = 0, mean_d = 0;
-    for (size_t t = 0; t + 1 < ids.size(); ++t) {
-      const double np = Nll(prefill.data() + t * V, V, ids[t + 1]);
-      const double nd = Nll(decode.data() + t * V, V, ids[t + 1]);
-      max_diff = std::max(max_diff, std::fabs(np - nd));
-      mean_p += np / (ids.size() - 1);
-      mean_d += nd / (ids.size() - 1);
+    PrefillAndDecodeNll nll;
+    ScoreBothWays(spec, /*fused_decode=*/true, ids, &nll);
+    if (HasFatalFailure()) return;
+    const double max_diff = nll.MaxDiff();
+    const double mean_p = PrefillAndDecodeNll::Mean(nll.prefill);
+    const double mean_d = PrefillAndDecodeNll::Mean(nll.decode);
+    std::printf("%s fused decode: max |NLL diff| %.2e, mean NLL prefill %.5f decode %.5f\n", spec,
+                max_diff, mean_p, mean_d);
+    if (std::string(spec) == "fp32") {
+      EXPECT_LT(max_diff, 1e-3);
     }
-    std::printf("%s fused decode: max |NLL diff| %.2e, mean NLL prefill %.5f decode %.5f\n",
-                spec, max_diff, mean_p, mean_d);
-    if (std::string(spec) == "fp32") EXPECT_LT(max_diff, 1e-3);
     EXPECT_LT(std::fabs(mean_p - mean_d), 0.01) << spec;
   }
 }
