@@ -60,6 +60,14 @@ absl::Status SpecError(std::string_view text, std::string_view what) {
   return absl::InvalidArgumentError(absl::StrFormat("KV codec spec '%s': %s", text, what));
 }
 
+// ":nameX" with X the shortest spelling that parses back to the same float.
+void AppendOption(std::string& s, const char* name, float v) {
+  char buf[64];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);
+  s += name;
+  s.append(buf, ec == std::errc() ? end : buf);
+}
+
 bool IsFloatType(KvCodecType t) {
   return t == KvCodecType::kF32 || t == KvCodecType::kF16 || t == KvCodecType::kBF16;
 }
@@ -88,18 +96,8 @@ std::string KvCodecSpec::ToString() const {
     s += absl::StrFormat(":g%d", group_size);
     if (type == KvCodecType::kUniform) s += symmetric ? ":sym" : ":asym";
   }
-  if (clip != 1.0f) {
-    char buf[64];
-    const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), clip);
-    s += ":clip";
-    s.append(buf, ec == std::errc() ? end : buf);
-  }
-  if (outlier_pct > 0.0f) {
-    char buf[64];
-    const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), outlier_pct);
-    s += ":out";
-    s.append(buf, ec == std::errc() ? end : buf);
-  }
+  if (clip != 1.0f) AppendOption(s, ":clip", clip);
+  if (outlier_pct > 0.0f) AppendOption(s, ":out", outlier_pct);
   return s;
 }
 
