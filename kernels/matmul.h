@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -14,6 +15,15 @@
 
 namespace quantkv::kernels {
 
+enum class ActivationPrecision {
+  kFloat32,  // activations stay fp32: weights are dequantized and dotted in fp32
+  kInt8,     // activations quantized to int8 per 32 (Q8/Q4 weights only; others use fp32)
+  kInt16,    // int16 per 32 (relative error ~2e-5: as good as fp32 for an argmax) against
+             // Q8_0 weights at int8 speed; other weight types use fp32
+};
+
+class PackedWeights;
+
 // A row-major [rows x cols] weight matrix: `rows` output features, each row `cols` inputs
 // in ggml blocks (GGUF dims are {cols, rows}).
 struct WeightMatrix {
@@ -21,7 +31,45 @@ struct WeightMatrix {
   const uint8_t* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
+  // The same weights repacked for the batched kernels (see PackWeights), or null. Not
+  // owned. When set, MatMuls with its activation precision below gemm_min_rows use it for
+  // every row count, so a row's result does not depend on how many rows share the call.
+  const PackedWeights* packed = nullptr;
 };
+
+// Weights re-laid out for AVX-512 VNNI batched dot products: per group of 16 output rows
+// and per 32-column block, the 16 rows' codes interleaved by 4-byte words (one vector
+// holds a few columns of all 16 rows) followed by the 16 fp16 scales (and minimums). A
+// broadcast activation word then feeds 16 rows per instruction and the per-block scaling
+// is paid once per 16 rows instead of once per row, which makes batched decode
+// compute-efficient. Same size as the ggml blocks. Two kinds: Q4_0/Q4_1 for int8
+// activations (the layers), Q8_0 for int16 activations (the lm_head).
+class PackedWeights {
+ public:
+  GgmlType type() const { return type_; }
+  ActivationPrecision activations() const { return activations_; }
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  int64_t groups() const { return (rows_ + 15) / 16; }
+  const uint8_t* group(int64_t g) const { return bytes_.data() + g * group_bytes_; }
+
+ private:
+  friend absl::StatusOr<std::unique_ptr<PackedWeights>> PackWeights(const WeightMatrix& w,
+                                                                    ActivationPrecision act);
+  GgmlType type_ = GgmlType::kQ4_0;
+  ActivationPrecision activations_ = ActivationPrecision::kInt8;
+  int64_t rows_ = 0, cols_ = 0, group_bytes_ = 0;
+  std::vector<uint8_t> bytes_;
+};
+
+// True when this CPU has a packed kernel for `type` weights and `act` activations
+// (AVX-512 VNNI; Q4_0/Q4_1 with kInt8, Q8_0 with kInt16).
+bool CanPackWeights(GgmlType type, ActivationPrecision act);
+
+// The packed copy of w for MatMuls with `act` activations (others ignore it). UNIMPLEMENTED
+// when !CanPackWeights; rows that do not fill the last group of 16 are zero-padded.
+absl::StatusOr<std::unique_ptr<PackedWeights>> PackWeights(const WeightMatrix& w,
+                                                           ActivationPrecision act);
 
 // Rows [row_begin, row_begin + n_rows) of w: a view of the same blocks (rows are
 // contiguous), no copy. For column-parallel (output-split) tensor-parallel layers.
@@ -34,13 +82,6 @@ absl::StatusOr<WeightMatrix> SliceRows(const WeightMatrix& w, int64_t row_begin,
 // as the same view, without a copy.
 absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_begin, int64_t n_cols,
                                           std::vector<uint8_t>* storage);
-
-enum class ActivationPrecision {
-  kFloat32,  // activations stay fp32: weights are dequantized and dotted in fp32
-  kInt8,     // activations quantized to int8 per 32 (Q8/Q4 weights only; others use fp32)
-  kInt16,    // int16 per 32 (relative error ~2e-5: as good as fp32 for an argmax) against
-             // Q8_0 weights at int8 speed; other weight types use fp32
-};
 
 struct MatMulOptions {
   ActivationPrecision activations = ActivationPrecision::kInt8;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "kernels/cpu/matmul_packed.h"
 #include "kernels/cpu/quant_dot.h"
 #include "kernels/dequantize.h"
 
@@ -30,6 +31,13 @@ absl::Status CheckShapes(const WeightMatrix& w, int64_t m) {
   if (w.cols % info.block_size != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "MatMul: %d columns are not a multiple of the %s block size", w.cols, info.name));
+  }
+  if (w.packed != nullptr &&
+      (w.packed->type() != w.type || w.packed->rows() != w.rows || w.packed->cols() != w.cols)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MatMul: packed weights (%s, %d x %d) do not match the matrix (%s, %d x %d)",
+        GgmlTypeInfoOf(w.packed->type()).name, w.packed->rows(), w.packed->cols(), info.name,
+        w.rows, w.cols));
   }
   if (!info.dequantizable) {
     return absl::UnimplementedError(
@@ -56,6 +64,10 @@ void MatMulInt8(const WeightMatrix& w, const float* x, int64_t m, float* y, Thre
   act.Quantize(x, m, w.cols);
   std::vector<internal::ActQ8Row> rows(m);
   for (int64_t i = 0; i < m; ++i) rows[i] = act.row(i);
+  if (w.packed != nullptr && w.packed->activations() == ActivationPrecision::kInt8) {
+    internal::PackedMatMulInt8(*w.packed, rows.data(), m, y, w.rows, pool);
+    return;
+  }
   // Several activation rows (batched decode): unpack each weight row once for all of them.
   const internal::QuantDotMultiFn multi = m > 1 ? internal::GetQuantDotMulti(w.type) : nullptr;
   ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
@@ -77,6 +89,10 @@ void MatMulInt16(const WeightMatrix& w, const float* x, int64_t m, float* y, Thr
   std::vector<internal::ActQ16Block> act(static_cast<size_t>(nb * m));
   for (int64_t i = 0; i < m; ++i) {
     internal::QuantizeActivationsQ16(x + i * w.cols, w.cols, act.data() + i * nb);
+  }
+  if (w.packed != nullptr && w.packed->activations() == ActivationPrecision::kInt16) {
+    internal::PackedMatMulInt16(*w.packed, act.data(), m, y, w.rows, pool);
+    return;
   }
   ParallelRows(pool, w.rows, 16, [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -136,9 +152,8 @@ void MatMulGemm(const WeightMatrix& w, const float* x, int64_t m, float* y, Thre
         wt = tile.data();
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
-                  static_cast<int>(nr), static_cast<int>(w.cols), 1.0f, x,
-                  static_cast<int>(w.cols), wt, static_cast<int>(w.cols), 0.0f, y + r0,
-                  static_cast<int>(w.rows));
+                  static_cast<int>(nr), static_cast<int>(w.cols), 1.0f, x, static_cast<int>(w.cols),
+                  wt, static_cast<int>(w.cols), 0.0f, y + r0, static_cast<int>(w.rows));
     }
   });
 }
@@ -174,30 +189,31 @@ const char* MatMulIsa() { return internal::QuantDotIsa(); }
 
 absl::StatusOr<WeightMatrix> SliceRows(const WeightMatrix& w, int64_t row_begin, int64_t n_rows) {
   if (row_begin < 0 || n_rows < 0 || row_begin + n_rows > w.rows) {
-    return absl::OutOfRangeError(absl::StrFormat(
-        "SliceRows: rows [%d, %d) outside a %d-row matrix", row_begin, row_begin + n_rows, w.rows));
+    return absl::OutOfRangeError(absl::StrFormat("SliceRows: rows [%d, %d) outside a %d-row matrix",
+                                                 row_begin, row_begin + n_rows, w.rows));
   }
   absl::StatusOr<int64_t> row_bytes = GgmlRowBytes(w.type, w.cols);
   if (!row_bytes.ok()) return row_bytes.status();
   WeightMatrix s = w;
+  s.packed = nullptr;  // packed for the whole matrix
   s.data = w.data + row_begin * *row_bytes;
   s.rows = n_rows;
   return s;
 }
 
-absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_begin,
-                                          int64_t n_cols, std::vector<uint8_t>* storage) {
+absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_begin, int64_t n_cols,
+                                          std::vector<uint8_t>* storage) {
   if (col_begin < 0 || n_cols < 0 || col_begin + n_cols > w.cols) {
-    return absl::OutOfRangeError(absl::StrFormat(
-        "SliceColumns: columns [%d, %d) outside a %d-column matrix", col_begin,
-        col_begin + n_cols, w.cols));
+    return absl::OutOfRangeError(
+        absl::StrFormat("SliceColumns: columns [%d, %d) outside a %d-column matrix", col_begin,
+                        col_begin + n_cols, w.cols));
   }
   if (col_begin == 0 && n_cols == w.cols) return w;
   const GgmlTypeInfo& info = GgmlTypeInfoOf(w.type);
   if (col_begin % info.block_size != 0 || n_cols % info.block_size != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "SliceColumns: columns [%d, %d) are not on whole %d-element %s blocks", col_begin,
-        col_begin + n_cols, info.block_size, info.name));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SliceColumns: columns [%d, %d) are not on whole %d-element %s blocks",
+                        col_begin, col_begin + n_cols, info.block_size, info.name));
   }
   absl::StatusOr<int64_t> row_bytes = GgmlRowBytes(w.type, w.cols);
   if (!row_bytes.ok()) return row_bytes.status();
@@ -208,6 +224,7 @@ absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_beg
     std::copy_n(w.data + r * *row_bytes + skip, keep, storage->data() + r * keep);
   }
   WeightMatrix s = w;
+  s.packed = nullptr;
   s.data = storage->data();
   s.cols = n_cols;
   return s;

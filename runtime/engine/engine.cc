@@ -27,10 +27,18 @@ kernels::RopeSpec RopeSpecFor(const ModelConfig& c) {
   s.llama3_high_freq_factor = c.rope.llama3_high_freq_factor;
   s.neox = c.rope_neox;
   switch (c.rope.scaling) {
-    case RopeScalingType::kNone: s.scaling = kernels::RopeScaling::kNone; break;
-    case RopeScalingType::kLinear: s.scaling = kernels::RopeScaling::kLinear; break;
-    case RopeScalingType::kYarn: s.scaling = kernels::RopeScaling::kYarn; break;
-    case RopeScalingType::kLlama3: s.scaling = kernels::RopeScaling::kLlama3; break;
+    case RopeScalingType::kNone:
+      s.scaling = kernels::RopeScaling::kNone;
+      break;
+    case RopeScalingType::kLinear:
+      s.scaling = kernels::RopeScaling::kLinear;
+      break;
+    case RopeScalingType::kYarn:
+      s.scaling = kernels::RopeScaling::kYarn;
+      break;
+    case RopeScalingType::kLlama3:
+      s.scaling = kernels::RopeScaling::kLlama3;
+      break;
   }
   return s;
 }
@@ -49,14 +57,14 @@ absl::StatusOr<kernels::WeightMatrix> Matrix(const WeightSource& w, const std::s
     return absl::NotFoundError(absl::StrFormat("%s: missing tensor '%s'", w.origin(), name));
   }
   if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: tensor '%s' has dims %s, the config implies {%d, %d}", w.origin(), name,
-        DimsString(t->dims), cols, rows));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: tensor '%s' has dims %s, the config implies {%d, %d}", w.origin(),
+                        name, DimsString(t->dims), cols, rows));
   }
   if (!kernels::GgmlTypeInfoOf(t->type).dequantizable) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "%s: tensor '%s' has type %s, which QuantKV cannot compute with", w.origin(), name,
-        kernels::GgmlTypeInfoOf(t->type).name));
+    return absl::UnimplementedError(
+        absl::StrFormat("%s: tensor '%s' has type %s, which QuantKV cannot compute with",
+                        w.origin(), name, kernels::GgmlTypeInfoOf(t->type).name));
   }
   return kernels::WeightMatrix{t->type, t->data, rows, cols};
 }
@@ -69,9 +77,9 @@ absl::StatusOr<std::vector<float>> Vector(const WeightSource& w, const std::stri
     return absl::NotFoundError(absl::StrFormat("%s: missing tensor '%s'", w.origin(), name));
   }
   if (t->dims.size() != 1 || t->dims[0] != n) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: tensor '%s' has dims %s, the config implies {%d}", w.origin(), name,
-        DimsString(t->dims), n));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: tensor '%s' has dims %s, the config implies {%d}", w.origin(), name,
+                        DimsString(t->dims), n));
   }
   std::vector<float> v(static_cast<size_t>(n));
   QKV_RETURN_IF_ERROR(kernels::DequantizeRow(t->type, t->data, v.data(), n));
@@ -227,7 +235,26 @@ absl::Status Engine::LoadWeights() {
       QKV_ASSIGN_OR_RETURN(l.o_bias, Vector(w, p + "attn_output.bias", c.hidden));
     }
   }
+  if (config_.pack_weights) return PackWeights();
   return absl::OkStatus();
+}
+
+absl::Status Engine::PackWeights() {
+  auto pack = [&](kernels::WeightMatrix& m, kernels::ActivationPrecision act) -> absl::Status {
+    if (!kernels::CanPackWeights(m.type, act)) return absl::OkStatus();
+    QKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::PackedWeights> packed,
+                         kernels::PackWeights(m, act));
+    m.packed = packed.get();
+    packed_.push_back(std::move(packed));
+    return absl::OkStatus();
+  };
+  for (Layer& l : layers_) {
+    for (kernels::WeightMatrix* m : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
+      QKV_RETURN_IF_ERROR(pack(*m, config_.decode_activations));
+    }
+  }
+  // lm_head_ is its own view even when tied to the embedding, which keeps reading the file.
+  return pack(lm_head_, config_.lm_head_activations);
 }
 
 absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n) const {
@@ -297,22 +324,21 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", in.seq));
     }
     if (in.tokens.empty() || static_cast<int64_t>(in.tokens.size()) > config_.max_chunk_tokens) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "engine: a step input has %d tokens (1..%d allowed)", in.tokens.size(),
-          config_.max_chunk_tokens));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("engine: a step input has %d tokens (1..%d allowed)", in.tokens.size(),
+                          config_.max_chunk_tokens));
     }
     for (int32_t t : in.tokens) {
       if (t < 0 || t >= c.vocab_size) {
         return absl::InvalidArgumentError(
-            absl::StrFormat("engine: token id %d outside the vocabulary [0, %d)", t,
-                            c.vocab_size));
+            absl::StrFormat("engine: token id %d outside the vocabulary [0, %d)", t, c.vocab_size));
       }
     }
     const int64_t end = sequences_[in.seq].length + static_cast<int64_t>(in.tokens.size());
     if (end > c.context_length * 16) {  // far past any trained/scaled window: refuse
       return absl::OutOfRangeError(absl::StrFormat(
-          "engine: sequence %d would reach %d tokens, beyond 16x the context length %d",
-          in.seq, end, c.context_length));
+          "engine: sequence %d would reach %d tokens, beyond 16x the context length %d", in.seq,
+          end, c.context_length));
     }
     total += static_cast<int64_t>(in.tokens.size());
   }
@@ -422,23 +448,23 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   const int64_t n_out = static_cast<int64_t>(out_rows.size());
   std::vector<float> final_h(n_out * H);
   for (int64_t i = 0; i < n_out; ++i) {
-    kernels::RmsNorm(h.data() + out_rows[i] * H, output_norm_.data(), final_h.data() + i * H, 1,
-                     H, c.rms_eps);
+    kernels::RmsNorm(h.data() + out_rows[i] * H, output_norm_.data(), final_h.data() + i * H, 1, H,
+                     c.rms_eps);
   }
   const size_t offset = logits->size();
   logits->resize(offset + n_out * c.vocab_size);
   kernels::MatMulOptions mm_head = mm;
   mm_head.activations = config_.lm_head_activations;
-  QKV_RETURN_IF_ERROR(kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset,
-                                      pool, mm_head));
+  QKV_RETURN_IF_ERROR(
+      kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset, pool, mm_head));
 
   for (const StepInput& in : inputs) {
     sequences_[in.seq].length += static_cast<int64_t>(in.tokens.size());
   }
   last_step_.tokens = total;
-  last_step_.forward_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                              std::chrono::steady_clock::now() - start)
-                              .count();
+  last_step_.forward_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count();
   return absl::OkStatus();
 }
 

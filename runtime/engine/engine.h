@@ -3,11 +3,11 @@
 // linear layers see all rows at once, attention runs per sequence over its own blocks.
 #pragma once
 
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <memory>
-#include <string>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -42,6 +42,10 @@ struct EngineConfig {
   // Decode steps use the fused decode attention kernels (kernels/attention.h); false keeps
   // them on the tiled kernel, bit-identical to prefill (for tests that compare the two).
   bool fused_decode_attention = true;
+  // Repack Q4 layer weights for the batched int8 kernel (kernels::PackWeights) where this
+  // CPU has it: 3-4x faster matmuls for decode batches, ~2x for one row, at the cost of a
+  // second copy of those weights in memory (the mapped file stays for the SGEMM path).
+  bool pack_weights = true;
   // Sees every layer's K (rotated) and V rows of each step before they are cached, n rows
   // of n_kv_heads * head_dim with their positions; for KV calibration (`quantkv calibrate`).
   // Under tensor parallelism only this rank's KV heads (shard().kv_heads).
@@ -111,6 +115,7 @@ class Engine {
   Engine() = default;
   absl::Status PlanShard();
   absl::Status LoadWeights();
+  absl::Status PackWeights();  // config_.pack_weights
   // Sums a row-parallel layer's partial output over the tensor-parallel group.
   absl::Status ReduceSum(std::vector<float>& x, int64_t n) const;
   void Embed(std::span<const int32_t> tokens, float* out) const;
@@ -125,6 +130,7 @@ class Engine {
   // Column slices of row-parallel weights (attn_output, ffn_down), copied at load time
   // because a row's blocks are contiguous; the Layer matrices point into them.
   std::vector<std::vector<uint8_t>> sliced_;
+  std::vector<std::unique_ptr<kernels::PackedWeights>> packed_;  // see pack_weights
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
   absl::flat_hash_map<SequenceId, SequenceKv> sequences_;
