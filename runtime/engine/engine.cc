@@ -120,23 +120,34 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   QKV_RETURN_IF_ERROR(e->PlanShard());
   QKV_RETURN_IF_ERROR(e->LoadWeights());
   const ModelConfig& c = e->weights_->config();
-  KvCacheConfig kv;
-  kv.n_layers = c.n_layers;
-  // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
-  kv.n_kv_heads = e->shard_.kv_heads.size;
-  kv.head_dim = c.head_dim;
-  QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(config.kv_spec, c.n_layers));
-  if (!e->shard_.whole()) {
-    SliceStaticScales(kv.policy, c.n_kv_heads * c.head_dim,
-                      {e->shard_.kv_heads.begin * c.head_dim, kv.n_kv_heads * c.head_dim});
-  }
-  kv.max_bytes = config.kv_max_bytes;
-  kv.max_step_tokens = config.max_chunk_tokens;
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
-  // Pre-RoPE keys are rotated again for every decoded key row: cache cos/sin per position.
-  if (kv.policy.pre_rope_keys) e->rope_->Precompute(std::min<int64_t>(c.context_length, 1 << 17));
-  kv.rope = e->rope_.get();
-  QKV_ASSIGN_OR_RETURN(e->kv_, KvCache::Create(kv));
+  std::vector<std::string> specs = {config.kv_spec};
+  specs.insert(specs.end(), config.more_kv_specs.begin(), config.more_kv_specs.end());
+  for (const std::string& spec : specs) {
+    KvCacheConfig kv;
+    kv.n_layers = c.n_layers;
+    // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
+    kv.n_kv_heads = e->shard_.kv_heads.size;
+    kv.head_dim = c.head_dim;
+    QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(spec, c.n_layers));
+    if (!e->shard_.whole()) {
+      SliceStaticScales(kv.policy, c.n_kv_heads * c.head_dim,
+                        {e->shard_.kv_heads.begin * c.head_dim, kv.n_kv_heads * c.head_dim});
+    }
+    kv.max_bytes = config.kv_max_bytes / static_cast<int64_t>(specs.size());
+    kv.max_step_tokens = config.max_chunk_tokens;
+    // Pre-RoPE keys are rotated again for every decoded key row: cache cos/sin per position.
+    if (kv.policy.pre_rope_keys) {
+      e->rope_->Precompute(std::min<int64_t>(c.context_length, 1 << 17));
+    }
+    kv.rope = e->rope_.get();
+    absl::StatusOr<std::unique_ptr<KvCache>> cache = KvCache::Create(kv);
+    if (!cache.ok()) {
+      return absl::Status(cache.status().code(),
+                          absl::StrFormat("KV cache '%s': %s", spec, cache.status().message()));
+    }
+    e->kv_.push_back(std::move(*cache));
+  }
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
   return e;
 }
@@ -262,10 +273,22 @@ absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n) const {
   return config_.comm->AllReduceSum(x.data(), n);
 }
 
-SequenceId Engine::NewSequence() {
+absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
+  if (kv_cache < 0 || kv_cache >= kv_cache_count()) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("engine: no KV cache %d (the engine has %d)", kv_cache, kv_cache_count()));
+  }
   const SequenceId id = next_seq_++;
-  sequences_.emplace(id, SequenceKv{});
+  sequences_.emplace(id, Sequence{.kv = {}, .cache = kv_cache});
   return id;
+}
+
+absl::StatusOr<int> Engine::SequenceCache(SequenceId seq) const {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
+  }
+  return it->second.cache;
 }
 
 absl::Status Engine::Release(SequenceId seq) {
@@ -273,7 +296,7 @@ absl::Status Engine::Release(SequenceId seq) {
   if (it == sequences_.end()) {
     return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
   }
-  kv_->Free(it->second);
+  kv_[it->second.cache]->Free(it->second.kv);
   sequences_.erase(it);
   return absl::OkStatus();
 }
@@ -283,7 +306,7 @@ absl::StatusOr<int64_t> Engine::SequenceLength(SequenceId seq) const {
   if (it == sequences_.end()) {
     return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
   }
-  return it->second.length;
+  return it->second.kv.length;
 }
 
 void Engine::Embed(std::span<const int32_t> tokens, float* out) const {
@@ -334,7 +357,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
             absl::StrFormat("engine: token id %d outside the vocabulary [0, %d)", t, c.vocab_size));
       }
     }
-    const int64_t end = sequences_[in.seq].length + static_cast<int64_t>(in.tokens.size());
+    const int64_t end = sequences_[in.seq].kv.length + static_cast<int64_t>(in.tokens.size());
     if (end > c.context_length * 16) {  // far past any trained/scaled window: refuse
       return absl::OutOfRangeError(absl::StrFormat(
           "engine: sequence %d would reach %d tokens, beyond 16x the context length %d", in.seq,
@@ -345,14 +368,17 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   // Reserve cache blocks for all inputs; undo on failure so nothing changes.
   std::vector<size_t> had_blocks;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    SequenceKv& sb = sequences_[inputs[i].seq];
+    Sequence& si = sequences_[inputs[i].seq];
+    SequenceKv& sb = si.kv;
     had_blocks.push_back(sb.blocks.size());
-    absl::Status s = kv_->Reserve(sb, sb.length + static_cast<int64_t>(inputs[i].tokens.size()));
+    absl::Status s =
+        kv_[si.cache]->Reserve(sb, sb.length + static_cast<int64_t>(inputs[i].tokens.size()));
     if (!s.ok()) {
       for (size_t j = 0; j < i; ++j) {
-        SequenceKv& sj = sequences_[inputs[j].seq];
+        Sequence& seq_j = sequences_[inputs[j].seq];
+        SequenceKv& sj = seq_j.kv;
         for (size_t b = had_blocks[j]; b < sj.blocks.size(); ++b) {
-          (void)kv_->allocator().Release(sj.blocks[b]);
+          (void)kv_[seq_j.cache]->allocator().Release(sj.blocks[b]);
         }
         sj.blocks.resize(had_blocks[j]);
       }
@@ -371,7 +397,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   tokens.reserve(total);
   positions.reserve(total);
   for (const StepInput& in : inputs) {
-    const int64_t base = sequences_[in.seq].length;
+    const int64_t base = sequences_[in.seq].kv.length;
     for (size_t i = 0; i < in.tokens.size(); ++i) {
       tokens.push_back(in.tokens[i]);
       positions.push_back(static_cast<int32_t>(base + i));
@@ -408,9 +434,11 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());
     int64_t row = 0;
     for (const StepInput& in : inputs) {
-      SequenceKv& sb = sequences_[in.seq];
+      Sequence& seq = sequences_[in.seq];
+      SequenceKv& sb = seq.kv;
+      KvCache& cache = *kv_[seq.cache];
       const int64_t n = static_cast<int64_t>(in.tokens.size());
-      kv_->Write(sb, li, sb.length, n, k.data() + row * kv_dim, v.data() + row * kv_dim);
+      cache.Write(sb, li, sb.length, n, k.data() + row * kv_dim, v.data() + row * kv_dim);
       kernels::AttentionQuery aq;
       aq.q = q.data() + row * q_dim;
       aq.n_q = n;
@@ -418,7 +446,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.positions = positions.data() + row;
       aq.scale = scale;
       aq.fused_decode = config_.fused_decode_attention;
-      kernels::Attention(aq, kv_->View(sb, li, sb.length + n), attn.data() + row * q_dim, pool);
+      kernels::Attention(aq, cache.View(sb, li, sb.length + n), attn.data() + row * q_dim, pool);
       row += n;
     }
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));
@@ -459,7 +487,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset, pool, mm_head));
 
   for (const StepInput& in : inputs) {
-    sequences_[in.seq].length += static_cast<int64_t>(in.tokens.size());
+    sequences_[in.seq].kv.length += static_cast<int64_t>(in.tokens.size());
   }
   last_step_.tokens = total;
   last_step_.forward_ns =

@@ -28,6 +28,10 @@ struct EngineConfig {
   // (runtime/kv/kv_policy.h).
   std::string kv_spec = "fp16";
   int64_t kv_max_bytes = int64_t{1} << 30;
+  // Further KV caches, one per spec, that sequences may be created in (NewSequence(i) puts
+  // a sequence in cache i; kv_spec is cache 0): a server offering several presets. The
+  // caches share kv_max_bytes evenly.
+  std::vector<std::string> more_kv_specs;
   // Longest run of tokens of one sequence in a Step; longer inputs are split.
   int64_t max_chunk_tokens = 512;
   // kInt8 is llama.cpp's decode path (int8 activations against Q4/Q8 weights); kFloat32
@@ -82,12 +86,18 @@ class Engine {
   const ModelConfig& model_config() const { return weights_->config(); }
   const EngineConfig& config() const { return config_; }
   const WeightSource& weights() const { return *weights_; }
-  const KvCache& kv_cache() const { return *kv_; }
+  // Cache 0 is kv_spec's, 1.. more_kv_specs'.
+  int kv_cache_count() const { return static_cast<int>(kv_.size()); }
+  const KvCache& kv_cache(int index = 0) const { return *kv_[index]; }
   const kernels::RopeTable& rope() const { return *rope_; }
   // The heads and MLP columns this engine computes (everything without tensor parallelism).
   const TensorShard& shard() const { return shard_; }
 
-  SequenceId NewSequence();
+  // A new empty sequence in KV cache `kv_cache` (< kv_cache_count(), else OUT_OF_RANGE).
+  absl::StatusOr<SequenceId> NewSequenceIn(int kv_cache);
+  SequenceId NewSequence() { return *NewSequenceIn(0); }
+  // Which KV cache `seq` lives in; NOT_FOUND for an unknown sequence.
+  absl::StatusOr<int> SequenceCache(SequenceId seq) const;
   absl::Status Release(SequenceId seq);
   absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const;
 
@@ -123,7 +133,7 @@ class Engine {
   EngineConfig config_;
   std::unique_ptr<WeightSource> weights_;
   std::unique_ptr<kernels::ThreadPool> pool_;
-  std::unique_ptr<KvCache> kv_;
+  std::vector<std::unique_ptr<KvCache>> kv_;
   std::unique_ptr<kernels::RopeTable> rope_;
   TensorShard shard_;
   std::vector<Layer> layers_;
@@ -133,7 +143,11 @@ class Engine {
   std::vector<std::unique_ptr<kernels::PackedWeights>> packed_;  // see pack_weights
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
-  absl::flat_hash_map<SequenceId, SequenceKv> sequences_;
+  struct Sequence {
+    SequenceKv kv;
+    int cache = 0;  // index into kv_
+  };
+  absl::flat_hash_map<SequenceId, Sequence> sequences_;
   SequenceId next_seq_ = 1;
   StepTimings last_step_;
 };

@@ -58,8 +58,7 @@ void CheckPrefill(Engine& engine, const json& prompt, double tol) {
   for (size_t t = 0; t < ids.size(); ++t) {
     const float* row = logits.data() + t * V;
     const int64_t argmax = std::max_element(row, row + V) - row;
-    EXPECT_EQ(argmax, positions[t]["argmax"].get<int64_t>())
-        << prompt["name"] << " position " << t;
+    EXPECT_EQ(argmax, positions[t]["argmax"].get<int64_t>()) << prompt["name"] << " position " << t;
     double err = 0, norm = 0;
     for (const json& kv : positions[t]["topk"]) {
       const double ref = kv[1].get<double>();
@@ -147,8 +146,7 @@ TEST_F(EngineModelTest, Int8DecodeAgreesWithTransformersOnTeacherForcedSteps) {
       agree += got == want[i];
       if (margin[i] >= 0.25) {
         ++decisive;
-        EXPECT_EQ(got, want[i]) << p["name"] << " step " << i << " (HF margin " << margin[i]
-                                << ")";
+        EXPECT_EQ(got, want[i]) << p["name"] << " step " << i << " (HF margin " << margin[i] << ")";
       }
       logits.clear();
       ASSERT_TRUE(engine->Forward(seq, {&want[i], 1}, false, &logits).ok());
@@ -180,6 +178,70 @@ TEST_F(EngineModelTest, MeanNllMatchesFloat64) {
     nll /= static_cast<double>(ids.size() - 1);
     EXPECT_NEAR(nll, p["mean_nll_f64"].get<double>(), 1e-3) << p["name"];
   }
+}
+
+// A server with several KV presets runs them as caches of one engine: a sequence in cache
+// i computes exactly what it computes in an engine with only that cache, sequences of
+// different caches share a Step, and each cache's blocks are its own.
+TEST_F(EngineModelTest, SeveralKvCachesInOneEngineMatchSingleCacheEngines) {
+  // Per-row matmuls (as the server runs) so a row does not depend on the batch around it.
+  auto make = [](const std::string& kv, std::vector<std::string> more, int64_t bytes) {
+    auto model = GgufModel::Open(testing::DefaultModelPath().string());
+    EXPECT_TRUE(model.ok()) << model.status();
+    EngineConfig cfg;
+    cfg.threads = 2;
+    cfg.kv_spec = kv;
+    cfg.more_kv_specs = std::move(more);
+    cfg.kv_max_bytes = bytes;
+    cfg.gemm_min_rows = int64_t{1} << 40;
+    return Engine::Create(std::move(*model), cfg);
+  };
+  auto multi = make("fp16", {"int2"}, int64_t{128} << 20);  // 64 MiB each
+  ASSERT_TRUE(multi.ok()) << multi.status();
+  ASSERT_EQ((*multi)->kv_cache_count(), 2);
+  EXPECT_EQ((*multi)->kv_cache(0).capacity_tokens(),
+            MakeEngine("fp16", kernels::ActivationPrecision::kInt8)->kv_cache().capacity_tokens());
+  EXPECT_FALSE((*multi)->NewSequenceIn(2).ok());
+  EXPECT_FALSE((*multi)->NewSequenceIn(-1).ok());
+
+  // Long enough to fill blocks (a partial tail block stays fp16 in every cache).
+  std::vector<int32_t> ids;
+  while (ids.size() < 300) {
+    for (int32_t t : Ids(fixture_["prompts"][0]["input_ids"])) ids.push_back(t);
+  }
+  const int64_t V = (*multi)->model_config().vocab_size;
+  std::vector<std::vector<float>> single(2);
+  int i = 0;
+  for (const char* kv : {"fp16", "int2"}) {
+    auto engine = make(kv, {}, int64_t{64} << 20);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    const SequenceId seq = (*engine)->NewSequence();
+    ASSERT_TRUE((*engine)->Forward(seq, ids, /*all_logits=*/true, &single[i++]).ok());
+  }
+  auto a = (*multi)->NewSequenceIn(0), b = (*multi)->NewSequenceIn(1);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(*(*multi)->SequenceCache(*b), 1);
+  // Both sequences in one Step (prefill), then compare every position's logits.
+  const StepInput inputs[] = {{.seq = *a, .tokens = ids, .all_logits = true},
+                              {.seq = *b, .tokens = ids, .all_logits = true}};
+  std::vector<float> logits;
+  ASSERT_TRUE((*multi)->Step(inputs, &logits).ok());
+  ASSERT_EQ(logits.size(), 2 * ids.size() * V);
+  for (int c = 0; c < 2; ++c) {
+    for (size_t k = 0; k < ids.size() * V; ++k) {
+      ASSERT_EQ(logits[c * ids.size() * V + k], single[c][k]) << "cache " << c << " at " << k;
+    }
+  }
+  // The int2 cache changes the logits: the two caches really are different.
+  EXPECT_NE(single[0], single[1]);
+  auto used = [&](int c) {
+    const BlockAllocator& blocks = (*multi)->kv_cache(c).allocator();
+    return blocks.num_blocks() - blocks.num_free();
+  };
+  EXPECT_GT(used(1), 0);
+  ASSERT_TRUE((*multi)->Release(*b).ok());
+  EXPECT_EQ(used(1), 0);
+  EXPECT_GT(used(0), 0);
 }
 
 }  // namespace
