@@ -8,23 +8,33 @@
 // stream: the target is aggregate output tok/s at 16 streams >= 4x one stream.
 // Second part: how many 2048-token sequences each preset's cache admits under one KV byte
 // budget (Reserve until the pool is full), against fp16 (target: 4-bit >= 3.5x).
+// Optional open loop (--request-rates): requests arrive as a Poisson process at each given
+// rate, whatever the server's progress, as vLLM benchmark_serving's --request-rate does; a
+// closed loop never offers more than the server finishes, so it hides queueing delay.
 //
 //   build/bench/serve_load [--presets fp16,int4-comp,int2-comp] [--streams 1,4,16,64]
 //                          [--threads 2] [--text FILE] [--out bench/results] [--quick]
 //                          [--prefill-gemm]  (SGEMM for steps of >= 8 rows, as the serve flag)
+//                          [--request-rates 2,4,8]  (requests/s; none by default)
+//                          [--rate-requests 32]  (requests per rate; 8 with --quick)
+//                          [--max-in-flight 256] [--seed 1]  (open-loop cap and arrival seed)
+// `--streams ""` runs the open loop only.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <limits>
 #include <random>
+#include <semaphore>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/results.h"
@@ -51,6 +61,13 @@ struct Options {
   int output_min = 32, output_max = 64;  // tokens
   int64_t budget_mb = 512;               // second part: KV pool budget
   bool prefill_gemm = false;             // `quantkv serve --prefill-gemm`: SGEMM for many rows
+  // Open loop: Poisson arrival rates (requests/s); empty: closed loop only, as before.
+  std::vector<double> request_rates;
+  int rate_requests = 0;  // per rate; 0: 32, or 8 with --quick
+  // Most requests in flight at once in the open loop: an arrival beyond it waits for a slot,
+  // as under vLLM's --max-concurrency, so one overloaded rate cannot spawn without bound.
+  int max_in_flight = 256;
+  uint64_t seed = 1;  // arrival times and prompts of the open loop
 };
 
 struct RequestResult {
@@ -108,12 +125,61 @@ RequestResult RunOne(quantkv::v1::Generation::Stub& stub, const std::vector<int3
 
 struct LoadRow {
   std::string preset;
-  int streams = 0;
+  int streams = 0;         // closed loop
+  double rate = 0;         // open loop: offered requests/s
+  int peak_in_flight = 0;  // open loop: most requests sent and not yet finished
+  int waited = 0;          // open loop: arrivals that found --max-in-flight requests running
   int requests = 0, failed = 0;
   double duration_s = 0, req_per_s = 0, out_tok_per_s = 0;
   double ttft[3] = {}, tpot[3] = {}, itl[3] = {};  // p50, p90, p99 in ms
   std::string first_error;
 };
+
+// (prompt, output length) of each request.
+using Work = std::vector<std::pair<std::vector<int32_t>, int>>;
+
+Work MakeWork(int n_requests, std::mt19937_64& rng, const std::vector<int32_t>& corpus,
+              const Options& o) {
+  std::uniform_int_distribution<int> plen(o.prompt_min, o.prompt_max);
+  std::uniform_int_distribution<int> olen(o.output_min, o.output_max);
+  Work work;
+  for (int i = 0; i < n_requests; ++i) {
+    const int n = plen(rng);
+    std::uniform_int_distribution<size_t> off(0, corpus.size() - static_cast<size_t>(n) - 1);
+    const size_t at = off(rng);
+    work.push_back({std::vector<int32_t>(corpus.begin() + static_cast<std::ptrdiff_t>(at),
+                                         corpus.begin() + static_cast<std::ptrdiff_t>(at) + n),
+                    olen(rng)});
+  }
+  return work;
+}
+
+// Fills the throughput and latency columns of `row` from one run's results.
+void Summarize(const std::vector<RequestResult>& results, double duration_s, LoadRow& row) {
+  row.requests = static_cast<int>(results.size());
+  row.duration_s = duration_s;
+  std::vector<double> ttft, tpot, itl;
+  int64_t out_tokens = 0;
+  for (const RequestResult& r : results) {
+    if (!r.ok) {
+      ++row.failed;
+      if (row.first_error.empty()) row.first_error = r.error;
+      continue;
+    }
+    out_tokens += r.output_tokens;
+    ttft.push_back(1e3 * r.ttft_s);
+    if (r.output_tokens > 1) tpot.push_back(1e3 * (r.e2e_s - r.ttft_s) / (r.output_tokens - 1));
+    for (double x : r.itl_s) itl.push_back(1e3 * x);
+  }
+  row.req_per_s = (row.requests - row.failed) / row.duration_s;
+  row.out_tok_per_s = static_cast<double>(out_tokens) / row.duration_s;
+  const double ps[3] = {50, 90, 99};
+  for (int i = 0; i < 3; ++i) {
+    row.ttft[i] = Percentile(ttft, ps[i]);
+    row.tpot[i] = Percentile(tpot, ps[i]);
+    row.itl[i] = Percentile(itl, ps[i]);
+  }
+}
 
 LoadRow RunLoad(const std::string& address, const std::string& preset, int n_streams,
                 const std::vector<int32_t>& corpus, const Options& o) {
@@ -123,17 +189,7 @@ LoadRow RunLoad(const std::string& address, const std::string& preset, int n_str
   // whose prefill alone dominates on 2 cores). Fixed seed: every preset gets the same ones.
   const int n_requests = n_streams == 1 ? 4 : n_streams <= 16 ? 2 * n_streams : n_streams;
   std::mt19937_64 rng(1234 + static_cast<uint64_t>(n_streams));
-  std::uniform_int_distribution<int> plen(o.prompt_min, o.prompt_max);
-  std::uniform_int_distribution<int> olen(o.output_min, o.output_max);
-  std::vector<std::pair<std::vector<int32_t>, int>> work;
-  for (int i = 0; i < n_requests; ++i) {
-    const int n = plen(rng);
-    std::uniform_int_distribution<size_t> off(0, corpus.size() - static_cast<size_t>(n) - 1);
-    const size_t at = off(rng);
-    work.push_back({std::vector<int32_t>(corpus.begin() + static_cast<std::ptrdiff_t>(at),
-                                         corpus.begin() + static_cast<std::ptrdiff_t>(at) + n),
-                    olen(rng)});
-  }
+  const Work work = MakeWork(n_requests, rng, corpus, o);
   std::vector<RequestResult> results(work.size());
   std::atomic<size_t> next{0};
   const auto t0 = Clock::now();
@@ -149,36 +205,62 @@ LoadRow RunLoad(const std::string& address, const std::string& preset, int n_str
   LoadRow row;
   row.preset = preset;
   row.streams = n_streams;
-  row.requests = n_requests;
-  row.duration_s = std::chrono::duration<double>(Clock::now() - t0).count();
-  std::vector<double> ttft, tpot, itl;
-  int64_t out_tokens = 0;
-  for (const RequestResult& r : results) {
-    if (!r.ok) {
-      ++row.failed;
-      if (row.first_error.empty()) row.first_error = r.error;
-      continue;
+  Summarize(results, std::chrono::duration<double>(Clock::now() - t0).count(), row);
+  return row;
+}
+
+// Open loop: request i is sent at the i-th arrival of a Poisson process of `rate` per
+// second (the first at once, then exponential gaps, as benchmark_serving), each on its own
+// thread, so arrivals do not wait for earlier requests to finish. Duration: first arrival
+// to last completion.
+LoadRow RunOpenLoop(const std::string& address, const std::string& preset, double rate,
+                    const std::vector<int32_t>& corpus, const Options& o) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto stub = quantkv::v1::Generation::NewStub(channel);
+  // Seeded by rate too, but not by preset: every preset gets the same prompts and arrivals.
+  std::mt19937_64 rng(o.seed * 1000003 + static_cast<uint64_t>(rate * 1000));
+  const Work work = MakeWork(o.rate_requests, rng, corpus, o);
+  std::exponential_distribution<double> gap_s(rate);
+  std::vector<RequestResult> results(work.size());
+  std::counting_semaphore<> slots(o.max_in_flight);
+  std::atomic<int> in_flight{0}, peak{0}, waited{0};
+  std::vector<std::thread> clients;
+  clients.reserve(work.size());
+  const auto t0 = Clock::now();
+  auto arrival = t0;
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (i > 0) {
+      arrival +=
+          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap_s(rng)));
+      std::this_thread::sleep_until(arrival);
     }
-    out_tokens += r.output_tokens;
-    ttft.push_back(1e3 * r.ttft_s);
-    if (r.output_tokens > 1) tpot.push_back(1e3 * (r.e2e_s - r.ttft_s) / (r.output_tokens - 1));
-    for (double x : r.itl_s) itl.push_back(1e3 * x);
+    clients.emplace_back([&, i] {
+      if (!slots.try_acquire()) {
+        ++waited;
+        slots.acquire();
+      }
+      const int now = ++in_flight;
+      for (int p = peak.load(); now > p && !peak.compare_exchange_weak(p, now);) {
+      }
+      results[i] = RunOne(*stub, work[i].first, work[i].second);
+      --in_flight;
+      slots.release();
+    });
   }
-  row.req_per_s = (n_requests - row.failed) / row.duration_s;
-  row.out_tok_per_s = static_cast<double>(out_tokens) / row.duration_s;
-  const double ps[3] = {50, 90, 99};
-  for (int i = 0; i < 3; ++i) {
-    row.ttft[i] = Percentile(ttft, ps[i]);
-    row.tpot[i] = Percentile(tpot, ps[i]);
-    row.itl[i] = Percentile(itl, ps[i]);
-  }
+  for (std::thread& t : clients) t.join();
+  LoadRow row;
+  row.preset = preset;
+  row.rate = rate;
+  row.peak_in_flight = peak.load();
+  row.waited = waited.load();
+  Summarize(results, std::chrono::duration<double>(Clock::now() - t0).count(), row);
   return row;
 }
 
 struct CapacityRow {
   std::string preset;
   double bits = 0;
-  int64_t admitted = 0;        // 2048-token sequences the pool admits
+  int64_t admitted = 0;         // 2048-token sequences the pool admits
   int64_t protected_bytes = 0;  // per sequence, fp16 sinks + window + tail (outside the pool)
 };
 
@@ -206,9 +288,9 @@ absl::StatusOr<CapacityRow> Capacity(const ModelConfig& m, const std::string& pr
   }
   row.admitted = static_cast<int64_t>(seqs.size());
   if (!seqs.empty()) {
-    row.protected_bytes = (*cache)->SequenceBytes(seqs[0]) -
-                          static_cast<int64_t>(seqs[0].blocks.size()) *
-                              (*cache)->block_bytes_all_layers();
+    row.protected_bytes =
+        (*cache)->SequenceBytes(seqs[0]) -
+        static_cast<int64_t>(seqs[0].blocks.size()) * (*cache)->block_bytes_all_layers();
   }
   for (SequenceKv& s : seqs) (*cache)->Free(s);
   return row;
@@ -222,12 +304,22 @@ std::vector<std::string> SplitList(const std::string& s) {
   return out;
 }
 
+bool ParseInt(const std::string& flag, const std::string& v, int lo, int* out) {
+  if (!absl::SimpleAtoi(v, out) || *out < lo) {
+    std::cerr << "serve_load: " << flag << " wants an integer >= " << lo << ", got '" << v << "'\n";
+    return false;
+  }
+  return true;
+}
+
 int Main(int argc, char** argv) {
   Options o;
+  bool quick = false;
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
     if (f == "--quick") {
       o.streams = {1, 4};
+      quick = true;
       continue;
     }
     if (f == "--prefill-gemm") {
@@ -252,11 +344,33 @@ int Main(int argc, char** argv) {
       o.out = v;
     } else if (f == "--budget-mb") {
       o.budget_mb = std::stoll(v);
+    } else if (f == "--request-rates") {
+      o.request_rates.clear();
+      for (const std::string& s : SplitList(v)) {
+        double r = 0;
+        // Finite and positive: an exponential gap needs a rate, and "inf" (all at once) is
+        // what --streams N already measures.
+        if (!absl::SimpleAtod(s, &r) || !(r > 0) || !std::isfinite(r)) {
+          std::cerr << "serve_load: --request-rates wants positive requests/s, got '" << s << "'\n";
+          return 2;
+        }
+        o.request_rates.push_back(r);
+      }
+    } else if (f == "--rate-requests") {
+      if (!ParseInt(f, v, 1, &o.rate_requests)) return 2;
+    } else if (f == "--max-in-flight") {
+      if (!ParseInt(f, v, 1, &o.max_in_flight)) return 2;
+    } else if (f == "--seed") {
+      if (!absl::SimpleAtoi(v, &o.seed)) {
+        std::cerr << "serve_load: --seed wants an unsigned integer, got '" << v << "'\n";
+        return 2;
+      }
     } else {
       std::cerr << "serve_load: unknown flag " << f << "\n";
       return 2;
     }
   }
+  if (o.rate_requests == 0) o.rate_requests = quick ? 8 : 32;
   std::ifstream in(o.text, std::ios::binary);
   if (!in) {
     std::cerr << "serve_load: cannot open " << o.text << "\n";
@@ -266,6 +380,7 @@ int Main(int argc, char** argv) {
   buf << in.rdbuf();
 
   std::vector<LoadRow> rows;
+  std::vector<LoadRow> open_rows;  // --request-rates
   std::vector<CapacityRow> capacity;
   for (const std::string& preset : o.presets) {
     launcher::ModelFlags mf;
@@ -321,21 +436,32 @@ int Main(int argc, char** argv) {
                   << " requests failed: " << rows.back().first_error << "\n";
       }
     }
+    for (double rate : o.request_rates) {
+      std::cerr << absl::StrFormat("serve_load: %s, Poisson %g requests/s ...\n", preset, rate);
+      open_rows.push_back(RunOpenLoop((*server)->address(), preset, rate, *ids, o));
+      if (open_rows.back().failed > 0) {
+        std::cerr << "serve_load: " << open_rows.back().failed
+                  << " requests failed: " << open_rows.back().first_error << "\n";
+      }
+    }
     (*server)->Shutdown(absl::Seconds(5));
     (*loop)->Shutdown();
   }
 
-  std::string md = absl::StrFormat(
-      "Closed-loop load on `quantkv serve` (in-process server, gRPC over loopback), %d engine "
-      "threads, prompts %d-%d tokens of WikiText-2 at random offsets, %d-%d output tokens "
-      "(ignore_eos), %s. TTFT / TPOT / ITL as in "
-      "vLLM's benchmark_serving. Speed-up: output tok/s against 1 stream of the same preset "
-      "in the same run.\n\n"
-      "| --kv | streams | requests | req/s | output tok/s | speed-up vs 1 | TTFT p50/p90/p99 ms "
-      "| TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms |\n|---|---|---|---|---|---|---|---|---|\n",
-      o.threads, o.prompt_min, o.prompt_max, o.output_min, o.output_max,
-      o.prefill_gemm ? "steps of >= 8 rows through tiled SGEMM (--prefill-gemm)"
-                     : "per-row matmuls as the server runs by default");
+  std::string md;
+  if (!o.streams.empty()) {
+    md += absl::StrFormat(
+        "Closed-loop load on `quantkv serve` (in-process server, gRPC over loopback), %d engine "
+        "threads, prompts %d-%d tokens of WikiText-2 at random offsets, %d-%d output tokens "
+        "(ignore_eos), %s. TTFT / TPOT / ITL as in "
+        "vLLM's benchmark_serving. Speed-up: output tok/s against 1 stream of the same preset "
+        "in the same run.\n\n"
+        "| --kv | streams | requests | req/s | output tok/s | speed-up vs 1 | TTFT p50/p90/p99 ms "
+        "| TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms |\n|---|---|---|---|---|---|---|---|---|\n",
+        o.threads, o.prompt_min, o.prompt_max, o.output_min, o.output_max,
+        o.prefill_gemm ? "steps of >= 8 rows through tiled SGEMM (--prefill-gemm)"
+                       : "per-row matmuls as the server runs by default");
+  }
   nlohmann::json j;
   j["load"] = nlohmann::json::array();
   for (const LoadRow& r : rows) {
@@ -349,8 +475,8 @@ int Main(int argc, char** argv) {
         "/ %.1f / %.1f |\n",
         r.preset, r.streams, r.requests,
         r.failed ? absl::StrFormat(" (%d failed)", r.failed) : std::string(), r.req_per_s,
-        r.out_tok_per_s, speedup, r.ttft[0], r.ttft[1], r.ttft[2], r.tpot[0], r.tpot[1],
-        r.tpot[2], r.itl[0], r.itl[1], r.itl[2]);
+        r.out_tok_per_s, speedup, r.ttft[0], r.ttft[1], r.ttft[2], r.tpot[0], r.tpot[1], r.tpot[2],
+        r.itl[0], r.itl[1], r.itl[2]);
     j["load"].push_back({{"preset", r.preset},
                          {"streams", r.streams},
                          {"requests", r.requests},
@@ -362,6 +488,48 @@ int Main(int argc, char** argv) {
                          {"ttft_ms_p50_p90_p99", {r.ttft[0], r.ttft[1], r.ttft[2]}},
                          {"tpot_ms_p50_p90_p99", {r.tpot[0], r.tpot[1], r.tpot[2]}},
                          {"itl_ms_p50_p90_p99", {r.itl[0], r.itl[1], r.itl[2]}}});
+  }
+  if (!open_rows.empty()) {
+    md += absl::StrFormat(
+        "%sOpen-loop load on `quantkv serve` (in-process server, gRPC over loopback), %d engine "
+        "threads, prompts %d-%d tokens of WikiText-2 at random offsets, %d-%d output tokens "
+        "(ignore_eos): Poisson arrivals (exponential inter-arrival times, seed %d) at each rate, "
+        "%d requests per rate, each a streaming Generate on its own client thread, at most %d in "
+        "flight (a later arrival waits for a slot and its latencies count from when it is sent, "
+        "as under vLLM's --max-concurrency). req/s and output tok/s from the first arrival to "
+        "the last completion: near the offered rate while the server keeps up (noisy over few "
+        "requests), below it once requests queue, when TTFT grows. Peak in flight: most "
+        "requests sent and not finished at once.\n\n"
+        "| --kv | rate req/s | requests | req/s | output tok/s | peak in flight | TTFT "
+        "p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms |\n"
+        "|---|---|---|---|---|---|---|---|---|\n",
+        md.empty() ? "" : "\n", o.threads, o.prompt_min, o.prompt_max, o.output_min, o.output_max,
+        o.seed, o.rate_requests, o.max_in_flight);
+    j["open_loop"] = nlohmann::json::array();
+    for (const LoadRow& r : open_rows) {
+      md += absl::StrFormat(
+          "| %s | %g | %d%s | %.2f | %.1f | %d%s | %.0f / %.0f / %.0f | %.1f / %.1f / %.1f | "
+          "%.1f / %.1f / %.1f |\n",
+          r.preset, r.rate, r.requests,
+          r.failed ? absl::StrFormat(" (%d failed)", r.failed) : std::string(), r.req_per_s,
+          r.out_tok_per_s, r.peak_in_flight,
+          r.waited ? absl::StrFormat(" (%d waited)", r.waited) : std::string(), r.ttft[0],
+          r.ttft[1], r.ttft[2], r.tpot[0], r.tpot[1], r.tpot[2], r.itl[0], r.itl[1], r.itl[2]);
+      j["open_loop"].push_back({{"preset", r.preset},
+                                {"request_rate", r.rate},
+                                {"requests", r.requests},
+                                {"failed", r.failed},
+                                {"duration_s", r.duration_s},
+                                {"req_per_s", r.req_per_s},
+                                {"output_tok_per_s", r.out_tok_per_s},
+                                {"peak_in_flight", r.peak_in_flight},
+                                {"waited_for_slot", r.waited},
+                                {"max_in_flight", o.max_in_flight},
+                                {"seed", o.seed},
+                                {"ttft_ms_p50_p90_p99", {r.ttft[0], r.ttft[1], r.ttft[2]}},
+                                {"tpot_ms_p50_p90_p99", {r.tpot[0], r.tpot[1], r.tpot[2]}},
+                                {"itl_ms_p50_p90_p99", {r.itl[0], r.itl[1], r.itl[2]}}});
+    }
   }
   md += absl::StrFormat(
       "\nConcurrent 2048-token sequences admitted by a %d MiB KV pool (Reserve until full). "
@@ -375,9 +543,9 @@ int Main(int argc, char** argv) {
   }
   j["capacity"] = nlohmann::json::array();
   for (const CapacityRow& c : capacity) {
-    const double ratio =
-        fp16_admitted > 0 ? static_cast<double>(c.admitted) / static_cast<double>(fp16_admitted)
-                          : 0;
+    const double ratio = fp16_admitted > 0
+                             ? static_cast<double>(c.admitted) / static_cast<double>(fp16_admitted)
+                             : 0;
     md += absl::StrFormat("| %s | %.3f | %d | %.2fx | %d |\n", c.preset, c.bits, c.admitted, ratio,
                           c.protected_bytes);
     j["capacity"].push_back({{"preset", c.preset},
@@ -389,7 +557,7 @@ int Main(int argc, char** argv) {
   }
   std::cout << md;
   return WriteResults(o.out, o.prefill_gemm ? "serve_load_prefill_gemm" : "serve_load", j, md) ? 0
-                                                                                            : 1;
+                                                                                               : 1;
 }
 
 }  // namespace

@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[])
     ap.add_argument("--logprobs", type=int, default=0)
+    ap.add_argument("--kv-preset", default="", help="one of ModelInfo's kv_presets (empty: default)")
     args = ap.parse_args()
 
     tmp, pb2, pb2_grpc = load_stubs()
@@ -82,7 +83,8 @@ def main():
                 sampling=pb2.SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                             seed=args.seed),
                 stop=[s.encode() for s in args.stop],
-                logprobs=args.logprobs)
+                logprobs=args.logprobs,
+                kv_preset=args.kv_preset)
             if args.chat:
                 req.chat.messages.add(role="user", content=args.prompt.encode())
             else:
@@ -104,7 +106,7 @@ def main():
                 elif kind == "error":
                     print(f"error: {resp.error.message}", file=sys.stderr)
         elif args.action == "score":
-            print(stub.Score(pb2.ScoreRequest(text=args.prompt.encode()), metadata=metadata))
+            print(stub.Score(pb2.ScoreRequest(text=args.prompt.encode(), kv_preset=args.kv_preset), metadata=metadata))
         elif args.action == "tokenize":
             print(list(stub.Tokenize(pb2.TokenizeRequest(text=args.prompt.encode()),
                                      metadata=metadata).ids))

@@ -168,6 +168,7 @@ int Run(const ClientOptions& o, CommandContext& ctx) {
     if (action == "score") {
       v1::ScoreRequest req;
       req.set_text(o.prompt);
+      req.set_kv_preset(o.kv_preset);
       v1::ScoreResponse resp;
       s = stub->Score(&c, req, &resp);
       json = ToJson(resp);

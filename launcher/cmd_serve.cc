@@ -1,20 +1,28 @@
 // `quantkv serve`: the gRPC generation server (proto/quantkv/v1/generation.proto) over one
 // engine with continuous batching. SIGINT/SIGTERM stop it: new calls are refused, streams
-// in flight end with FINISH_REASON_ABORT, and the process exits.
+// in flight end with FINISH_REASON_ABORT, and the process exits. With --metrics-listen it
+// also serves Prometheus metrics (vLLM's names, `quantkv:` prefix) over HTTP at /metrics.
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "launcher/commands.h"
-#include "launcher/read_file.h"
 #include "launcher/model_session.h"
+#include "launcher/read_file.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
+#include "runtime/serve/metrics_http.h"
 #include "runtime/serve/service_checks.h"
+#include "runtime/serve/serving_metrics.h"
 
 namespace quantkv::launcher {
 namespace {
@@ -22,6 +30,7 @@ namespace {
 struct ServeOptions {
   ModelFlags model;
   std::string listen;
+  std::string metrics_listen;
   int64_t max_running = 16;
   int64_t max_queued = 256;
   int64_t max_step_tokens = 256;
@@ -30,6 +39,7 @@ struct ServeOptions {
   std::string tls_key;
   bool prefill_gemm = false;
   bool fused_decode_attention = false;
+  std::string more_kv;
 };
 
 void Define(FlagSet& f, ServeOptions& o) {
@@ -37,6 +47,15 @@ void Define(FlagSet& f, ServeOptions& o) {
   f.String("listen", &o.listen, "127.0.0.1:50051",
            "HOST:PORT to listen on (port 0: any free one); use 0.0.0.0:PORT or [::]:PORT "
            "explicitly to serve other machines")
+      .Placeholder("HOST:PORT");
+  f.String("more-kv", &o.more_kv, "",
+           "further KV presets or specs, ';'-separated, that a request may choose by name "
+           "(GenerateRequest.kv_preset); --kv is the default. The KV budget is split evenly "
+           "between the presets' pools")
+      .Placeholder("SPEC;SPEC");
+  f.String("metrics-listen", &o.metrics_listen, "",
+           "HOST:PORT to serve Prometheus metrics on, over HTTP at /metrics (empty: off; port "
+           "0: any free one). The endpoint has no authentication or TLS: 127.0.0.1 is advised")
       .Placeholder("HOST:PORT");
   f.Int<int64_t>("max-running", &o.max_running, 16, "most sequences decoding at once",
                  {.min = 1, .max = 4096});
@@ -94,8 +113,41 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
     server_options.tls_key_pem = *key;
   }
 
+  // Metrics come first so that a taken port fails before the model loads; the endpoint
+  // answers (with zero counts) while it does. Declared before the loop: it outlives it.
+  std::unique_ptr<ServingMetrics> metrics;
+  std::unique_ptr<MetricsHttpServer> metrics_server;
+  if (!o.metrics_listen.empty()) {
+    auto m = ServingMetrics::Create(o.model.model);
+    if (!m.ok()) return ReportFailure(ctx, m.status());
+    metrics = std::move(*m);
+    auto http = MetricsHttpServer::Start(o.metrics_listen,
+                                         [registry = metrics.get()] { return registry->Render(); });
+    if (!http.ok()) {
+      // A malformed address is a wrong command line; a taken port is a failure to run.
+      if (http.status().code() == absl::StatusCode::kInvalidArgument) {
+        ctx.err << ctx.command << ": --metrics-listen: " << http.status().message() << "\n";
+        return kExitUsage;
+      }
+      return ReportFailure(ctx, http.status());
+    }
+    metrics_server = std::move(*http);
+  }
+
+  std::vector<std::string> more_kv;
+  for (absl::string_view part :
+       absl::StrSplit(absl::string_view(o.more_kv), ';', absl::SkipWhitespace())) {
+    const std::string name(absl::StripAsciiWhitespace(part));
+    if (name == o.model.kv || std::find(more_kv.begin(), more_kv.end(), name) != more_kv.end()) {
+      ctx.err << ctx.command << ": --more-kv names the preset '" << name << "' twice\n";
+      return kExitUsage;
+    }
+    more_kv.push_back(name);
+  }
+
   EngineConfig base;
   base.max_chunk_tokens = o.max_step_tokens;
+  base.more_kv_specs = more_kv;
   // Per-row matmuls and one attention kernel keep a request's tokens bit-identical however
   // it is batched, chunked or recomputed after preemption.
   base.gemm_min_rows =
@@ -108,25 +160,33 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
   EngineLoopConfig loop_config{.max_running = o.max_running,
                                .max_queued = o.max_queued,
                                .max_step_tokens = o.max_step_tokens,
-                               .kv_preset = o.model.kv};
+                               .kv_preset = o.model.kv,
+                               .more_kv_presets = more_kv,
+                               .metrics = metrics.get()};
   auto loop = EngineLoop::Create(std::move(session->engine), session->tokenizer.get(), loop_config);
   if (!loop.ok()) return ReportFailure(ctx, loop.status());
   auto server = GenerationServer::Start(loop->get(), server_options);
   if (!server.ok()) return ReportFailure(ctx, server.status());
 
   ctx.err << absl::StrFormat(
-                 "%s: listening on %s (%s, model %s, KV %s: %d tokens in blocks of %d%s%s%s)\n",
+                 "%s: listening on %s (%s, model %s, KV %s: %d tokens in blocks of %d%s%s%s%s)%s\n",
                  ctx.command, (*server)->address(), o.tls_cert.empty() ? "plaintext" : "TLS",
                  session->path, o.model.kv, (*loop)->capacity_tokens(), (*loop)->block_tokens(),
+                 more_kv.empty() ? "" : ", also KV " + absl::StrJoin(more_kv, "; "),
                  server_options.api_key.empty() ? "" : ", API key required",
                  o.prefill_gemm ? ", prefill GEMM" : "",
-                 o.fused_decode_attention ? ", fused decode attention" : "")
+                 o.fused_decode_attention ? ", fused decode attention" : "",
+                 metrics_server
+                     ? absl::StrFormat(", metrics on http://%s/metrics", metrics_server->address())
+                     : "")
           << std::flush;
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
   ctx.err << ctx.command << ": " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ", shutting down\n"
           << std::flush;
+  // Scrapes stop first: nothing reads the metrics while the loop winds down.
+  if (metrics_server) metrics_server->Stop();
   (*server)->Shutdown(absl::Seconds(5));
   (*loop)->Shutdown();
   pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);

@@ -32,6 +32,31 @@ else
   echo "setup: system packages present"
 fi
 
+# examples/python_client.py and its ctest (python_client_test) need grpcio and grpcio-tools;
+# from PyPI, as the README says (Debian 12's python3-grpc-tools is 1.14, years older than its
+# python3-grpcio 1.51).
+if python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
+  echo "setup: python grpcio present"
+else
+  echo "setup: installing grpcio grpcio-tools (PyPI)"
+  PIP_ARGS=(install -q grpcio grpcio-tools)
+  # A system python outside a venv: Debian 12 marks it EXTERNALLY-MANAGED (PEP 668), and pip
+  # refuses to install into it without --break-system-packages; not root: --user instead
+  # (the system site-packages is not writable). pyenv or venv pythons need neither.
+  if python3 -c 'import sys; sys.exit(sys.prefix != sys.base_prefix)'; then
+    if python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+      PIP_ARGS+=(--break-system-packages)
+    fi
+    if ! python3 -c 'import os, sys, sysconfig
+sys.exit(not os.access(sysconfig.get_path("purelib"), os.W_OK))'; then
+      PIP_ARGS+=(--user)
+    fi
+  fi
+  python3 -m pip "${PIP_ARGS[@]}"
+  python3 -c 'import grpc, grpc_tools'
+fi
+
 if [[ ${1:-} == --python ]]; then
   python3 -m pip install -q torch transformers tokenizers gguf numpy safetensors accelerate matplotlib
 fi

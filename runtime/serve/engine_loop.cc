@@ -10,6 +10,8 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "runtime/serve/serving_metrics.h"
 
 namespace quantkv {
 namespace {
@@ -75,6 +77,20 @@ size_t FindStop(const std::string& text, const std::vector<std::string>& stops) 
   return best;
 }
 
+RequestOutcome OutcomeOf(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop:
+      return RequestOutcome::kStop;
+    case FinishReason::kLength:
+      return RequestOutcome::kLength;
+    case FinishReason::kAbort:
+      return RequestOutcome::kAbort;
+  }
+  return RequestOutcome::kAbort;
+}
+
+double SecondsBetween(int64_t from_ns, int64_t to_ns) { return (to_ns - from_ns) / 1e9; }
+
 StreamEvent FinalEvent(const GenerationFinal& f) {
   StreamEvent e;
   e.kind = StreamEvent::Kind::kFinal;
@@ -105,6 +121,7 @@ struct EngineLoop::Request {
   SequenceId seq = 0;  // 0: no engine sequence (not admitted yet, or preempted)
   std::string held;    // decoded text not sent yet: it may start a stop string
   int64_t submit_ns = 0;
+  int64_t scheduled_ns = 0;  // first time in a plan: the end of its queue time
   int64_t first_token_ns = 0;
   int64_t last_token_ns = 0;
   int64_t preemptions = 0;
@@ -148,11 +165,18 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(std::unique_ptr<E
         "prefill chunk must fit one engine step input",
         config.max_step_tokens, engine->config().max_chunk_tokens));
   }
-  const KvCache& kv = engine->kv_cache();
+  if (1 + static_cast<int>(config.more_kv_presets.size()) != engine->kv_cache_count()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("EngineLoopConfig names %d KV presets, the engine has %d KV caches",
+                        1 + config.more_kv_presets.size(), engine->kv_cache_count()));
+  }
   SchedulerConfig sc;
-  sc.pools.push_back({.name = config.kv_preset,
-                      .n_blocks = kv.allocator().num_blocks(),
-                      .block_tokens = kv.block_tokens()});
+  for (int i = 0; i < engine->kv_cache_count(); ++i) {
+    const KvCache& kv = engine->kv_cache(i);
+    sc.pools.push_back({.name = i == 0 ? config.kv_preset : config.more_kv_presets[i - 1],
+                        .n_blocks = kv.allocator().num_blocks(),
+                        .block_tokens = kv.block_tokens()});
+  }
   sc.max_step_tokens = config.max_step_tokens;
   sc.max_running = config.max_running;
   sc.max_queued = config.max_queued;
@@ -173,11 +197,27 @@ EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, const Tokenizer* tokenize
       capacity_tokens_(engine_->kv_cache().capacity_tokens()),
       n_blocks_(engine_->kv_cache().allocator().num_blocks()),
       scheduler_(std::move(scheduler)) {
+  kv_presets_.push_back(config_.kv_preset);
+  kv_presets_.insert(kv_presets_.end(), config_.more_kv_presets.begin(),
+                     config_.more_kv_presets.end());
   PublishStats();
   thread_ = std::thread([this] { Run(); });
 }
 
 EngineLoop::~EngineLoop() { Shutdown(); }
+
+int64_t EngineLoop::capacity_tokens(int kv_cache) const {
+  return engine_->kv_cache(kv_cache).capacity_tokens();
+}
+
+absl::StatusOr<int> EngineLoop::KvPresetIndex(const std::string& name) const {
+  if (name.empty()) return 0;
+  for (size_t i = 0; i < kv_presets_.size(); ++i) {
+    if (kv_presets_[i] == name) return static_cast<int>(i);
+  }
+  return absl::NotFoundError(absl::StrFormat("KV preset '%s' is not served here; allowed: %s", name,
+                                             absl::StrJoin(kv_presets_, ", ")));
+}
 
 absl::StatusOr<std::shared_ptr<RequestStream>> EngineLoop::Submit(GenerationParams p) {
   const int64_t n = static_cast<int64_t>(p.prompt.size());
@@ -206,11 +246,17 @@ absl::StatusOr<std::shared_ptr<RequestStream>> EngineLoop::Submit(GenerationPara
                         "%d tokens",
                         n, p.max_tokens, ctx));
   }
-  const int64_t peak = scheduler_->BlocksFor(0, n + p.max_tokens - 1);
-  if (peak > n_blocks_) {
+  if (p.kv_cache < 0 || p.kv_cache >= static_cast<int>(kv_presets_.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("GenerationParams.kv_cache %d: the server has %d KV presets", p.kv_cache,
+                        kv_presets_.size()));
+  }
+  const int64_t peak = scheduler_->BlocksFor(p.kv_cache, n + p.max_tokens - 1);
+  const int32_t pool_blocks = engine_->kv_cache(p.kv_cache).allocator().num_blocks();
+  if (peak > pool_blocks) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "GenerationParams.prompt + max_tokens: %d tokens need %d KV blocks, the pool has %d",
-        n + p.max_tokens - 1, peak, n_blocks_));
+        "GenerationParams.prompt + max_tokens: %d tokens need %d KV blocks, the %s pool has %d",
+        n + p.max_tokens - 1, peak, kv_presets_[p.kv_cache], pool_blocks));
   }
   if (absl::Status s = ValidateSamplingParams(p.sampling); !s.ok()) return s;
   if (p.logprobs < 0 || p.logprobs > kMaxLogprobs) {
@@ -293,7 +339,7 @@ void EngineLoop::Run() {
 
 void EngineLoop::Admit(Pending p) {
   RequestSpec spec{.id = p.id,
-                   .pool = 0,
+                   .pool = p.params.kv_cache,
                    .prompt_tokens = static_cast<int64_t>(p.params.prompt.size()),
                    .max_new_tokens = p.params.max_tokens,
                    .priority = p.params.priority};
@@ -347,10 +393,14 @@ void EngineLoop::Finish(Request& r, FinishReason reason) {
     }
   }
   const int64_t cached = std::max<int64_t>(1, static_cast<int64_t>(r.tokens.size()) - 1);
-  f.kv_bits_per_element = engine_->kv_cache().BitsPerElementAt(cached);
+  f.kv_bits_per_element = engine_->kv_cache(r.params.kv_cache).BitsPerElementAt(cached);
   f.preemptions = r.preemptions;
   f.total_logprob = r.total_logprob;
   f.scored_tokens = r.scored;
+  if (ServingMetrics* m = config_.metrics) {
+    m->ObserveE2eLatency(SecondsBetween(r.submit_ns, NowNs()));
+    m->RequestFinished(OutcomeOf(reason));
+  }
   ReleaseEngineSequence(r);
   r.stream->Push(FinalEvent(f));
   {
@@ -362,6 +412,7 @@ void EngineLoop::Finish(Request& r, FinishReason reason) {
 }
 
 void EngineLoop::Fail(Request& r, const absl::Status& status) {
+  if (config_.metrics != nullptr) config_.metrics->RequestFinished(RequestOutcome::kError);
   ReleaseEngineSequence(r);
   StreamEvent e;
   e.kind = StreamEvent::Kind::kError;
@@ -385,8 +436,19 @@ bool EngineLoop::SampleNext(Request& r, std::span<float> row) {
   if (raw) chunk.logprobs.push_back(ComputeLogprobs(*raw, tok, r.params.logprobs));
   r.tokens.push_back(tok);
   ++r.generated;
-  r.last_token_ns = NowNs();
-  if (r.first_token_ns == 0) r.first_token_ns = r.last_token_ns;
+  const int64_t now = NowNs();
+  if (ServingMetrics* m = config_.metrics) {
+    if (r.first_token_ns == 0) {
+      // The first token also means the prompt's prefill completed (counted once, as vLLM
+      // does: a recompute after preemption is not new prompt work).
+      m->ObserveTimeToFirstToken(SecondsBetween(r.submit_ns, now));
+      m->AddPromptTokens(static_cast<int64_t>(r.params.prompt.size()));
+    } else {
+      m->ObserveInterTokenLatency(SecondsBetween(r.last_token_ns, now));
+    }
+  }
+  r.last_token_ns = now;
+  if (r.first_token_ns == 0) r.first_token_ns = now;
 
   const bool stop_token = (!r.params.ignore_eos && tokenizer_->IsEog(tok)) ||
                           std::find(r.params.stop_token_ids.begin(), r.params.stop_token_ids.end(),
@@ -433,13 +495,23 @@ bool EngineLoop::RunStep() {
     r.total_logprob = 0;  // a score request recomputes from the start
     r.scored = 0;
   }
+  if (config_.metrics != nullptr && !plan.preempted.empty()) {
+    config_.metrics->AddPreemptions(static_cast<int64_t>(plan.preempted.size()));
+  }
   if (plan.items.empty()) return false;
 
   std::vector<StepInput> inputs;
   inputs.reserve(plan.items.size());
   for (const SeqWork& w : plan.items) {
     Request& r = *requests_.at(w.id);
-    if (r.seq == 0) r.seq = engine_->NewSequence();
+    // The index was checked at Submit, so this cannot fail.
+    if (r.seq == 0) r.seq = *engine_->NewSequenceIn(r.params.kv_cache);
+    if (r.scheduled_ns == 0) {
+      r.scheduled_ns = NowNs();
+      if (config_.metrics != nullptr) {
+        config_.metrics->ObserveQueueTime(SecondsBetween(r.submit_ns, r.scheduled_ns));
+      }
+    }
     inputs.push_back({.seq = r.seq,
                       .tokens = std::span<const int32_t>(r.tokens.data() + w.start_pos,
                                                          static_cast<size_t>(w.n_tokens)),
@@ -469,6 +541,7 @@ bool EngineLoop::RunStep() {
           ++r.scored;
         }
         if (w.samples) {
+          if (config_.metrics != nullptr) config_.metrics->AddPromptTokens(n);
           results.push_back({.id = w.id, .finished = true});
           r.reason = FinishReason::kStop;
           finished.push_back(w.id);
@@ -500,6 +573,7 @@ bool EngineLoop::RunStep() {
   if (sampled > 0) {
     generated_total_ += sampled;
     recent_tokens_.emplace_back(NowNs(), sampled);
+    if (config_.metrics != nullptr) config_.metrics->AddGenerationTokens(sampled);
   }
   return true;
 }
@@ -516,8 +590,23 @@ void EngineLoop::PublishStats() {
   st.generated_tokens = generated_total_;
   st.generated_tokens_per_s = recent / (kRateWindowNs / 1e9);
   st.kv_bytes_per_token = engine_->kv_cache().BytesPerTokenAt(model_config_.context_length);
+  for (int i = 0; i < engine_->kv_cache_count(); ++i) {
+    st.pool_bytes_per_token.push_back(
+        engine_->kv_cache(i).BytesPerTokenAt(model_config_.context_length));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   waiting_ = st.scheduler.queued;
+  if (ServingMetrics* m = config_.metrics) {
+    m->SetRunning(st.scheduler.running);
+    // Submitted but not yet handed to the scheduler is waiting too, as far as a client sees.
+    m->SetWaiting(st.scheduler.queued + static_cast<int64_t>(pending_.size()));
+    // The fraction of the KV budget held: each preset's pool has an equal share of it.
+    double usage = 0;
+    for (const PoolStats& pool : st.scheduler.pools) {
+      if (pool.n_blocks > 0) usage += static_cast<double>(pool.blocks_used) / pool.n_blocks;
+    }
+    m->SetKvCacheUsage(usage / static_cast<double>(st.scheduler.pools.size()));
+  }
   stats_ = std::move(st);
 }
 

@@ -31,6 +31,8 @@
 
 namespace quantkv {
 
+class ServingMetrics;
+
 enum class FinishReason { kStop, kLength, kAbort };
 
 struct TopLogprob {
@@ -58,6 +60,9 @@ struct GenerationParams {
   // Teacher-forced scoring of `prompt` instead of generation: the final event carries the
   // summed log-likelihood of every token after the first.
   bool score = false;
+  // Which of the loop's KV presets (caches) holds the request: an index into
+  // EngineLoop::kv_presets(); see KvPresetIndex.
+  int kv_cache = 0;
 };
 
 struct GenerationFinal {
@@ -108,15 +113,22 @@ struct EngineLoopConfig {
   // Tokens per engine step, prefill and decode together; the engine's max_chunk_tokens must
   // be at least this (a prefill chunk is one StepInput).
   int64_t max_step_tokens = 256;
-  // Name of the engine's KV preset, for ModelInfo and per-request checks.
+  // Names of the engine's KV caches, for ModelInfo, Stats and per-request choice:
+  // kv_preset is cache 0 (the default), more_kv_presets caches 1.. (the engine's
+  // more_kv_specs, in order).
   std::string kv_preset;
+  std::vector<std::string> more_kv_presets;
+  // Not owned; must outlive the loop. The loop thread records request latencies, token
+  // counts and its queue and KV state into it; null: no metrics.
+  ServingMetrics* metrics = nullptr;
 };
 
 struct EngineLoopStats {
-  SchedulerStats scheduler;  // one pool
+  SchedulerStats scheduler;  // one pool per KV preset, in kv_presets() order
   int64_t generated_tokens = 0;
-  double generated_tokens_per_s = 0;  // over the last few seconds
-  double kv_bytes_per_token = 0;
+  double generated_tokens_per_s = 0;         // over the last few seconds
+  double kv_bytes_per_token = 0;             // the default preset's, at the full context
+  std::vector<double> pool_bytes_per_token;  // per preset, at the full context
 };
 
 class EngineLoop {
@@ -147,9 +159,16 @@ class EngineLoop {
   // Immutable after Create; safe from any thread.
   const ModelConfig& model_config() const { return model_config_; }
   const EngineLoopConfig& config() const { return config_; }
+  // The default preset's cache geometry.
   int64_t block_tokens() const { return block_tokens_; }
   int64_t capacity_tokens() const { return capacity_tokens_; }
   int32_t n_blocks() const { return n_blocks_; }
+  // Every preset's name (cache i of the engine) and token capacity.
+  const std::vector<std::string>& kv_presets() const { return kv_presets_; }
+  int64_t capacity_tokens(int kv_cache) const;
+  // The cache index of a preset name; an empty name is the default (0). NOT_FOUND, listing
+  // the served presets, for another name.
+  absl::StatusOr<int> KvPresetIndex(const std::string& name) const;
   const Tokenizer& tokenizer() const { return *tokenizer_; }
 
  private:
@@ -184,6 +203,7 @@ class EngineLoop {
   int64_t block_tokens_ = 0;
   int64_t capacity_tokens_ = 0;
   int32_t n_blocks_ = 0;
+  std::vector<std::string> kv_presets_;
 
   // Loop-thread state.
   std::unique_ptr<Scheduler> scheduler_;

@@ -81,7 +81,7 @@ absl::StatusOr<GenerationFinal> AwaitFinal(grpc::ServerContext* context, EngineL
 GenerationService::GenerationService(const GenerationServiceConfig& config) : config_(config) {
   limits_.context_length = config_.loop->model_config().context_length;
   limits_.vocab_size = config_.loop->tokenizer().vocab_size();
-  limits_.kv_preset = config_.loop->config().kv_preset;
+  limits_.kv_presets = config_.loop->kv_presets();
 }
 
 absl::Status GenerationService::Authorize(const grpc::ServerContext* context) const {
@@ -138,6 +138,8 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
   p.request_id = request->request_id();
   p.sampling = SamplingFromProto(request->sampling());
   p.max_tokens = request->max_tokens();
+  // The name was checked against the served presets above (ValidateGenerateRequest).
+  p.kv_cache = config_.loop->KvPresetIndex(request->kv_preset()).value_or(0);
   p.stop.assign(request->stop().begin(), request->stop().end());
   p.stop_token_ids.assign(request->stop_token_ids().begin(), request->stop_token_ids().end());
   p.ignore_eos = request->ignore_eos();
@@ -225,7 +227,7 @@ grpc::Status GenerationService::ModelInfo(grpc::ServerContext* context,
   response->set_context_length(loop.model_config().context_length);
   response->set_vocab_size(loop.tokenizer().vocab_size());
   response->set_tp_degree(1);
-  response->add_kv_presets(loop.config().kv_preset);
+  for (const std::string& preset : loop.kv_presets()) response->add_kv_presets(preset);
   response->set_block_tokens(loop.block_tokens());
   response->set_capacity_tokens(loop.capacity_tokens());
   response->set_max_running(loop.config().max_running);
@@ -249,6 +251,15 @@ grpc::Status GenerationService::Stats(grpc::ServerContext* context, const v1::St
   response->set_finished(st.scheduler.finished);
   response->set_aborted(st.scheduler.cancelled);
   response->set_generated_tokens(st.generated_tokens);
+  for (size_t i = 0; i < st.scheduler.pools.size(); ++i) {
+    const PoolStats& pool = st.scheduler.pools[i];
+    v1::KvPoolStats* out = response->add_pools();
+    out->set_kv_preset(pool.name);
+    out->set_blocks_used(pool.blocks_used);
+    out->set_blocks_free(pool.blocks_free);
+    if (i < st.pool_bytes_per_token.size()) out->set_bytes_per_token(st.pool_bytes_per_token[i]);
+    out->set_capacity_tokens(config_.loop->capacity_tokens(static_cast<int>(i)));
+  }
   return grpc::Status::OK;
 }
 
@@ -267,6 +278,12 @@ grpc::Status GenerationService::Score(grpc::ServerContext* context, const v1::Sc
   if (absl::Status s = Authorize(context); !s.ok()) return ToGrpcStatus(s);
   GenerationParams p;
   p.score = true;
+  auto kv_cache = config_.loop->KvPresetIndex(request->kv_preset());
+  if (!kv_cache.ok()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "ScoreRequest.kv_preset: " + std::string(kv_cache.status().message()));
+  }
+  p.kv_cache = *kv_cache;
   if (request->has_tokens()) {
     p.prompt.assign(request->tokens().ids().begin(), request->tokens().ids().end());
     for (size_t i = 0; i < p.prompt.size(); ++i) {

@@ -1,5 +1,6 @@
 #include "runtime/serve/service_checks.h"
 
+#include <algorithm>
 #include <fstream>
 
 #include "absl/strings/ascii.h"
@@ -153,10 +154,10 @@ absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const Request
                    absl::StrFormat("token id %d outside the vocabulary", id));
     }
   }
-  // One KV pool for now: a request may name only the preset the server runs.
-  if (!r.kv_preset().empty() && r.kv_preset() != limits.kv_preset) {
+  if (!r.kv_preset().empty() && std::find(limits.kv_presets.begin(), limits.kv_presets.end(),
+                                          r.kv_preset()) == limits.kv_presets.end()) {
     return Field("kv_preset", absl::StrFormat("'%s' is not served here; allowed: %s", r.kv_preset(),
-                                              limits.kv_preset));
+                                              absl::StrJoin(limits.kv_presets, ", ")));
   }
   return absl::OkStatus();
 }

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -42,7 +43,7 @@ absl::Status CheckBearer(std::optional<std::string_view> authorization, const st
 struct RequestLimits {
   int64_t context_length = 0;
   int32_t vocab_size = 0;
-  std::string kv_preset;  // the one preset this server runs
+  std::vector<std::string> kv_presets;  // the presets this server runs (first: default)
 };
 
 // INVALID_ARGUMENT naming the field ("GenerateRequest.max_tokens: ...") for: no or empty

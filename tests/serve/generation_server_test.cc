@@ -1,6 +1,7 @@
 // The gRPC generation server in-process over SmolLM2-135M: streamed greedy output equals
 // the engine's own, batching does not change it, the unary calls answer, cancellation and
-// Abort free KV blocks, validation names the field, and the API key is enforced.
+// Abort free KV blocks, validation names the field, the API key is enforced, and a full
+// queue refuses with RESOURCE_EXHAUSTED and recovers.
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -111,11 +112,12 @@ class GenerationServerTest : public ::testing::Test {
     return r;
   }
 
-  Collected Run(const v1::GenerateRequest& req) {
+  // On the suite's server unless `stub` names another.
+  Collected Run(const v1::GenerateRequest& req, v1::Generation::Stub* stub = nullptr) {
     Collected out;
     grpc::ClientContext c;
     Authorize(c);
-    auto reader = stub_->Generate(&c, req);
+    auto reader = (stub != nullptr ? stub : stub_.get())->Generate(&c, req);
     v1::GenerateResponse resp;
     while (reader->Read(&resp)) {
       if (resp.has_chunk()) {
@@ -131,18 +133,18 @@ class GenerationServerTest : public ::testing::Test {
     return out;
   }
 
-  v1::StatsResponse GetStats() {
+  v1::StatsResponse GetStats(v1::Generation::Stub* stub = nullptr) {
     grpc::ClientContext c;
     Authorize(c);
     v1::StatsResponse resp;
-    EXPECT_TRUE(stub_->Stats(&c, v1::StatsRequest(), &resp).ok());
+    EXPECT_TRUE((stub != nullptr ? stub : stub_.get())->Stats(&c, v1::StatsRequest(), &resp).ok());
     return resp;
   }
 
   // Waits until nothing runs or waits and no KV block is held.
-  bool WaitIdle() {
+  bool WaitIdle(v1::Generation::Stub* stub = nullptr) {
     for (int i = 0; i < 250; ++i) {
-      const v1::StatsResponse s = GetStats();
+      const v1::StatsResponse s = GetStats(stub);
       if (s.running() == 0 && s.queued() == 0 && s.kv_blocks_used() == 0) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
@@ -458,6 +460,99 @@ TEST_F(GenerationServerTest, InvalidArgumentsNameTheField) {
   EXPECT_TRUE(WaitIdle());
 }
 
+// A server of its own with one running slot and one queue slot: a long request runs, a
+// second waits, and the third is refused at once with RESOURCE_EXHAUSTED naming the queue
+// (not accepted and left hanging). Ending the two frees every block, and the server then
+// serves a new request normally.
+TEST_F(GenerationServerTest, FullQueueRefusesThenRecovers) {
+  auto engine = MakeEngine(ServingEngineConfig());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto loop = EngineLoop::Create(
+      std::move(*engine), tokenizer_,
+      {.max_running = 1, .max_queued = 1, .max_step_tokens = 128, .kv_preset = "fp16"});
+  ASSERT_TRUE(loop.ok()) << loop.status();
+  GenerationServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.api_key = kApiKey;
+  auto server = GenerationServer::Start(loop->get(), options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials()));
+
+  grpc::ClientContext running_ctx;
+  Authorize(running_ctx);
+  v1::GenerateRequest req = Greedy(kPrompt, kLong);
+  req.set_request_id("running");
+  auto running = stub->Generate(&running_ctx, req);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(running->Read(&resp));  // its first token: it holds the one running slot
+
+  grpc::ClientContext queued_ctx;
+  Authorize(queued_ctx);
+  req.set_request_id("queued");
+  auto queued = stub->Generate(&queued_ctx, req);
+  // Stats count it once the loop thread has handed it to the scheduler.
+  v1::StatsResponse s;
+  for (int i = 0; i < 250 && (s = GetStats(stub.get())).queued() < 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_EQ(s.running(), 1);
+  ASSERT_EQ(s.queued(), 1);
+  EXPECT_GT(s.kv_blocks_used(), 0);
+  EXPECT_EQ(s.kv_blocks_used() + s.kv_blocks_free(), (*loop)->n_blocks());
+
+  const Collected refused = Run(Greedy(kPrompt, 4), stub.get());
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << refused.status.error_message();
+  EXPECT_NE(refused.status.error_message().find("queue is full"), std::string::npos)
+      << refused.status.error_message();
+  EXPECT_NE(refused.status.error_message().find("max_queued=1"), std::string::npos)
+      << refused.status.error_message();
+  EXPECT_TRUE(refused.ids.empty());
+  EXPECT_FALSE(refused.got_final);
+
+  // Abort the waiting one by id, cancel the running one from the client.
+  {
+    grpc::ClientContext c;
+    Authorize(c);
+    v1::AbortRequest areq;
+    areq.set_request_id("queued");
+    v1::AbortResponse aresp;
+    ASSERT_TRUE(stub->Abort(&c, areq, &aresp).ok());
+    EXPECT_TRUE(aresp.found());
+  }
+  bool queued_final = false;
+  while (queued->Read(&resp)) {
+    EXPECT_FALSE(resp.has_chunk()) << "a queued request generated";
+    if (resp.has_final()) {
+      queued_final = true;
+      EXPECT_EQ(resp.final().finish_reason(), v1::FINISH_REASON_ABORT);
+      EXPECT_EQ(resp.final().generated_tokens(), 0);
+    }
+  }
+  EXPECT_TRUE(queued->Finish().ok());
+  EXPECT_TRUE(queued_final);
+  running_ctx.TryCancel();
+  while (running->Read(&resp)) {
+  }
+  EXPECT_EQ(running->Finish().error_code(), grpc::StatusCode::CANCELLED);
+
+  ASSERT_TRUE(WaitIdle(stub.get()))
+      << "blocks still used: " << GetStats(stub.get()).kv_blocks_used();
+  s = GetStats(stub.get());
+  EXPECT_EQ(s.kv_blocks_free(), (*loop)->n_blocks());
+  EXPECT_EQ(s.aborted(), 2);
+
+  const Collected after = Run(Greedy(kPrompt, 4), stub.get());
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  ASSERT_TRUE(after.got_final);
+  EXPECT_EQ(after.final.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(after.ids.size(), 4u);
+  EXPECT_TRUE(WaitIdle(stub.get()));
+  (*server)->Shutdown(absl::Seconds(2));
+  (*loop)->Shutdown();
+}
+
 TEST_F(GenerationServerTest, ApiKeyIsRequired) {
   {
     grpc::ClientContext c;  // no key
@@ -479,6 +574,79 @@ TEST_F(GenerationServerTest, ApiKeyIsRequired) {
     v1::ModelInfoResponse resp;
     EXPECT_TRUE(stub_->ModelInfo(&c, v1::ModelInfoRequest(), &resp).ok());
   }
+}
+
+// A server with two KV presets: each request names one (or gets the default), runs in that
+// preset's pool, reports that preset's bits per element, and its greedy text equals the
+// same request on a server that runs only that preset. An unknown preset is refused with
+// the allowed list, for Generate and Score.
+TEST_F(GenerationServerTest, RequestsChooseAmongSeveralKvPresets) {
+  EngineConfig cfg = ServingEngineConfig();
+  cfg.more_kv_specs = {"int4"};
+  cfg.kv_max_bytes = int64_t{128} << 20;  // 64 MiB per pool
+  auto engine = MakeEngine(cfg);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto loop = EngineLoop::Create(std::move(*engine), tokenizer_,
+                                 {.max_running = 4,
+                                  .max_queued = 8,
+                                  .max_step_tokens = 128,
+                                  .kv_preset = "fp16",
+                                  .more_kv_presets = {"int4"}});
+  ASSERT_TRUE(loop.ok()) << loop.status();
+  GenerationServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.api_key = kApiKey;
+  auto server = GenerationServer::Start(loop->get(), options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials()));
+
+  {
+    grpc::ClientContext c;
+    Authorize(c);
+    v1::ModelInfoResponse info;
+    ASSERT_TRUE(stub->ModelInfo(&c, v1::ModelInfoRequest(), &info).ok());
+    ASSERT_EQ(info.kv_presets_size(), 2);
+    EXPECT_EQ(info.kv_presets(0), "fp16");
+    EXPECT_EQ(info.kv_presets(1), "int4");
+  }
+  // A prompt past one 64-token block so the int4 pool really encodes something.
+  std::string prompt;
+  while (prompt.size() < 600) prompt += "The quick brown fox jumps over the lazy dog. ";
+  v1::GenerateRequest req = Greedy(prompt, 8);
+  const Collected default_preset = Run(req, stub.get());
+  req.set_kv_preset("int4");
+  const Collected int4 = Run(req, stub.get());
+  ASSERT_TRUE(default_preset.status.ok()) << default_preset.status.error_message();
+  ASSERT_TRUE(int4.status.ok()) << int4.status.error_message();
+  EXPECT_DOUBLE_EQ(default_preset.final.kv_bits_per_element(), 16.0);
+  EXPECT_LT(int4.final.kv_bits_per_element(), 12.0);  // int4 blocks + the fp16 tail
+  // The suite's server runs fp16 only: the same request there gives the same tokens.
+  EXPECT_EQ(Run(Greedy(prompt, 8)).ids, default_preset.ids);
+
+  const v1::StatsResponse stats = GetStats(stub.get());
+  ASSERT_EQ(stats.pools_size(), 2);
+  EXPECT_EQ(stats.pools(1).kv_preset(), "int4");
+  EXPECT_LT(stats.pools(1).bytes_per_token(), stats.pools(0).bytes_per_token() / 3);
+  EXPECT_GT(stats.pools(1).capacity_tokens(), 3 * stats.pools(0).capacity_tokens());
+  EXPECT_EQ(stats.pools(1).blocks_used(), 0);  // both finished
+
+  req.set_kv_preset("int2-comp");
+  const Collected unknown = Run(req, stub.get());
+  EXPECT_EQ(unknown.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(unknown.status.error_message().find("allowed: fp16, int4"), std::string::npos)
+      << unknown.status.error_message();
+  grpc::ClientContext c;
+  Authorize(c);
+  v1::ScoreRequest score;
+  score.set_text(prompt);
+  score.set_kv_preset("int2-comp");
+  v1::ScoreResponse score_resp;
+  const grpc::Status st = stub->Score(&c, score, &score_resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("ScoreRequest.kv_preset"), std::string::npos)
+      << st.error_message();
+  (*server)->Shutdown(absl::Seconds(2));
 }
 
 }  // namespace

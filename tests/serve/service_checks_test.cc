@@ -12,7 +12,7 @@ namespace quantkv {
 namespace {
 
 RequestLimits Limits() {
-  return {.context_length = 8192, .vocab_size = 49152, .kv_preset = "fp16"};
+  return {.context_length = 8192, .vocab_size = 49152, .kv_presets = {"fp16"}};
 }
 
 v1::GenerateRequest Valid() {
