@@ -36,8 +36,7 @@ std::string DefaultModel() {
 }
 
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 int Main(int argc, char** argv) {
@@ -79,7 +78,8 @@ int Main(int argc, char** argv) {
               "prefill tok/s", "decode tok/s", "decode ms/tok", "bound ms/tok", "fraction");
   int64_t weight_bytes = 0;
   for (int threads : {1, 2}) {
-    auto model = GgufModel::Open(a.model, a.mmap ? MappedFile::Mode::kMap : MappedFile::Mode::kHugeCopy);
+    auto model =
+        GgufModel::Open(a.model, a.mmap ? MappedFile::Mode::kMap : MappedFile::Mode::kHugeCopy);
     if (!model.ok()) {
       std::cerr << "engine_bench: " << model.status() << "\n";
       return 1;
@@ -112,8 +112,7 @@ int Main(int argc, char** argv) {
     for (int i = 0; i < a.decode_tokens && s.ok(); ++i) {
       logits.clear();
       s = e.Forward(seq, {&next, 1}, false, &logits);
-      next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) -
-                                  logits.begin());
+      next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     }
     const double decode_s = Now() - t0;
     if (!s.ok()) {
@@ -124,9 +123,8 @@ int Main(int argc, char** argv) {
     const double bound_ms = weight_bytes / (bw.read_gbps * 1e9) * 1e3;
     const double prefill_tps = a.prompt_tokens / prefill_s;
     const double decode_tps = a.decode_tokens / decode_s;
-    std::printf("%-8d %10.2f %10.2f %14.1f %13.1f %14.2f %13.2f %9.2f\n", threads,
-                bw.read_gbps, bw.copy_gbps, prefill_tps, decode_tps, ms_tok, bound_ms,
-                bound_ms / ms_tok);
+    std::printf("%-8d %10.2f %10.2f %14.1f %13.1f %14.2f %13.2f %9.2f\n", threads, bw.read_gbps,
+                bw.copy_gbps, prefill_tps, decode_tps, ms_tok, bound_ms, bound_ms / ms_tok);
     md += absl::StrFormat("| %d | %.2f | %.2f | %.1f | %.1f | %.2f | %.2f | %.2f |\n", threads,
                           bw.read_gbps, bw.copy_gbps, prefill_tps, decode_tps, ms_tok, bound_ms,
                           bound_ms / ms_tok);
@@ -139,6 +137,80 @@ int Main(int argc, char** argv) {
                     {"bound_ms_per_token", bound_ms},
                     {"fraction_of_bound", bound_ms / ms_tok}});
   }
+  // Batched decode as the server runs it (per-row matmuls so batching cannot change a
+  // row's result; tiled or fused decode attention): N sequences of prompt_tokens, then
+  // decode steps of N rows. Speed-up is against one row in the same configuration.
+  md +=
+      "\nBatched decode, 2 threads, per-row matmuls (the `quantkv serve` configuration): N "
+      "sequences prefilled with the prompt, then steps of N decode rows.\n\n| attention | "
+      "rows | step ms | ms per row | tok/s | speed-up vs 1 row |\n|---|---|---|---|---|---|\n";
+  nlohmann::json batch_rows = nlohmann::json::array();
+  for (bool fused : {false, true}) {
+    auto model = GgufModel::Open(a.model, MappedFile::Mode::kHugeCopy);
+    if (!model.ok()) {
+      std::cerr << "engine_bench: " << model.status() << "\n";
+      return 1;
+    }
+    EngineConfig cfg;
+    cfg.threads = 2;
+    cfg.gemm_min_rows = int64_t{1} << 40;
+    cfg.fused_decode_attention = fused;
+    auto engine = Engine::Create(std::move(*model), cfg);
+    if (!engine.ok()) {
+      std::cerr << "engine_bench: " << engine.status() << "\n";
+      return 1;
+    }
+    Engine& e = **engine;
+    double one_row_tps = 0;
+    for (int batch : {1, 4, 16, 64}) {
+      std::vector<SequenceId> seqs;
+      std::vector<float> logits;
+      std::vector<int32_t> prompt(a.prompt_tokens);
+      absl::Status s;
+      for (int b = 0; b < batch && s.ok(); ++b) {
+        for (int i = 0; i < a.prompt_tokens; ++i) prompt[i] = 100 + (i * 7919 + b * 31) % 40000;
+        seqs.push_back(e.NewSequence());
+        logits.clear();
+        s = e.Forward(seqs.back(), prompt, false, &logits);
+      }
+      const int steps = std::max(4, a.decode_tokens / 4);
+      std::vector<int32_t> next(batch, 1);
+      std::vector<StepInput> inputs(batch);
+      double t0 = 0;
+      for (int step = -1; step < steps && s.ok(); ++step) {  // step -1 warms up
+        if (step == 0) t0 = Now();
+        for (int b = 0; b < batch; ++b) inputs[b] = {.seq = seqs[b], .tokens = {&next[b], 1}};
+        logits.clear();
+        s = e.Step(inputs, &logits);
+        const int64_t V = e.model_config().vocab_size;
+        for (int b = 0; b < batch && s.ok(); ++b) {
+          next[b] = static_cast<int32_t>(
+              std::max_element(logits.begin() + b * V, logits.begin() + (b + 1) * V) -
+              (logits.begin() + b * V));
+        }
+      }
+      const double step_ms = (Now() - t0) * 1e3 / steps;
+      for (SequenceId q : seqs) (void)e.Release(q);
+      if (!s.ok()) {
+        std::cerr << "engine_bench: " << s << "\n";
+        return 1;
+      }
+      const double tps = batch * 1e3 / step_ms;
+      if (batch == 1) one_row_tps = tps;
+      const char* attention = fused ? "fused decode" : "tiled";
+      std::printf(
+          "batched decode, %-12s rows %3d: step %7.2f ms, %6.2f ms/row, %7.1f tok/s, "
+          "%.2fx\n",
+          attention, batch, step_ms, step_ms / batch, tps, tps / one_row_tps);
+      md += absl::StrFormat("| %s | %d | %.2f | %.2f | %.1f | %.2fx |\n", attention, batch, step_ms,
+                            step_ms / batch, tps, tps / one_row_tps);
+      batch_rows.push_back({{"attention", attention},
+                            {"rows", batch},
+                            {"step_ms", step_ms},
+                            {"tokens_per_s", tps},
+                            {"speedup_vs_one_row", tps / one_row_tps}});
+    }
+  }
   md += absl::StrFormat(
       "\nWeights read per decoded token: %.1f MB (all linear layers + lm_head + one embedding "
       "row); int8 dot ISA: %s; prompt %d tokens, %d decoded tokens; KV fp16.\nBound: weight "
@@ -150,7 +222,8 @@ int Main(int argc, char** argv) {
                         {"prompt_tokens", a.prompt_tokens},
                         {"decode_tokens", a.decode_tokens},
                         {"kv", "fp16"},
-                        {"rows", rows}};
+                        {"rows", rows},
+                        {"batched_decode", batch_rows}};
   return WriteResults(a.out, "engine_bench", out, md) ? 0 : 1;
 }
 

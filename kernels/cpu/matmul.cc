@@ -61,10 +61,12 @@ void MatMulInt8(const WeightMatrix& w, const float* x, int64_t m, float* y, Thre
   const int64_t nb = w.cols / internal::kQ8Block;
   // Per thread, so concurrent MatMuls (none today) would not share it; reused across calls.
   thread_local internal::ActQ8Buffer act;
-  act.Quantize(x, m, w.cols);
+  const bool use_packed =
+      w.packed != nullptr && w.packed->activations() == ActivationPrecision::kInt8;
+  act.Quantize(x, m, w.cols, pool, /*with_pairs=*/!use_packed);
   std::vector<internal::ActQ8Row> rows(m);
   for (int64_t i = 0; i < m; ++i) rows[i] = act.row(i);
-  if (w.packed != nullptr && w.packed->activations() == ActivationPrecision::kInt8) {
+  if (use_packed) {
     internal::PackedMatMulInt8(*w.packed, rows.data(), m, y, w.rows, pool);
     return;
   }

@@ -185,8 +185,9 @@ template <bool kHasMin>
 void PackedQ4Rows(const uint8_t* group, const ActQ8Row* a, int64_t m, int64_t nb, float* y,
                   int64_t y_stride, __mmask16 rows) {
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4)
+  for (; i + 4 <= m; i += 4) {
     PackedQ4Group<kHasMin, 4>(group, a + i, nb, y + i * y_stride, y_stride, rows);
+  }
   switch (m - i) {
     case 3:
       PackedQ4Group<kHasMin, 3>(group, a + i, nb, y + i * y_stride, y_stride, rows);

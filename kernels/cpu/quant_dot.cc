@@ -144,20 +144,23 @@ QKV_AVX2 void QuantizeQ8Avx2(const float* x, int64_t n, ActQ8Block* out) {
     const float* v = x + b * kQ8Block;
     __m256 x0 = _mm256_loadu_ps(v), x1 = _mm256_loadu_ps(v + 8);
     __m256 x2 = _mm256_loadu_ps(v + 16), x3 = _mm256_loadu_ps(v + 24);
-    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_mask, x0),
-                                            _mm256_andnot_ps(sign_mask, x1)),
-                              _mm256_max_ps(_mm256_andnot_ps(sign_mask, x2),
-                                            _mm256_andnot_ps(sign_mask, x3)));
+    __m256 mx = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign_mask, x0), _mm256_andnot_ps(sign_mask, x1)),
+        _mm256_max_ps(_mm256_andnot_ps(sign_mask, x2), _mm256_andnot_ps(sign_mask, x3)));
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
     const float d = amax / 127.0f;
     const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x0, id), _MM_FROUND_TO_NEAREST_INT));
-    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x1, id), _MM_FROUND_TO_NEAREST_INT));
-    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x2, id), _MM_FROUND_TO_NEAREST_INT));
-    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x3, id), _MM_FROUND_TO_NEAREST_INT));
+    __m256i i0 =
+        _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x0, id), _MM_FROUND_TO_NEAREST_INT));
+    __m256i i1 =
+        _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x1, id), _MM_FROUND_TO_NEAREST_INT));
+    __m256i i2 =
+        _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x2, id), _MM_FROUND_TO_NEAREST_INT));
+    __m256i i3 =
+        _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x3, id), _MM_FROUND_TO_NEAREST_INT));
     const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
     s4 = _mm_hadd_epi32(s4, s4);
@@ -194,9 +197,9 @@ QKV_AVX512 inline __m512 Scale2(float s0, float s1) {
 template <int kBytes, int kQsOffset, bool kHasMin, int M>
 QKV_AVX512 void DotQ4Avx512Rows(const uint8_t* w, const ActQ8Row* a, int64_t nb, float* out,
                                 int64_t out_stride) {
-  const __m512i gather_idx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(kBytes));
+  const __m512i gather_idx =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(kBytes));
   const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i mask = _mm512_set1_epi8(0x0f);
@@ -206,11 +209,10 @@ QKV_AVX512 void DotQ4Avx512Rows(const uint8_t* w, const ActQ8Row* a, int64_t nb,
     const int64_t n = std::min<int64_t>(16, nb - b);
     const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
     const uint8_t* wb = w + b * kBytes;
-    const __m512i g =
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, gather_idx, wb, 1);
+    const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, gather_idx, wb, 1);
     const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-    const __m512 m = kHasMin ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)))
-                             : dw;
+    const __m512 m =
+        kHasMin ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))) : dw;
     for (int i = 0; i < M; ++i) {
       scale[i] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(lanes, a[i].d + b));
       acc_extra[i] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(lanes, a[i].ds + b), acc_extra[i]);
@@ -221,22 +223,23 @@ QKV_AVX512 void DotQ4Avx512Rows(const uint8_t* w, const ActQ8Row* a, int64_t nb,
                                    ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + kBytes))
                                    : _mm_setzero_si128();
       const __m256i v = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
-          hi_block, 1);
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))), hi_block,
+          1);
       const __m512i q = _mm512_and_si512(
           _mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1), shifts), mask);
       const __m512i idx = _mm512_add_epi32(pair_idx, _mm512_set1_epi32(2 * k));
       for (int i = 0; i < M; ++i) {
-        const __m512i dot = _mm512_dpbusd_epi32(
-            _mm512_setzero_si512(), q, _mm512_loadu_si512(a[i].pairs + b * 32 + 64 * k));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[i]),
-                                 acc[i]);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
+                                                _mm512_loadu_si512(a[i].pairs + b * 32 + 64 * k));
+        acc[i] =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[i]), acc[i]);
       }
     }
   }
   for (int i = 0; i < M; ++i) {
     float sum = _mm512_reduce_add_ps(acc[i]);
-    sum += kHasMin ? _mm512_reduce_add_ps(acc_extra[i]) : -8.0f * _mm512_reduce_add_ps(acc_extra[i]);
+    sum +=
+        kHasMin ? _mm512_reduce_add_ps(acc_extra[i]) : -8.0f * _mm512_reduce_add_ps(acc_extra[i]);
     out[i * out_stride] = sum;
   }
 }
@@ -345,7 +348,8 @@ QKV_AVX2 float DotQ8_0F32Avx2(const uint8_t* w, const float* x, int64_t nb) {
     __m256 s = _mm256_setzero_ps();
     for (int k = 0; k < 4; ++k) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 2 + 8 * k));
-      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x + 8 * k), s);
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x + 8 * k),
+                          s);
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w))), s, acc);
   }
@@ -369,7 +373,8 @@ QKV_AVX2 float DotQ4F32Avx2(const uint8_t* w, const float* x, int64_t nb) {
       if constexpr (kHasMin) xs = _mm256_add_ps(xs, _mm256_add_ps(xl, xh));
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w))), s, acc);
-    if constexpr (kHasMin) acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w + 2))), xs, acc);
+    if constexpr (kHasMin)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w + 2))), xs, acc);
   }
   return HSum256(acc);
 }
@@ -389,12 +394,15 @@ float DotQ8_0Q16Scalar(const uint8_t* w, const ActQ16Block* a, int64_t nb) {
 QKV_AVX2 float DotQ8_0Q16Avx2(const uint8_t* w, const ActQ16Block* a, int64_t nb) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, w += kQ8_0Bytes) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 18)));
+    const __m256i w0 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2)));
+    const __m256i w1 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 18)));
     const __m256i p = _mm256_add_epi32(
         _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].q))),
         _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].q + 16))));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w)) * a[b].d), _mm256_cvtepi32_ps(p), acc);
+    acc =
+        _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(LoadU16(w)) * a[b].d), _mm256_cvtepi32_ps(p), acc);
   }
   return HSum256(acc);
 }
@@ -469,31 +477,42 @@ void QuantizeActivationsQ8(const float* x, int64_t n, ActQ8Block* out) {
   }
 }
 
-void ActQ8Buffer::Quantize(const float* x, int64_t m, int64_t n) {
+void ActQ8Buffer::Quantize(const float* x, int64_t m, int64_t n, ThreadPool* pool,
+                           bool with_pairs) {
   nb_ = n / kQ8Block;
   const int64_t pairs_per_row = (nb_ + 1) / 2;
   blocks_.resize(m * nb_);
-  pairs_.assign(m * pairs_per_row * 64, 0);
+  // An odd block count leaves the last pair half empty: it must read as zeros.
+  has_pairs_ = with_pairs;
+  if (with_pairs) pairs_.assign(m * pairs_per_row * 64, 0);
   d_.resize(m * nb_);
   ds_.resize(m * nb_);
-  for (int64_t i = 0; i < m; ++i) {
-    ActQ8Block* blk = blocks_.data() + i * nb_;
-    QuantizeActivationsQ8(x + i * n, n, blk);
-    uint8_t* pr = pairs_.data() + i * pairs_per_row * 64;
-    for (int64_t b = 0; b < nb_; ++b) {
-      d_[i * nb_ + b] = blk[b].d;
-      ds_[i * nb_ + b] = blk[b].ds;
-      uint8_t* dst = pr + (b / 2) * 64 + (b % 2) * 16;
-      std::memcpy(dst, blk[b].q, 16);
-      std::memcpy(dst + 32, blk[b].q + 16, 16);
+  auto rows = [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; ++i) {
+      ActQ8Block* blk = blocks_.data() + i * nb_;
+      QuantizeActivationsQ8(x + i * n, n, blk);
+      uint8_t* pr = with_pairs ? pairs_.data() + i * pairs_per_row * 64 : nullptr;
+      for (int64_t b = 0; b < nb_; ++b) {
+        d_[i * nb_ + b] = blk[b].d;
+        ds_[i * nb_ + b] = blk[b].ds;
+        if (pr == nullptr) continue;
+        uint8_t* dst = pr + (b / 2) * 64 + (b % 2) * 16;
+        std::memcpy(dst, blk[b].q, 16);
+        std::memcpy(dst + 32, blk[b].q + 16, 16);
+      }
     }
+  };
+  if (pool != nullptr && m >= 16) {
+    pool->ParallelFor(m, rows, 8);
+  } else {
+    rows(0, m, 0);
   }
 }
 
 ActQ8Row ActQ8Buffer::row(int64_t i) const {
   const int64_t pairs_per_row = (nb_ + 1) / 2;
-  return {blocks_.data() + i * nb_, pairs_.data() + i * pairs_per_row * 64, d_.data() + i * nb_,
-          ds_.data() + i * nb_};
+  return {blocks_.data() + i * nb_, has_pairs_ ? pairs_.data() + i * pairs_per_row * 64 : nullptr,
+          d_.data() + i * nb_, ds_.data() + i * nb_};
 }
 
 void QuantizeActivationsQ16(const float* x, int64_t n, ActQ16Block* out) {
@@ -503,7 +522,8 @@ void QuantizeActivationsQ16(const float* x, int64_t n, ActQ16Block* out) {
     for (int j = 0; j < kQ8Block; ++j) amax = std::max(amax, std::fabs(v[j]));
     const float d = amax / 32767.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int j = 0; j < kQ8Block; ++j) out[b].q[j] = static_cast<int16_t>(std::nearbyint(v[j] * id));
+    for (int j = 0; j < kQ8Block; ++j)
+      out[b].q[j] = static_cast<int16_t>(std::nearbyint(v[j] * id));
     out[b].d = d;
   }
 }
@@ -511,19 +531,26 @@ void QuantizeActivationsQ16(const float* x, int64_t n, ActQ16Block* out) {
 Int16DotFn GetInt16Dot(GgmlType type) {
   if (type != GgmlType::kQ8_0) return nullptr;
   switch (DetectIsa()) {
-    case Isa::kAvx512Vnni: return DotQ8_0Q16Avx512;
-    case Isa::kAvx2: return DotQ8_0Q16Avx2;
-    case Isa::kScalar: return DotQ8_0Q16Scalar;
+    case Isa::kAvx512Vnni:
+      return DotQ8_0Q16Avx512;
+    case Isa::kAvx2:
+      return DotQ8_0Q16Avx2;
+    case Isa::kScalar:
+      return DotQ8_0Q16Scalar;
   }
   return nullptr;
 }
 
 QuantDotFn GetQuantDotScalar(GgmlType type) {
   switch (type) {
-    case GgmlType::kQ4_0: return OnBlocks<DotQ4_0Scalar>;
-    case GgmlType::kQ4_1: return OnBlocks<DotQ4_1Scalar>;
-    case GgmlType::kQ8_0: return OnBlocks<DotQ8_0Scalar>;
-    default: return nullptr;
+    case GgmlType::kQ4_0:
+      return OnBlocks<DotQ4_0Scalar>;
+    case GgmlType::kQ4_1:
+      return OnBlocks<DotQ4_1Scalar>;
+    case GgmlType::kQ8_0:
+      return OnBlocks<DotQ8_0Scalar>;
+    default:
+      return nullptr;
   }
 }
 
@@ -531,17 +558,25 @@ QuantDotFn GetQuantDot(GgmlType type) {
   switch (DetectIsa()) {
     case Isa::kAvx512Vnni:
       switch (type) {
-        case GgmlType::kQ4_0: return DotQ4Avx512<kQ4_0Bytes, 2, false>;
-        case GgmlType::kQ4_1: return DotQ4Avx512<kQ4_1Bytes, 4, true>;
-        case GgmlType::kQ8_0: return OnBlocks<DotQ8_0Avx512>;
-        default: return nullptr;
+        case GgmlType::kQ4_0:
+          return DotQ4Avx512<kQ4_0Bytes, 2, false>;
+        case GgmlType::kQ4_1:
+          return DotQ4Avx512<kQ4_1Bytes, 4, true>;
+        case GgmlType::kQ8_0:
+          return OnBlocks<DotQ8_0Avx512>;
+        default:
+          return nullptr;
       }
     case Isa::kAvx2:
       switch (type) {
-        case GgmlType::kQ4_0: return OnBlocks<DotQ4_0Avx2>;
-        case GgmlType::kQ4_1: return OnBlocks<DotQ4_1Avx2>;
-        case GgmlType::kQ8_0: return OnBlocks<DotQ8_0Avx2>;
-        default: return nullptr;
+        case GgmlType::kQ4_0:
+          return OnBlocks<DotQ4_0Avx2>;
+        case GgmlType::kQ4_1:
+          return OnBlocks<DotQ4_1Avx2>;
+        case GgmlType::kQ8_0:
+          return OnBlocks<DotQ8_0Avx2>;
+        default:
+          return nullptr;
       }
     case Isa::kScalar:
       return GetQuantDotScalar(type);
@@ -552,9 +587,12 @@ QuantDotFn GetQuantDot(GgmlType type) {
 QuantDotMultiFn GetQuantDotMulti(GgmlType type) {
   if (DetectIsa() != Isa::kAvx512Vnni) return nullptr;
   switch (type) {
-    case GgmlType::kQ4_0: return DotQ4Avx512Multi<kQ4_0Bytes, 2, false>;
-    case GgmlType::kQ4_1: return DotQ4Avx512Multi<kQ4_1Bytes, 4, true>;
-    default: return nullptr;
+    case GgmlType::kQ4_0:
+      return DotQ4Avx512Multi<kQ4_0Bytes, 2, false>;
+    case GgmlType::kQ4_1:
+      return DotQ4Avx512Multi<kQ4_1Bytes, 4, true>;
+    default:
+      return nullptr;
   }
 }
 
@@ -562,17 +600,25 @@ FloatDotFn GetFloatDot(GgmlType type) {
   switch (DetectIsa()) {
     case Isa::kAvx512Vnni:
       switch (type) {
-        case GgmlType::kQ4_0: return DotQ4F32Avx512<kQ4_0Bytes, 2, false>;
-        case GgmlType::kQ4_1: return DotQ4F32Avx512<kQ4_1Bytes, 4, true>;
-        case GgmlType::kQ8_0: return DotQ8_0F32Avx512;
-        default: return nullptr;
+        case GgmlType::kQ4_0:
+          return DotQ4F32Avx512<kQ4_0Bytes, 2, false>;
+        case GgmlType::kQ4_1:
+          return DotQ4F32Avx512<kQ4_1Bytes, 4, true>;
+        case GgmlType::kQ8_0:
+          return DotQ8_0F32Avx512;
+        default:
+          return nullptr;
       }
     case Isa::kAvx2:
       switch (type) {
-        case GgmlType::kQ4_0: return DotQ4F32Avx2<kQ4_0Bytes, 2, false>;
-        case GgmlType::kQ4_1: return DotQ4F32Avx2<kQ4_1Bytes, 4, true>;
-        case GgmlType::kQ8_0: return DotQ8_0F32Avx2;
-        default: return nullptr;
+        case GgmlType::kQ4_0:
+          return DotQ4F32Avx2<kQ4_0Bytes, 2, false>;
+        case GgmlType::kQ4_1:
+          return DotQ4F32Avx2<kQ4_1Bytes, 4, true>;
+        case GgmlType::kQ8_0:
+          return DotQ8_0F32Avx2;
+        default:
+          return nullptr;
       }
     case Isa::kScalar:
       return nullptr;
@@ -582,9 +628,12 @@ FloatDotFn GetFloatDot(GgmlType type) {
 
 const char* QuantDotIsa() {
   switch (DetectIsa()) {
-    case Isa::kAvx512Vnni: return "avx512vnni";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kScalar: return "scalar";
+    case Isa::kAvx512Vnni:
+      return "avx512vnni";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kScalar:
+      return "scalar";
   }
   return "scalar";
 }

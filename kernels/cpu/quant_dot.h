@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/ggml_types.h"
+#include "kernels/thread_pool.h"
 
 namespace quantkv::kernels::internal {
 
@@ -36,13 +37,17 @@ struct ActQ8Row {
 // Owns the storage of ActQ8Rows for m rows of n activations.
 class ActQ8Buffer {
  public:
-  void Quantize(const float* x, int64_t m, int64_t n);
+  // Rows are quantized independently (on `pool` when given). with_pairs = false skips the
+  // interleaved copy that only the ggml-layout AVX-512 Q4 kernels read.
+  void Quantize(const float* x, int64_t m, int64_t n, ThreadPool* pool = nullptr,
+                bool with_pairs = true);
   ActQ8Row row(int64_t i) const;
 
  private:
   int64_t nb_ = 0;
   std::vector<ActQ8Block> blocks_;
   std::vector<uint8_t> pairs_;
+  bool has_pairs_ = false;
   std::vector<float> d_, ds_;
 };
 
@@ -55,8 +60,8 @@ QuantDotFn GetQuantDot(GgmlType type);
 // One weight row against m activation rows: out[i * out_stride] = dot(w_row, a[i]), each
 // bit-identical to GetQuantDot's result for that row alone, with the weights unpacked once
 // for several rows. nullptr when `type` has no such kernel on this CPU.
-using QuantDotMultiFn = void (*)(const uint8_t* w_row, const ActQ8Row* a, int64_t m,
-                                 int64_t nb, float* out, int64_t out_stride);
+using QuantDotMultiFn = void (*)(const uint8_t* w_row, const ActQ8Row* a, int64_t m, int64_t nb,
+                                 float* out, int64_t out_stride);
 QuantDotMultiFn GetQuantDotMulti(GgmlType type);
 const char* QuantDotIsa();
 

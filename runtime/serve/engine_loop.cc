@@ -517,7 +517,9 @@ bool EngineLoop::RunStep() {
                                                          static_cast<size_t>(w.n_tokens)),
                       .all_logits = r.params.score});
   }
-  std::vector<float> logits;
+  // Reused across steps (megabytes for a batch; a fresh vector page-faults every step).
+  std::vector<float>& logits = logits_;
+  logits.clear();
   absl::Status step = engine_->Step(inputs, &logits);
   std::vector<SeqResult> results;
   std::vector<uint64_t> finished;

@@ -204,6 +204,7 @@ class EngineLoop {
   int64_t capacity_tokens_ = 0;
   int32_t n_blocks_ = 0;
   std::vector<std::string> kv_presets_;
+  std::vector<float> logits_;  // RunStep's, on the loop thread
 
   // Loop-thread state.
   std::unique_ptr<Scheduler> scheduler_;
