@@ -68,7 +68,7 @@ struct KvLayerView {
 int64_t RingStart(const KvLayerView& view, int64_t p);
 
 struct AttentionQuery {
-  const float* q = nullptr;            // [n_q][n_heads][head_dim], RoPE already applied
+  const float* q = nullptr;  // [n_q][n_heads][head_dim], RoPE already applied
   int64_t n_q = 0;
   int64_t n_heads = 0;
   const int32_t* positions = nullptr;  // causal: query i sees tokens 0..positions[i]
@@ -77,6 +77,10 @@ struct AttentionQuery {
   // round differently from the tiled kernel. false keeps every call on the tiled kernel, so
   // that a token scored in a prefill chunk gets bit for bit what decode gives it.
   bool fused_decode = true;
+  // The thread count that decides how long contexts are split (flash-decoding); 0: the
+  // pool's. A caller running several Attention calls side by side without a pool passes the
+  // pool size, so each call computes exactly what it would on the whole pool.
+  int split_threads = 0;
 };
 
 // out: [n_q][n_heads][head_dim]. Query heads map to KV heads in contiguous groups (GQA).

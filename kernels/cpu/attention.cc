@@ -43,7 +43,8 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
   // so long contexts are also split along the sequence (flash-decoding) to use all
   // threads; each split keeps online-softmax state (max m, sum l, weighted V) that is
   // merged exactly afterwards.
-  const int64_t threads = pool == nullptr ? 1 : pool->size();
+  const int64_t threads =
+      query.split_threads > 0 ? query.split_threads : (pool == nullptr ? 1 : pool->size());
   const int64_t base_tasks = n_qtiles * kv.n_kv_heads;
   int64_t n_splits = 1;
   if (base_tasks < 2 * threads) {
@@ -54,8 +55,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
   // Per task: rows_per_tile (m, l) pairs and rows_per_tile x d accumulators.
   std::vector<float> state_m(n_tasks * rows_per_tile), state_l(n_tasks * rows_per_tile),
       state_acc(n_tasks * rows_per_tile * d);
-  const bool decode =
-      query.fused_decode && attention_internal::DecodeKernelsUsable(query.n_q, d);
+  const bool decode = query.fused_decode && attention_internal::DecodeKernelsUsable(query.n_q, d);
   auto run = [&](int64_t t0, int64_t t1, int) {
     std::vector<float> sc(static_cast<size_t>(kTileTokens));
     TileRows kt, vt;

@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "runtime/kv/kv_cache.h"
+#include "tests/engine/test_cache.h"
 #include "tests/engine/test_random.h"
 
 namespace quantkv {
@@ -22,8 +23,8 @@ struct Case {
 
 std::string Name(const ::testing::TestParamInfo<Case>& info) {
   std::string s = info.param.spec + "_h" + std::to_string(info.param.n_heads) + "kv" +
-                  std::to_string(info.param.n_kv) + "_n" + std::to_string(info.param.n_ctx) +
-                  "q" + std::to_string(info.param.n_q);
+                  std::to_string(info.param.n_kv) + "_n" + std::to_string(info.param.n_ctx) + "q" +
+                  std::to_string(info.param.n_q);
   for (char& c : s) {
     if (!isalnum(static_cast<unsigned char>(c))) c = '_';
   }
@@ -99,7 +100,8 @@ TEST_P(AttentionTest, MatchesFloat64OnWhatEachQuerySees) {
     }
     return out;
   };
-  const std::vector<float> kq = reconstruct(k16, policy->all.k), vq = reconstruct(v16, policy->all.v);
+  const std::vector<float> kq = reconstruct(k16, policy->all.k),
+                           vq = reconstruct(v16, policy->all.v);
 
   std::vector<float> q = testing::RandomFloats(rng, c.n_q * c.n_heads * d, 0.3f);
   std::vector<int32_t> positions(c.n_q);
@@ -121,7 +123,8 @@ TEST_P(AttentionTest, MatchesFloat64OnWhatEachQuerySees) {
       for (int64_t t = 0; t <= p; ++t) {
         const std::vector<float>& kk = exact(t) ? k16 : kq;
         double dot = 0;
-        for (int64_t e = 0; e < d; ++e) dot += double(q[(i * c.n_heads + h) * d + e]) * kk[t * row + g * d + e];
+        for (int64_t e = 0; e < d; ++e)
+          dot += double(q[(i * c.n_heads + h) * d + e]) * kk[t * row + g * d + e];
         s[t] = dot * scale;
       }
       const double mx = *std::max_element(s.begin(), s.end());
@@ -143,16 +146,15 @@ INSTANTIATE_TEST_SUITE_P(
     Codecs, AttentionTest,
     ::testing::Values(
         Case{"fp32", 6, 2, 77, 1}, Case{"fp16", 6, 2, 130, 1}, Case{"fp32", 6, 2, 40, 40},
-        Case{"fp16,block=16", 9, 3, 90, 25}, Case{"bf16", 4, 4, 33, 1},
-        Case{"int8", 6, 2, 31, 31}, Case{"int8,block=16", 8, 1, 1000, 1},
-        Case{"int4", 6, 2, 33, 1}, Case{"int4:g32:sym", 6, 2, 1000, 64},
-        Case{"k=int4:chan,v=int4:g32", 6, 2, 257, 1},
+        Case{"fp16,block=16", 9, 3, 90, 25}, Case{"bf16", 4, 4, 33, 1}, Case{"int8", 6, 2, 31, 31},
+        Case{"int8,block=16", 8, 1, 1000, 1}, Case{"int4", 6, 2, 33, 1},
+        Case{"int4:g32:sym", 6, 2, 1000, 64}, Case{"k=int4:chan,v=int4:g32", 6, 2, 257, 1},
         Case{"k=int4:chan,v=int4,sink=4,window=16,block=64", 9, 3, 1000, 1},
         Case{"k=int4:chan,v=int4,sink=4,window=16,block=64", 9, 3, 300, 100},
-        Case{"int3,sink=3,window=5,block=16", 6, 2, 101, 40},
-        Case{"int2,window=32", 6, 2, 200, 1}, Case{"k=int2:chan,v=int2:g32:sym", 6, 2, 4097, 1},
-        Case{"fp8", 6, 2, 65, 1}, Case{"fp8,sink=1", 6, 2, 1, 1},
-        Case{"int2:g64:out1,window=8", 6, 2, 300, 1}, Case{"k=int4:block,v=int2:out2", 9, 3, 200, 50},
+        Case{"int3,sink=3,window=5,block=16", 6, 2, 101, 40}, Case{"int2,window=32", 6, 2, 200, 1},
+        Case{"k=int2:chan,v=int2:g32:sym", 6, 2, 4097, 1}, Case{"fp8", 6, 2, 65, 1},
+        Case{"fp8,sink=1", 6, 2, 1, 1}, Case{"int2:g64:out1,window=8", 6, 2, 300, 1},
+        Case{"k=int4:block,v=int2:out2", 9, 3, 200, 50},
         // Sequence splits (flash-decoding): one KV head, long context, 4 splits merged.
         Case{"int4,sink=4,window=40", 8, 1, 4097, 1}, Case{"fp16", 8, 1, 3000, 3}),
     Name);
@@ -177,6 +179,30 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"k=fp16,v=int8:g64:sym", 6, 2, 1000, 1}, Case{"k=int4:chan,v=int2", 9, 3, 700, 1},
         Case{"fp32,sink=2,window=9", 12, 3, 500, 1}),
     Name);
+
+// The engine attends decode rows of many sequences side by side, each call without the
+// pool but with split_threads = the pool's size: that must give bit for bit what the call
+// on the pool gives, including the sequence splits of a long context.
+TEST(AttentionSplitTest, SerialCallWithSplitThreadsEqualsPooledCall) {
+  std::mt19937_64 rng(testing::TestSeed());
+  const int64_t d = 64, n_kv = 3, n_heads = 9, n_ctx = 3000;
+  const std::vector<float> k = testing::RandomFloats(rng, n_ctx * n_kv * d);
+  const std::vector<float> v = testing::RandomFloats(rng, n_ctx * n_kv * d);
+  const std::vector<float> q = testing::RandomFloats(rng, n_heads * d);
+  kernels::ThreadPool pool(2);
+  for (const char* spec : {"fp16", "int4-comp"}) {
+    testing::CacheAttention c{.spec = spec, .n_kv_heads = n_kv, .head_dim = d, .n_heads = n_heads};
+    c.pool = &pool;
+    const std::vector<float> pooled = testing::AttendThroughCache(c, k, v, q, 1);
+    c.pool = nullptr;
+    c.split_threads = 2;
+    EXPECT_EQ(testing::AttendThroughCache(c, k, v, q, 1), pooled) << spec;
+    // Without it a serial call does not split 3000 tokens: the merge order differs, which is
+    // what the check above guards against.
+    c.split_threads = 0;
+    EXPECT_NE(testing::AttendThroughCache(c, k, v, q, 1), pooled) << spec;
+  }
+}
 
 }  // namespace
 }  // namespace quantkv

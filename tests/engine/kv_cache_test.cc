@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <utility>
 
 #include "gtest/gtest.h"
 
@@ -40,6 +41,26 @@ TEST(KvCacheTest, QuantizedAccountingCountsMetadataAndProtectedTokens) {
   ASSERT_TRUE(prot.ok());
   // 2048 tokens: 64 encoded blocks, 4 sinks + last 32 tokens in fp16.
   EXPECT_NEAR((*prot)->BitsPerElementAt(2048), (2048 * 4.5 + 36 * 16.0) / 2048, 1e-12);
+}
+
+// A 100k-token SmolLM2 sequence (the long-context issue's numbers): fp16 2.30 GB, 4-bit
+// 0.65 GB, 2-bit 0.36 GB, from codes + per-64 fp16 scale and minimum, and a partial tail
+// block in fp16 (none here: 100000 is a multiple of the default 32-token block).
+TEST(KvCacheTest, HundredThousandTokenSequenceSizesMatchTheFormula) {
+  const int64_t n = 100000, elements_per_token = 30 * 2 * 3 * 64;
+  for (const auto& [spec, bits] : {std::pair<const char*, double>{"fp16", 16.0},
+                                   {"int4", 4.0 + 32.0 / 64},
+                                   {"int2", 2.0 + 32.0 / 64}}) {
+    auto cache = KvCache::Create(Smol(spec));
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    const int64_t tail = n % (*cache)->block_tokens();
+    const double expected =
+        ((n - tail) * bits + tail * 16.0) / 8 * static_cast<double>(elements_per_token);
+    EXPECT_NEAR((*cache)->BytesPerTokenAt(n) * n, expected, 1e-6 * expected) << spec;
+  }
+  EXPECT_NEAR((*KvCache::Create(Smol("fp16")))->BytesPerTokenAt(n) * n / 1e9, 2.304, 1e-9);
+  EXPECT_NEAR((*KvCache::Create(Smol("int4")))->BytesPerTokenAt(n) * n / 1e9, 0.648, 1e-3);
+  EXPECT_NEAR((*KvCache::Create(Smol("int2")))->BytesPerTokenAt(n) * n / 1e9, 0.36, 1e-3);
 }
 
 TEST(KvCacheTest, ReserveFailsWithoutLeakingBlocks) {
@@ -98,8 +119,8 @@ TEST(KvPolicyTest, GrammarAndErrors) {
   EXPECT_EQ(p->sink_tokens, 4);
   EXPECT_EQ(p->window_tokens, 16);
   EXPECT_EQ(p->block_tokens, 64);
-  for (const char* bad : {"", "int5", "k=", "q=int4", "sink=-1", "block=0", "30.k=int4",
-                          "int4,,", "window=abc"}) {
+  for (const char* bad :
+       {"", "int5", "k=", "q=int4", "sink=-1", "block=0", "30.k=int4", "int4,,", "window=abc"}) {
     auto r = ParseKvPolicy(bad, 30);
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
@@ -108,9 +129,9 @@ TEST(KvPolicyTest, GrammarAndErrors) {
 }
 
 TEST(KvPolicyTest, PolicyFile) {
-  const std::string path =
-      (std::filesystem::temp_directory_path() / ("qkv_policy_" + std::to_string(getpid()) + ".json"))
-          .string();
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("qkv_policy_" + std::to_string(getpid()) + ".json"))
+                               .string();
   std::ofstream(path) << R"({"block": 32, "sink": 2, "k": "int4:chan", "v": "int4",
                             "layers": {"3": {"k": "fp16"}}})";
   auto p = ParseKvPolicy("@" + path, 30);

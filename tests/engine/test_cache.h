@@ -20,6 +20,7 @@ struct CacheAttention {
   int64_t n_heads = 0;
   const kernels::RopeTable* rope = nullptr;  // for rope=pre policies
   kernels::ThreadPool* pool = nullptr;
+  int split_threads = 0;  // AttentionQuery::split_threads
 };
 
 // Writes k and v ([n_ctx][n_kv_heads * head_dim], k already rotated) in steps of 64 tokens,
@@ -53,8 +54,9 @@ inline std::vector<float> AttendThroughCache(const CacheAttention& c, const std:
   for (int64_t i = 0; i < n_q; ++i) positions.push_back(static_cast<int32_t>(n_ctx - n_q + i));
   std::vector<float> out(n_q * c.n_heads * c.head_dim);
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  kernels::Attention({q.data(), n_q, c.n_heads, positions.data(), scale},
-                     (*cache)->View(seq, 0, n_ctx), out.data(), c.pool);
+  kernels::AttentionQuery query{q.data(), n_q, c.n_heads, positions.data(), scale};
+  query.split_threads = c.split_threads;
+  kernels::Attention(query, (*cache)->View(seq, 0, n_ctx), out.data(), c.pool);
   return out;
 }
 
