@@ -114,6 +114,17 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"tp", o.model.tp},
                         // bytes per token above: rank 0's share of the KV heads
                         {"kv_heads_rank0", kv.config().n_kv_heads}};
+    if (session->compressed_comm != nullptr) {
+      // Rank 0's all-reduce traffic (bytes it sent to its peers), raw fp32 vs compressed.
+      const CompressedCommStats& cs = session->compressed_comm->stats();
+      j["comm_compress"] = session->compressed_comm->config().codec.ToString();
+      j["comm_allreduces"] = cs.calls;
+      j["comm_allreduces_compressed"] = cs.compressed_calls;
+      j["comm_bytes_raw"] = cs.raw_bytes;
+      j["comm_bytes_wire"] = cs.wire_bytes;
+      j["comm_seconds"] = cs.comm_ns * 1e-9;
+      j["comm_codec_seconds"] = cs.codec_ns * 1e-9;
+    }
     if (r->has_kl) {
       j["kl_mean"] = r->kl_mean;
       j["kl_stderr"] = r->kl_stderr;

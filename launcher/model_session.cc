@@ -4,10 +4,15 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "runtime/comm/mpi_communicator.h"
 #include "runtime/kv/kv_policy.h"
 #include "runtime/model/gguf_model.h"
@@ -52,7 +57,9 @@ struct Fingerprint {
   uint64_t model_hash = 0;  // GGUF: header/metadata prefix and tensor directory
   uint64_t kv_hash = 0;     // the --kv text, and the policy file's bytes for @FILE
   int32_t tp = 0;
-  char kv[200] = {};  // the start of the --kv text, for the message
+  char kv[200] = {};       // the start of the --kv text, for the message
+  uint64_t comm_hash = 0;  // the --comm-compress* settings
+  char comm[120] = {};     // their start, for the message
 };
 
 // A GGUF file: its size, the first 8 MiB (header, metadata and tensor table for models of
@@ -113,6 +120,12 @@ absl::Status CheckSameInputs(Communicator& comm, const Fingerprint& mine, const 
         "model %s (%d bytes, header hash %016x) differs from rank 0's (%d bytes, header hash "
         "%016x): every rank must load the same model file",
         path, mine.model_bytes, mine.model_hash, root.model_bytes, root.model_hash));
+  } else if (root.comm_hash != mine.comm_hash) {
+    local = absl::InvalidArgumentError(absl::StrFormat(
+        "--comm-compress settings %s differ from rank 0's %s: every rank must compress the "
+        "same all-reduces the same way",
+        std::string(mine.comm, strnlen(mine.comm, sizeof(mine.comm))),
+        std::string(root.comm, strnlen(root.comm, sizeof(root.comm)))));
   } else if (root.kv_hash != mine.kv_hash) {
     local = absl::InvalidArgumentError(absl::StrFormat(
         "--kv %s (hash %016x) differs from rank 0's --kv %s (hash %016x): every rank must use "
@@ -137,12 +150,40 @@ absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
         "--tp %d)",
         world, flags.tp, world, world));
   }
+  if (flags.tp == 1 && flags.comm_compress != "none") {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--comm-compress %s needs --tp > 1 (one rank has no all-reduce to compress)",
+        flags.comm_compress));
+  }
   if (flags.tp > 1 && base.kv_observer) {
     return absl::UnimplementedError(
         "--tp > 1 cannot observe the KV cache (each rank sees "
         "only its own KV heads)");
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseLayerList(std::string_view text) {
+  std::vector<int64_t> layers;
+  if (text.empty()) return layers;
+  for (absl::string_view part : absl::StrSplit(absl::string_view(text.data(), text.size()), ',')) {
+    int64_t l = 0;
+    if (!absl::SimpleAtoi(part, &l) || l < 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "'%s' is not a layer index (want comma-separated integers >= 0, like 0,29)", part));
+    }
+    layers.push_back(l);
+  }
+  return layers;
+}
+
+// --comm-compress*, already validated by their flags; "none" is not a config.
+absl::StatusOr<CompressedCommConfig> CommCompressConfig(const ModelFlags& flags) {
+  CompressedCommConfig c;
+  QKV_ASSIGN_OR_RETURN(c.codec, kernels::ParseCommCodecConfig(flags.comm_compress));
+  c.min_elements = flags.comm_compress_min_elements;
+  QKV_ASSIGN_OR_RETURN(c.exact_layers, ParseLayerList(flags.comm_compress_exact_layers));
+  return c;
 }
 
 // Opens the weights and tokenizer (s->path already resolved).
@@ -196,6 +237,24 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
               "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
               "N`; only rank 0 prints. Give each rank --threads cores/N",
               {.min = 1, .max = 256});
+    flags.String("comm-compress", &o.comm_compress, "none",
+                 "compress the --tp all-reduces: none, int8, fp8 or int4 (group-quantized with "
+                 "fp16 scales; options :gN group size 32-128, default 64, :outK keep the K "
+                 "largest values of each group in fp16, 0 to N/8, default 2; e.g. "
+                 "int4:g32:out4)",
+                 [](std::string_view v) {
+                   return v == "none" ? absl::OkStatus()
+                                      : kernels::ParseCommCodecConfig(v).status();
+                 })
+        .Placeholder("CODEC");
+    flags.Int<int64_t>("comm-compress-min-elements", &o.comm_compress_min_elements, 16384,
+                       "all-reduces of fewer values stay exact (decode steps are "
+                       "latency-bound; the hidden size times the rows of a step)",
+                       {.min = 0});
+    flags.String("comm-compress-exact-layers", &o.comm_compress_exact_layers, "",
+                 "layers whose all-reduces stay exact under --comm-compress, e.g. 0,29",
+                 [](std::string_view v) { return ParseLayerList(v).status(); })
+        .Placeholder("LIST");
   }
 }
 
@@ -222,7 +281,34 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
     print.kv_hash = KvFingerprint(flags.kv);
     std::memcpy(print.kv, flags.kv.data(), std::min(flags.kv.size(), sizeof(print.kv) - 1));
     print.tp = flags.tp;
+    // Canonical settings, so that "int8" and "int8:g64" agree.
+    absl::StatusOr<CompressedCommConfig> config = CompressedCommConfig{};
+    std::string comm = "none";
+    if (flags.comm_compress != "none") {
+      config = CommCompressConfig(flags);
+      if (config.ok()) {
+        std::vector<int64_t> layers = config->exact_layers;
+        std::sort(layers.begin(), layers.end());
+        layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+        comm = absl::StrFormat("%s from %d values, exact layers [%s]", config->codec.ToString(),
+                               config->min_elements, absl::StrJoin(layers, ","));
+      } else {
+        comm = flags.comm_compress;
+      }
+    }
+    Fnv comm_hash;
+    comm_hash.Add(comm);
+    print.comm_hash = comm_hash.value();
+    std::memcpy(print.comm, comm.data(), std::min(comm.size(), sizeof(print.comm) - 1));
     QKV_RETURN_IF_ERROR(CheckSameInputs(*s.comm, print, flags, s.path));
+    if (flags.comm_compress != "none") {
+      // After the comparison: every rank wraps its group, or none does.
+      QKV_RETURN_IF_ERROR(agree(config.status()));
+      QKV_ASSIGN_OR_RETURN(std::unique_ptr<CompressedCommunicator> compressed,
+                           CompressedCommunicator::Create(std::move(s.comm), *config));
+      s.compressed_comm = compressed.get();
+      s.comm = std::move(compressed);
+    }
   }
   EngineConfig cfg = base;
   cfg.threads = flags.threads;
@@ -232,7 +318,27 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
   QKV_RETURN_IF_ERROR(agree(engine.status()));
   s.engine = std::move(*engine);
+  if (s.compressed_comm != nullptr && s.rank() == 0) {
+    s.comm_report = std::make_unique<CommStatsReporter>(s.compressed_comm);
+  }
   return s;
+}
+
+std::string CommStatsSummary(const CompressedCommunicator& comm) {
+  const CompressedCommStats& st = comm.stats();
+  const double mb = 1.0 / (1 << 20);
+  return absl::StrFormat(
+      "comm-compress %s: %d of %d all-reduces compressed (from %d values); rank %d sent "
+      "%.2f MiB instead of %.2f MiB raw (%.2fx less); %.3f s in collectives, %.3f s in the "
+      "codec",
+      comm.config().codec.ToString(), st.compressed_calls, st.calls, comm.config().min_elements,
+      comm.rank(), st.wire_bytes * mb, st.raw_bytes * mb,
+      st.wire_bytes > 0 ? static_cast<double>(st.raw_bytes) / st.wire_bytes : 1.0,
+      st.comm_ns * 1e-9, st.codec_ns * 1e-9);
+}
+
+CommStatsReporter::~CommStatsReporter() {
+  if (comm_ != nullptr) std::cerr << CommStatsSummary(*comm_) << "\n" << std::flush;
 }
 
 std::ostream& ModelSession::ResultStream(std::ostream& out) const {

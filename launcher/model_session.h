@@ -11,6 +11,7 @@
 #include "launcher/flags.h"
 #include "launcher/subcommand.h"
 #include "runtime/comm/communicator.h"
+#include "runtime/comm/compressed_communicator.h"
 #include "runtime/engine/engine.h"
 #include "runtime/tokenizer/tokenizer.h"
 
@@ -22,6 +23,12 @@ struct ModelFlags {
   std::string kv;
   int64_t kv_budget_mb = 0;
   int tp = 1;  // tensor-parallel ranks; > 1 only under mpirun with as many processes
+  // Compressed all-reduce under --tp (runtime/comm/compressed_communicator.h): "none" or a
+  // codec (int8, fp8, int4, with options like int4:g32:out2), the smallest all-reduce it
+  // compresses, and layers kept exact ("0,29").
+  std::string comm_compress = "none";
+  int64_t comm_compress_min_elements = 16384;
+  std::string comm_compress_exact_layers;
 };
 
 struct ModelFlagOptions {
@@ -32,12 +39,32 @@ struct ModelFlagOptions {
 
 void DefineModelFlags(FlagSet& flags, ModelFlags& options, ModelFlagOptions what = {});
 
+// One line on a compressed all-reduce's work: calls compressed, bytes this rank sent raw
+// vs on the wire, time in collectives and in the codec.
+std::string CommStatsSummary(const CompressedCommunicator& comm);
+
+class CommStatsReporter {
+ public:
+  explicit CommStatsReporter(const CompressedCommunicator* comm) : comm_(comm) {}
+  CommStatsReporter(const CommStatsReporter&) = delete;
+  CommStatsReporter& operator=(const CommStatsReporter&) = delete;
+  ~CommStatsReporter();
+
+ private:
+  const CompressedCommunicator* comm_;
+};
+
 struct ModelSession {
   std::string path;
   std::unique_ptr<Tokenizer> tokenizer;
   // Declared before the engine, which points to it: destroyed after it.
   std::unique_ptr<Communicator> comm;  // set with --tp > 1
+  // comm itself when --comm-compress wraps the group in a compressed all-reduce; not owned.
+  CompressedCommunicator* compressed_comm = nullptr;
   std::unique_ptr<Engine> engine;
+  // Prints compressed_comm's statistics to stderr on rank 0 when the session ends, so every
+  // --tp command reports them without code of its own. Declared last: destroyed first.
+  std::unique_ptr<CommStatsReporter> comm_report;
 
   int rank() const { return comm ? comm->rank() : 0; }
   // Results are printed by rank 0 only: `out` there, a stream that drops them elsewhere.

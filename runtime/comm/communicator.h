@@ -26,13 +26,20 @@ class Communicator {
   // data[0..n) becomes the element-wise sum over ranks, bit-identical on every rank (ranks
   // sample from these values, so they must agree exactly, not just within rounding).
   virtual absl::Status AllReduceSum(float* data, int64_t n) = 0;
+  // The same, for the engine's sum after one of `layer`'s row-parallel projections: a
+  // compressing group (compressed_communicator.h) may keep some layers exact.
+  virtual absl::Status AllReduceSumForLayer(float* data, int64_t n, int64_t layer) {
+    (void)layer;
+    return AllReduceSum(data, n);
+  }
   // Each rank sends `bytes` bytes; `recv` receives size() * bytes, rank r's at r * bytes.
   virtual absl::Status AllGather(const void* send, int64_t bytes, void* recv) = 0;
   // Rank `root`'s data[0..bytes) is copied to every rank's `data`.
   virtual absl::Status Broadcast(void* data, int64_t bytes, int root) = 0;
   virtual absl::Status Barrier() = 0;
   // Ends every rank of the group at once, for an error on one rank while the others may be
-  // waiting in a collective (there is no failure detection). Does not return.
+  // waiting in a collective (a peer that dies or hangs is detected by the MPI
+  // communicator's per-collective timeout instead). Does not return.
   [[noreturn]] virtual void Abort(int exit_code) = 0;
 };
 

@@ -1,15 +1,38 @@
 #include "runtime/comm/mpi_communicator.h"
 
 #include <mpi.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <climits>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 
 namespace quantkv {
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How a rank waits for a collective (WaitBounded). A decode step's all-reduces complete
+// within microseconds to a millisecond of the slowest rank's arrival, so the first kSpinFor
+// is a tight MPI_Test loop, as fast as MPI_Wait (MPI's blocking calls poll too; measured here
+// the non-blocking Iallgather costs ~2 us more per call than MPI_Allgather, the polling
+// nothing). A longer wait means a peer is far behind (start-up skew, a long prefill, a stopped
+// or dead rank): yield the core until kYieldFor, then sleep in steps doubling up to kMaxSleep,
+// so that a waiting rank does not burn a core its peers may need (with --oversubscribe they
+// share one); a wait that long loses at most kMaxSleep.
+constexpr auto kSpinFor = std::chrono::milliseconds(2);
+constexpr auto kYieldFor = std::chrono::milliseconds(20);
+constexpr auto kFirstSleep = std::chrono::microseconds(20);
+constexpr auto kMaxSleep = std::chrono::milliseconds(1);
 
 absl::Status MpiStatus(int code, const char* what) {
   if (code == MPI_SUCCESS) return absl::OkStatus();
@@ -28,10 +51,32 @@ absl::Status CheckCount(int64_t n, const char* what) {
   return absl::OkStatus();
 }
 
+// For FinalizeAtExit: the longest timeout of the communicators made, in seconds (0 before
+// the first, -1 once one waits forever).
+std::atomic<double> finalize_timeout_s{0};
+
 void FinalizeAtExit() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (finalized) return;
+  // MPI_Finalize waits for every rank (Open MPI fences through the launcher), so a peer that
+  // hangs after the last collective would hold this rank here forever. A watchdog thread
+  // (no MPI calls: FUNNELED allows none) ends the process after the timeout instead; its
+  // non-zero exit makes mpirun end the job, the hung peer included.
+  if (const double t = finalize_timeout_s.load(); t > 0) {
+    int rank = -1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    std::thread([t, rank] {
+      std::this_thread::sleep_for(std::chrono::duration<double>(t));
+      absl::FPrintF(stderr,
+                    "quantkv: rank %d (pid %d): MPI_Finalize not complete after %g s: another "
+                    "rank may have died or hung; exiting\n",
+                    rank, static_cast<int>(getpid()), t);
+      std::fflush(stderr);
+      std::_Exit(kCommTimeoutExitCode);
+    }).detach();
+  }
+  MPI_Finalize();
 }
 
 absl::Status EnsureInitialized() {
@@ -51,9 +96,57 @@ absl::Status EnsureInitialized() {
   return absl::OkStatus();
 }
 
+// Polls `request` until it completes (ok), MPI reports an error (its status), or `timeout`
+// passes with the collective still open: then prints why on stderr and aborts every rank
+// (no return), since the peer that never arrived cannot be told anything else and the
+// request cannot be cancelled (collectives have no MPI_Cancel). timeout 0: no limit.
+// `rank`, `size` and `seq` are only for the message.
+absl::Status WaitBounded(MPI_Request* request, const char* what, Clock::duration timeout, int rank,
+                         int size, int64_t seq) {
+  const Clock::time_point start = Clock::now();
+  auto sleep = std::chrono::duration_cast<Clock::duration>(kFirstSleep);
+  for (;;) {
+    int done = 0;
+    if (const int rc = MPI_Test(request, &done, MPI_STATUS_IGNORE); rc != MPI_SUCCESS) {
+      return MpiStatus(rc, what);
+    }
+    if (done) return absl::OkStatus();
+    const Clock::duration waited = Clock::now() - start;
+    if (timeout > Clock::duration::zero() && waited >= timeout) {
+      // One line, flushed before MPI_Abort (whose own banner follows). The rank printing it
+      // is the one that waited, not the culprit; other ranks that arrived may print the same
+      // line before the abort reaches them, and the rank that never does is the one to debug.
+      absl::FPrintF(stderr,
+                    "quantkv: rank %d of %d (pid %d): MPI %s (collective #%d) not complete after "
+                    "%.1f s: another rank may have died or hung; aborting all ranks (timeout "
+                    "%g s; QUANTKV_COMM_TIMEOUT_S sets it, 0 waits forever)\n",
+                    rank, size, static_cast<int>(getpid()), what, seq,
+                    std::chrono::duration<double>(waited).count(),
+                    std::chrono::duration<double>(timeout).count());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, kCommTimeoutExitCode);
+      std::_Exit(kCommTimeoutExitCode);  // MPI_Abort does not return
+    }
+    if (waited < kSpinFor) continue;
+    if (waited < kYieldFor) {
+      std::this_thread::yield();
+      continue;
+    }
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min<Clock::duration>(sleep * 2, kMaxSleep);
+  }
+}
+
+// Capped so that a huge timeout (as good as none) cannot overflow the clock's ticks.
+Clock::duration ToDuration(double seconds) {
+  seconds = std::min(seconds, 1e9);
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(MPI_Comm comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {}
+  MpiCommunicator(MPI_Comm comm, int rank, int size, Clock::duration timeout)
+      : comm_(comm), rank_(rank), size_(size), timeout_(timeout) {}
   ~MpiCommunicator() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -72,9 +165,14 @@ class MpiCommunicator final : public Communicator {
     if (size_ == 1 || n == 0) return CheckCount(n, "AllReduceSum");
     if (absl::Status s = CheckCount(n, "AllReduceSum"); !s.ok()) return s;
     scratch_.resize(static_cast<size_t>(n) * size_);
-    const int rc = MPI_Allgather(data, static_cast<int>(n), MPI_FLOAT, scratch_.data(),
-                                 static_cast<int>(n), MPI_FLOAT, comm_);
-    if (rc != MPI_SUCCESS) return MpiStatus(rc, "Allgather (sum all-reduce)");
+    MPI_Request request;
+    const char* what = "Iallgather (sum all-reduce)";
+    if (absl::Status s = Start(MPI_Iallgather(data, static_cast<int>(n), MPI_FLOAT, scratch_.data(),
+                                              static_cast<int>(n), MPI_FLOAT, comm_, &request),
+                               &request, what);
+        !s.ok()) {
+      return s;
+    }
     for (int64_t i = 0; i < n; ++i) {
       float sum = scratch_[i];
       for (int r = 1; r < size_; ++r) sum += scratch_[static_cast<size_t>(r) * n + i];
@@ -85,9 +183,10 @@ class MpiCommunicator final : public Communicator {
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv) override {
     if (absl::Status s = CheckCount(bytes, "AllGather"); !s.ok()) return s;
-    return MpiStatus(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, recv,
-                                   static_cast<int>(bytes), MPI_BYTE, comm_),
-                     "Allgather");
+    MPI_Request request;
+    return Start(MPI_Iallgather(send, static_cast<int>(bytes), MPI_BYTE, recv,
+                                static_cast<int>(bytes), MPI_BYTE, comm_, &request),
+                 &request, "Iallgather");
   }
 
   absl::Status Broadcast(void* data, int64_t bytes, int root) override {
@@ -96,10 +195,15 @@ class MpiCommunicator final : public Communicator {
       return absl::InvalidArgumentError(
           absl::StrFormat("Broadcast: root %d outside a group of %d", root, size_));
     }
-    return MpiStatus(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_), "Bcast");
+    MPI_Request request;
+    return Start(MPI_Ibcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_, &request),
+                 &request, "Ibcast");
   }
 
-  absl::Status Barrier() override { return MpiStatus(MPI_Barrier(comm_), "Barrier"); }
+  absl::Status Barrier() override {
+    MPI_Request request;
+    return Start(MPI_Ibarrier(comm_, &request), &request, "Ibarrier");
+  }
 
   void Abort(int exit_code) override {
     MPI_Abort(MPI_COMM_WORLD, exit_code);
@@ -107,26 +211,66 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  // The start call's code, then the bounded wait for the request it made.
+  absl::Status Start(int rc, MPI_Request* request, const char* what) {
+    if (rc != MPI_SUCCESS) return MpiStatus(rc, what);
+    return WaitBounded(request, what, timeout_, rank_, size_, ++collectives_);
+  }
+
   MPI_Comm comm_;
   int rank_;
   int size_;
+  Clock::duration timeout_;  // zero: no limit
+  int64_t collectives_ = 0;  // collectives started, for the timeout message
   std::vector<float> scratch_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator() {
+absl::StatusOr<double> CommTimeoutFromEnv() {
+  const char* v = std::getenv("QUANTKV_COMM_TIMEOUT_S");
+  if (v == nullptr || *v == '\0') return kDefaultCommTimeoutS;
+  double s = 0;
+  if (!absl::SimpleAtod(v, &s) || !std::isfinite(s) || s < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "QUANTKV_COMM_TIMEOUT_S='%s' is not a number of seconds >= 0 (0: no timeout)", v));
+  }
+  return s;
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(
+    const MpiCommunicatorOptions& options) {
+  double timeout_s = options.timeout_s;
+  if (timeout_s < 0) {
+    absl::StatusOr<double> env = CommTimeoutFromEnv();
+    if (!env.ok()) return env.status();
+    timeout_s = *env;
+  }
+  if (!std::isfinite(timeout_s)) {
+    return absl::InvalidArgumentError("MPI communicator timeout must be finite (0: no timeout)");
+  }
+  const Clock::duration timeout = ToDuration(timeout_s);
+  // Finalize waits as long as the most patient communicator, and forever if one does.
+  if (double t = finalize_timeout_s.load(); t >= 0 && (timeout_s == 0 || timeout_s > t)) {
+    finalize_timeout_s.store(timeout_s == 0 ? -1 : std::min(timeout_s, 1e9));
+  }
   if (absl::Status s = EnsureInitialized(); !s.ok()) return s;
-  // A duplicate keeps our messages apart from any other MPI user in the process.
+  int rank = 0, size = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  // A duplicate keeps our messages apart from any other MPI user in the process. Duplicating
+  // is collective too, so it is bounded like the others (a peer may already be stuck).
   MPI_Comm comm;
-  if (absl::Status s = MpiStatus(MPI_Comm_dup(MPI_COMM_WORLD, &comm), "Comm_dup"); !s.ok()) {
+  MPI_Request request;
+  if (absl::Status s = MpiStatus(MPI_Comm_idup(MPI_COMM_WORLD, &comm, &request), "Comm_idup");
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = WaitBounded(&request, "Comm_idup", timeout, rank, size, 0); !s.ok()) {
     return s;
   }
   MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
-  int rank = 0, size = 0;
-  MPI_Comm_rank(comm, &rank);
-  MPI_Comm_size(comm, &size);
-  return std::make_unique<MpiCommunicator>(comm, rank, size);
+  return std::make_unique<MpiCommunicator>(comm, rank, size, timeout);
 }
 
 }  // namespace quantkv

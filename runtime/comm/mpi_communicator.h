@@ -2,6 +2,15 @@
 // first Create (MPI_THREAD_FUNNELED: only the calling thread communicates; the engine's
 // worker threads never do) and finalized at exit. Errors return as absl::Status: the
 // communicator sets MPI_ERRORS_RETURN instead of MPI's default abort-on-error.
+//
+// Failure: every collective is bounded in time. Each one is started non-blocking and polled
+// until it completes or the timeout passes; then the waiting rank prints one line to stderr
+// (its rank, the collective, the seconds waited, that another rank may have died or hung) and
+// MPI_Aborts the whole job with kCommTimeoutExitCode, so no rank waits forever for a peer that
+// is stopped (SIGSTOP), deadlocked or gone. A rank that dies is normally noticed first by
+// mpirun, which then ends the job (Open MPI's default); the timeout is for what the launcher
+// cannot see. The timeout must exceed the longest legitimate wait between ranks (start-up skew,
+// a rank behind by a long prefill), which the 30 s default does for the models here.
 #pragma once
 
 #include <memory>
@@ -11,6 +20,24 @@
 
 namespace quantkv {
 
-absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator();
+// Seconds a collective may wait when neither the options nor QUANTKV_COMM_TIMEOUT_S say.
+inline constexpr double kDefaultCommTimeoutS = 30;
+// mpirun's exit status after a collective timed out (MPI_Abort's code): apart from the
+// commands' 1 (failed) and 2 (usage) so scripts can tell a hung peer from an ordinary error.
+inline constexpr int kCommTimeoutExitCode = 3;
+
+struct MpiCommunicatorOptions {
+  // Seconds one collective may wait for the other ranks before the job is aborted; 0 waits
+  // forever (the old blocking behaviour, for debuggers that stop a rank). Negative: from
+  // QUANTKV_COMM_TIMEOUT_S, else kDefaultCommTimeoutS.
+  double timeout_s = -1;
+};
+
+// QUANTKV_COMM_TIMEOUT_S: unset or empty gives kDefaultCommTimeoutS, a finite number >= 0
+// gives itself (0: no timeout), anything else is an InvalidArgument error naming the value.
+absl::StatusOr<double> CommTimeoutFromEnv();
+
+absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(
+    const MpiCommunicatorOptions& options = {});
 
 }  // namespace quantkv

@@ -268,9 +268,10 @@ absl::Status Engine::PackWeights() {
   return pack(lm_head_, config_.lm_head_activations);
 }
 
-absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n) const {
+absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) const {
   if (shard_.whole()) return absl::OkStatus();
-  return config_.comm->AllReduceSum(x.data(), n);
+  // The layer lets a compressing group (--comm-compress) keep chosen layers exact.
+  return config_.comm->AllReduceSumForLayer(x.data(), n, layer);
 }
 
 absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
@@ -403,8 +404,27 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       positions.push_back(static_cast<int32_t>(base + i));
     }
   }
-  std::vector<float> h(total * H), xn(total * H), q(total * q_dim), k(total * kv_dim),
-      v(total * kv_dim), attn(total * q_dim), proj(total * H), gate(total * I), up(total * I);
+  // Activation buffers live across steps: a prefill step's are megabytes, and fresh ones
+  // cost page faults and zeroing on every step. Every element is written before it is read.
+  StepBuffers& buf = buffers_;
+  buf.h.resize(total * H);
+  buf.xn.resize(total * H);
+  buf.q.resize(total * q_dim);
+  buf.k.resize(total * kv_dim);
+  buf.v.resize(total * kv_dim);
+  buf.attn.resize(total * q_dim);
+  buf.proj.resize(total * H);
+  buf.gate.resize(total * I);
+  buf.up.resize(total * I);
+  std::vector<float>& h = buf.h;
+  std::vector<float>& xn = buf.xn;
+  std::vector<float>& q = buf.q;
+  std::vector<float>& k = buf.k;
+  std::vector<float>& v = buf.v;
+  std::vector<float>& attn = buf.attn;
+  std::vector<float>& proj = buf.proj;
+  std::vector<float>& gate = buf.gate;
+  std::vector<float>& up = buf.up;
   Embed(tokens, h.data());
 
   kernels::MatMulOptions mm;
@@ -420,6 +440,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
   };
 
+  // Which inputs attend in parallel with each other (see the layer loop).
+  constexpr int64_t kFewRows = 4;
+  std::vector<int64_t> input_rows(inputs.size());
+  std::vector<size_t> few_row_inputs, many_row_inputs;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    (static_cast<int64_t>(inputs[i].tokens.size()) <= kFewRows ? few_row_inputs : many_row_inputs)
+        .push_back(i);
+  }
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const Layer& l = layers_[li];
     kernels::RmsNorm(h.data(), l.attn_norm.data(), xn.data(), total, H, c.rms_eps);
@@ -432,32 +460,58 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     rope_->Apply(q.data(), total, n_heads, positions.data());
     rope_->Apply(k.data(), total, n_kv_heads, positions.data());
     if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());
+    // Write every input's K/V first, then attend: sequences are independent, so inputs of
+    // few rows (decodes) attend in parallel with each other, one pool task per sequence,
+    // instead of one fork/join per sequence. split_threads keeps their sequence splits
+    // those of a call on the whole pool, so a row's result does not depend on the batch.
     int64_t row = 0;
-    for (const StepInput& in : inputs) {
-      Sequence& seq = sequences_[in.seq];
-      SequenceKv& sb = seq.kv;
-      KvCache& cache = *kv_[seq.cache];
-      const int64_t n = static_cast<int64_t>(in.tokens.size());
-      cache.Write(sb, li, sb.length, n, k.data() + row * kv_dim, v.data() + row * kv_dim);
-      kernels::AttentionQuery aq;
-      aq.q = q.data() + row * q_dim;
-      aq.n_q = n;
-      aq.n_heads = n_heads;
-      aq.positions = positions.data() + row;
-      aq.scale = scale;
-      aq.fused_decode = config_.fused_decode_attention;
-      kernels::Attention(aq, cache.View(sb, li, sb.length + n), attn.data() + row * q_dim, pool);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      Sequence& seq = sequences_[inputs[i].seq];
+      const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
+      kv_[seq.cache]->Write(seq.kv, li, seq.kv.length, n, k.data() + row * kv_dim,
+                            v.data() + row * kv_dim);
+      input_rows[i] = row;
       row += n;
     }
+    auto attend = [&](size_t i, kernels::ThreadPool* attention_pool) {
+      const Sequence& seq = sequences_.at(inputs[i].seq);
+      const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
+      kernels::AttentionQuery aq;
+      aq.q = q.data() + input_rows[i] * q_dim;
+      aq.n_q = n;
+      aq.n_heads = n_heads;
+      aq.positions = positions.data() + input_rows[i];
+      aq.scale = scale;
+      aq.fused_decode = config_.fused_decode_attention;
+      aq.split_threads = pool->size();
+      kernels::Attention(aq, kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n),
+                         attn.data() + input_rows[i] * q_dim, attention_pool);
+    };
+    if (few_row_inputs.size() > 1) {
+      pool->ParallelFor(static_cast<int64_t>(few_row_inputs.size()),
+                        [&](int64_t a, int64_t b, int) {
+                          for (int64_t j = a; j < b; ++j) attend(few_row_inputs[j], nullptr);
+                        });
+    } else if (few_row_inputs.size() == 1) {
+      attend(few_row_inputs[0], pool);
+    }
+    for (size_t i : many_row_inputs) attend(i, pool);
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));
-    QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H));
+    QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
     add_bias(proj, l.o_bias);
     kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.gate, xn.data(), total, gate.data(), pool, mm));
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.up, xn.data(), total, up.data(), pool, mm));
-    kernels::SwiGlu(gate.data(), up.data(), gate.data(), total * I);
+    // Element-wise, so splitting it over the pool cannot change a value.
+    pool->ParallelFor(
+        total,
+        [&](int64_t r0, int64_t r1, int) {
+          kernels::SwiGlu(gate.data() + r0 * I, up.data() + r0 * I, gate.data() + r0 * I,
+                          (r1 - r0) * I);
+        },
+        8);
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.down, gate.data(), total, proj.data(), pool, mm));
-    QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H));
+    QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
     for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];
   }
 

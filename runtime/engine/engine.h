@@ -31,7 +31,7 @@ struct EngineConfig {
   // Further KV caches, one per spec, that sequences may be created in (NewSequence(i) puts
   // a sequence in cache i; kv_spec is cache 0): a server offering several presets. The
   // caches share kv_max_bytes evenly.
-  std::vector<std::string> more_kv_specs;
+  std::vector<std::string> more_kv_specs = {};
   // Longest run of tokens of one sequence in a Step; longer inputs are split.
   int64_t max_chunk_tokens = 512;
   // kInt8 is llama.cpp's decode path (int8 activations against Q4/Q8 weights); kFloat32
@@ -60,6 +60,7 @@ struct EngineConfig {
   // comm->rank()'s shard (runtime/comm/tensor_shard.h) and sums partial outputs over the
   // group after the attention output and down projections. Every rank must run the same
   // Steps. nullptr (or a group of 1): the whole model. Not owned; must outlive the engine.
+  // Sums go through AllReduceSumForLayer, so a compressing group can keep layers exact.
   Communicator* comm = nullptr;
 };
 
@@ -126,8 +127,9 @@ class Engine {
   absl::Status PlanShard();
   absl::Status LoadWeights();
   absl::Status PackWeights();  // config_.pack_weights
-  // Sums a row-parallel layer's partial output over the tensor-parallel group.
-  absl::Status ReduceSum(std::vector<float>& x, int64_t n) const;
+  // Sums a row-parallel layer's partial output over the tensor-parallel group; `layer`
+  // lets a compressing group keep that layer's sums exact.
+  absl::Status ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) const;
   void Embed(std::span<const int32_t> tokens, float* out) const;
 
   EngineConfig config_;
@@ -141,6 +143,10 @@ class Engine {
   // because a row's blocks are contiguous; the Layer matrices point into them.
   std::vector<std::vector<uint8_t>> sliced_;
   std::vector<std::unique_ptr<kernels::PackedWeights>> packed_;  // see pack_weights
+  struct StepBuffers {
+    std::vector<float> h, xn, q, k, v, attn, proj, gate, up;
+  };
+  StepBuffers buffers_;  // Step's activations, reused
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
   struct Sequence {

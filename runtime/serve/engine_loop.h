@@ -117,7 +117,7 @@ struct EngineLoopConfig {
   // kv_preset is cache 0 (the default), more_kv_presets caches 1.. (the engine's
   // more_kv_specs, in order).
   std::string kv_preset;
-  std::vector<std::string> more_kv_presets;
+  std::vector<std::string> more_kv_presets = {};
   // Not owned; must outlive the loop. The loop thread records request latencies, token
   // counts and its queue and KV state into it; null: no metrics.
   ServingMetrics* metrics = nullptr;
