@@ -15,6 +15,7 @@
 //   build/bench/serve_load [--presets fp16,int4-comp,int2-comp] [--streams 1,4,16,64]
 //                          [--threads 2] [--text FILE] [--out bench/results] [--quick]
 //                          [--prefill-gemm]  (SGEMM for steps of >= 8 rows, as the serve flag)
+//                          [--prompt-tokens 32-96] [--output-tokens 32-64]  (uniform ranges)
 //                          [--request-rates 2,4,8]  (requests/s; none by default)
 //                          [--rate-requests 32]  (requests per rate; 8 with --quick)
 //                          [--max-in-flight 256] [--seed 1]  (open-loop cap and arrival seed)
@@ -335,15 +336,33 @@ int Main(int argc, char** argv) {
       o.presets = SplitList(v);
     } else if (f == "--streams") {
       o.streams.clear();
-      for (const std::string& s : SplitList(v)) o.streams.push_back(std::stoi(s));
+      for (const std::string& s : SplitList(v)) {
+        int n = 0;
+        if (!ParseInt(f, s, 1, &n)) return 2;
+        o.streams.push_back(n);
+      }
     } else if (f == "--threads") {
-      o.threads = std::stoi(v);
+      if (!ParseInt(f, v, 1, &o.threads)) return 2;
+    } else if (f == "--prompt-tokens" || f == "--output-tokens") {
+      // MIN-MAX: lengths drawn uniformly from the range.
+      const size_t dash = v.find('-');
+      int lo = 0, hi = 0;
+      if (dash == std::string::npos || !ParseInt(f, v.substr(0, dash), 1, &lo) ||
+          !ParseInt(f, v.substr(dash + 1), lo, &hi)) {
+        std::cerr << "serve_load: " << f << " wants MIN-MAX with 1 <= MIN <= MAX, got '" << v
+                  << "'\n";
+        return 2;
+      }
+      (f == "--prompt-tokens" ? o.prompt_min : o.output_min) = lo;
+      (f == "--prompt-tokens" ? o.prompt_max : o.output_max) = hi;
     } else if (f == "--text") {
       o.text = v;
     } else if (f == "--out") {
       o.out = v;
     } else if (f == "--budget-mb") {
-      o.budget_mb = std::stoll(v);
+      int mb = 0;
+      if (!ParseInt(f, v, 1, &mb)) return 2;
+      o.budget_mb = mb;
     } else if (f == "--request-rates") {
       o.request_rates.clear();
       for (const std::string& s : SplitList(v)) {

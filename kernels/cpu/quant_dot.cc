@@ -502,7 +502,7 @@ void ActQ8Buffer::Quantize(const float* x, int64_t m, int64_t n, ThreadPool* poo
       }
     }
   };
-  if (pool != nullptr && m >= 16) {
+  if (pool != nullptr && m >= 64) {  // below, a fork/join costs more than it saves
     pool->ParallelFor(m, rows, 8);
   } else {
     rows(0, m, 0);
