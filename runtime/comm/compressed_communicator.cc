@@ -7,21 +7,16 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "runtime/util/monotonic_clock.h"
 
 namespace quantkv {
 namespace {
 
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // Adds the time from construction to destruction to *total.
 class Timer {
  public:
-  explicit Timer(int64_t* total) : total_(total), start_(NowNs()) {}
-  ~Timer() { *total_ += NowNs() - start_; }
+  explicit Timer(int64_t* total) : total_(total), start_(MonotonicNowNs()) {}
+  ~Timer() { *total_ += MonotonicNowNs() - start_; }
 
  private:
   int64_t* total_;

@@ -12,15 +12,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "runtime/serve/serving_metrics.h"
+#include "runtime/util/monotonic_clock.h"
 
 namespace quantkv {
 namespace {
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // Rate window of Stats().generated_tokens_per_s.
 constexpr int64_t kRateWindowNs = int64_t{5'000'000'000};
@@ -281,7 +276,8 @@ absl::StatusOr<std::shared_ptr<RequestStream>> EngineLoop::Submit(GenerationPara
   }
   live_ids_[p.request_id] = id;
   auto stream = std::make_shared<RequestStream>(p.request_id);
-  pending_.push_back({.id = id, .params = std::move(p), .stream = stream, .submit_ns = NowNs()});
+  pending_.push_back(
+      {.id = id, .params = std::move(p), .stream = stream, .submit_ns = MonotonicNowNs()});
   cv_.notify_one();
   return stream;
 }
@@ -398,7 +394,7 @@ void EngineLoop::Finish(Request& r, FinishReason reason) {
   f.total_logprob = r.total_logprob;
   f.scored_tokens = r.scored;
   if (ServingMetrics* m = config_.metrics) {
-    m->ObserveE2eLatency(SecondsBetween(r.submit_ns, NowNs()));
+    m->ObserveE2eLatency(SecondsBetween(r.submit_ns, MonotonicNowNs()));
     m->RequestFinished(OutcomeOf(reason));
   }
   ReleaseEngineSequence(r);
@@ -436,7 +432,7 @@ bool EngineLoop::SampleNext(Request& r, std::span<float> row) {
   if (raw) chunk.logprobs.push_back(ComputeLogprobs(*raw, tok, r.params.logprobs));
   r.tokens.push_back(tok);
   ++r.generated;
-  const int64_t now = NowNs();
+  const int64_t now = MonotonicNowNs();
   if (ServingMetrics* m = config_.metrics) {
     if (r.first_token_ns == 0) {
       // The first token also means the prompt's prefill completed (counted once, as vLLM
@@ -507,7 +503,7 @@ bool EngineLoop::RunStep() {
     // The index was checked at Submit, so this cannot fail.
     if (r.seq == 0) r.seq = *engine_->NewSequenceIn(r.params.kv_cache);
     if (r.scheduled_ns == 0) {
-      r.scheduled_ns = NowNs();
+      r.scheduled_ns = MonotonicNowNs();
       if (config_.metrics != nullptr) {
         config_.metrics->ObserveQueueTime(SecondsBetween(r.submit_ns, r.scheduled_ns));
       }
@@ -574,14 +570,14 @@ bool EngineLoop::RunStep() {
   }
   if (sampled > 0) {
     generated_total_ += sampled;
-    recent_tokens_.emplace_back(NowNs(), sampled);
+    recent_tokens_.emplace_back(MonotonicNowNs(), sampled);
     if (config_.metrics != nullptr) config_.metrics->AddGenerationTokens(sampled);
   }
   return true;
 }
 
 void EngineLoop::PublishStats() {
-  const int64_t now = NowNs();
+  const int64_t now = MonotonicNowNs();
   while (!recent_tokens_.empty() && recent_tokens_.front().first < now - kRateWindowNs) {
     recent_tokens_.pop_front();
   }

@@ -17,15 +17,10 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "runtime/util/monotonic_clock.h"
 
 namespace quantkv {
 namespace {
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // After the response, unread request bytes are drained for at most this long before the
 // close: closing a socket with unread input sends RST, which can destroy the response
@@ -353,7 +348,7 @@ void MetricsHttpServer::Run() {
   std::vector<Conn> conns;
   std::vector<pollfd> fds;
   while (!stop_.load()) {
-    int64_t now = NowNs();
+    int64_t now = MonotonicNowNs();
     fds.clear();
     fds.push_back({.fd = wake_read_, .events = POLLIN, .revents = 0});
     // At the connection limit the listener is not polled: new clients wait in the backlog.
@@ -370,7 +365,7 @@ void MetricsHttpServer::Run() {
     const int wait_ms = static_cast<int>(std::max<int64_t>(0, (wait_ns + 999'999) / 1'000'000));
     if (poll(fds.data(), fds.size(), wait_ms) < 0 && errno != EINTR) break;
     if (stop_.load()) break;
-    now = NowNs();
+    now = MonotonicNowNs();
 
     for (size_t i = 0; i < conns.size(); ++i) {
       Conn& c = conns[i];

@@ -99,6 +99,29 @@ class GenerationServerTest : public ::testing::Test {
         grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
   }
 
+  // A server of the test's own over a fresh engine, on a free loopback port.
+  struct OwnServer {
+    std::unique_ptr<EngineLoop> loop;
+    std::unique_ptr<GenerationServer> server;
+    std::unique_ptr<v1::Generation::Stub> stub;
+  };
+  static void StartOwnServer(const EngineConfig& engine_config, const EngineLoopConfig& loop_config,
+                             OwnServer* out) {
+    auto engine = MakeEngine(engine_config);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    auto loop = EngineLoop::Create(std::move(*engine), tokenizer_, loop_config);
+    ASSERT_TRUE(loop.ok()) << loop.status();
+    out->loop = std::move(*loop);
+    GenerationServerOptions options;
+    options.listen = "127.0.0.1:0";
+    options.api_key = kApiKey;
+    auto server = GenerationServer::Start(out->loop.get(), options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    out->server = std::move(*server);
+    out->stub = v1::Generation::NewStub(
+        grpc::CreateChannel(out->server->address(), grpc::InsecureChannelCredentials()));
+  }
+
   static void Authorize(grpc::ClientContext& c) {
     c.AddMetadata("authorization", std::string("Bearer ") + kApiKey);
     c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -465,19 +488,13 @@ TEST_F(GenerationServerTest, InvalidArgumentsNameTheField) {
 // (not accepted and left hanging). Ending the two frees every block, and the server then
 // serves a new request normally.
 TEST_F(GenerationServerTest, FullQueueRefusesThenRecovers) {
-  auto engine = MakeEngine(ServingEngineConfig());
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  auto loop = EngineLoop::Create(
-      std::move(*engine), tokenizer_,
-      {.max_running = 1, .max_queued = 1, .max_step_tokens = 128, .kv_preset = "fp16"});
-  ASSERT_TRUE(loop.ok()) << loop.status();
-  GenerationServerOptions options;
-  options.listen = "127.0.0.1:0";
-  options.api_key = kApiKey;
-  auto server = GenerationServer::Start(loop->get(), options);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto stub = v1::Generation::NewStub(
-      grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials()));
+  OwnServer own;
+  ASSERT_NO_FATAL_FAILURE(StartOwnServer(
+      ServingEngineConfig(),
+      {.max_running = 1, .max_queued = 1, .max_step_tokens = 128, .kv_preset = "fp16"}, &own));
+  std::unique_ptr<EngineLoop>* loop = &own.loop;
+  std::unique_ptr<GenerationServer>* server = &own.server;
+  std::unique_ptr<v1::Generation::Stub>& stub = own.stub;
 
   grpc::ClientContext running_ctx;
   Authorize(running_ctx);
@@ -584,22 +601,15 @@ TEST_F(GenerationServerTest, RequestsChooseAmongSeveralKvPresets) {
   EngineConfig cfg = ServingEngineConfig();
   cfg.more_kv_specs = {"int4"};
   cfg.kv_max_bytes = int64_t{128} << 20;  // 64 MiB per pool
-  auto engine = MakeEngine(cfg);
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  auto loop = EngineLoop::Create(std::move(*engine), tokenizer_,
-                                 {.max_running = 4,
-                                  .max_queued = 8,
-                                  .max_step_tokens = 128,
-                                  .kv_preset = "fp16",
-                                  .more_kv_presets = {"int4"}});
-  ASSERT_TRUE(loop.ok()) << loop.status();
-  GenerationServerOptions options;
-  options.listen = "127.0.0.1:0";
-  options.api_key = kApiKey;
-  auto server = GenerationServer::Start(loop->get(), options);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto stub = v1::Generation::NewStub(
-      grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials()));
+  OwnServer own;
+  ASSERT_NO_FATAL_FAILURE(StartOwnServer(cfg,
+                                         {.max_running = 4,
+                                          .max_queued = 8,
+                                          .max_step_tokens = 128,
+                                          .kv_preset = "fp16",
+                                          .more_kv_presets = {"int4"}},
+                                         &own));
+  std::unique_ptr<v1::Generation::Stub>& stub = own.stub;
 
   {
     grpc::ClientContext c;
@@ -646,7 +656,7 @@ TEST_F(GenerationServerTest, RequestsChooseAmongSeveralKvPresets) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("ScoreRequest.kv_preset"), std::string::npos)
       << st.error_message();
-  (*server)->Shutdown(absl::Seconds(2));
+  own.server->Shutdown(absl::Seconds(2));
 }
 
 }  // namespace
