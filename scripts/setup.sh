@@ -53,8 +53,10 @@ sys.exit(not os.access(sysconfig.get_path("purelib"), os.W_OK))'; then
       PIP_ARGS+=(--user)
     fi
   fi
-  python3 -m pip "${PIP_ARGS[@]}"
-  python3 -c 'import grpc, grpc_tools'
+  # Not fatal: without it only the Python client's test skips (saying why).
+  if ! python3 -m pip "${PIP_ARGS[@]}" || ! python3 -c 'import grpc, grpc_tools'; then
+    echo "setup: WARNING: could not install grpcio/grpcio-tools; python_client_test will skip"
+  fi
 fi
 
 if [[ ${1:-} == --python ]]; then
