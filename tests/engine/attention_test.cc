@@ -46,7 +46,8 @@ TEST_P(AttentionTest, MatchesFloat64OnWhatEachQuerySees) {
   cfg.n_kv_heads = c.n_kv;
   cfg.head_dim = d;
   cfg.policy = *policy;
-  cfg.max_bytes = int64_t{64} << 20;
+  // Room for the longest case (100k tokens even in fp32), else 64 MiB.
+  cfg.max_bytes = std::max<int64_t>(int64_t{64} << 20, c.n_ctx * c.n_kv * d * 2 * 4 + (16 << 20));
   cfg.max_step_tokens = std::max<int64_t>(c.n_q, 64);
   auto cache = KvCache::Create(cfg);
   ASSERT_TRUE(cache.ok()) << cache.status();
@@ -179,6 +180,14 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"k=fp16,v=int8:g64:sym", 6, 2, 1000, 1}, Case{"k=int4:chan,v=int2", 9, 3, 700, 1},
         Case{"fp32,sink=2,window=9", 12, 3, 500, 1}),
     Name);
+
+// 100k-token caches (the long-context issue): decode over ~1,560 blocks with sequence
+// splits, per-channel and per-token codecs and fp16, against the same float64 reference.
+INSTANTIATE_TEST_SUITE_P(LongContext, AttentionTest,
+                         ::testing::Values(Case{"int4-comp", 9, 3, 100000, 1},
+                                           Case{"int2", 9, 3, 100000, 1},
+                                           Case{"fp16", 9, 3, 100003, 2}),
+                         Name);
 
 // The engine attends decode rows of many sequences side by side, each call without the
 // pool but with split_threads = the pool's size: that must give bit for bit what the call
