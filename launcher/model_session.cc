@@ -17,6 +17,7 @@
 #include "runtime/kv/kv_policy.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/model/hf_model.h"
+#include "runtime/model/rope_scaling.h"
 #include "runtime/util/model_cache.h"
 #include "runtime/util/status_macros.h"
 
@@ -122,8 +123,8 @@ absl::Status CheckSameInputs(Communicator& comm, const Fingerprint& mine, const 
         path, mine.model_bytes, mine.model_hash, root.model_bytes, root.model_hash));
   } else if (root.comm_hash != mine.comm_hash) {
     local = absl::InvalidArgumentError(absl::StrFormat(
-        "--comm-compress settings %s differ from rank 0's %s: every rank must compress the "
-        "same all-reduces the same way",
+        "--comm-compress / --rope-scaling settings %s differ from rank 0's %s: every rank "
+        "must compress the same all-reduces the same way and use the same RoPE",
         std::string(mine.comm, strnlen(mine.comm, sizeof(mine.comm))),
         std::string(root.comm, strnlen(root.comm, sizeof(root.comm)))));
   } else if (root.kv_hash != mine.kv_hash) {
@@ -216,44 +217,59 @@ absl::StatusOr<std::unique_ptr<WeightSource>> OpenWeights(ModelSession& s, Finge
 }  // namespace
 
 void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
-  flags.String("model", &o.model, "smollm2-135m",
-               "GGUF file, HF model directory, or a known model name (see fetch-model --list)")
+  flags
+      .String("model", &o.model, "smollm2-135m",
+              "GGUF file, HF model directory, or a known model name (see fetch-model --list)")
       .Placeholder("PATH|NAME");
   const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  flags.Int("threads", &o.threads, cores, "CPU threads for the forward pass", {.min = 1, .max = 256});
+  flags.Int("threads", &o.threads, cores, "CPU threads for the forward pass",
+            {.min = 1, .max = 256});
   std::string presets;
   for (const KvPreset& p : KvPresets()) presets += (presets.empty() ? "" : ", ") + p.name;
-  flags.String("kv", &o.kv, "fp16",
-               "KV cache policy: a preset (" + presets +
-                   "), a spec like k=int4:chan,v=int4,sink=4,window=16, or @policy.json "
-                   "(see `quantkv kv-presets`)",
-               [](std::string_view v) { return ParseKvPolicy(v).status(); })
+  flags
+      .String("kv", &o.kv, "fp16",
+              "KV cache policy: a preset (" + presets +
+                  "), a spec like k=int4:chan,v=int4,sink=4,window=16, or @policy.json "
+                  "(see `quantkv kv-presets`)",
+              [](std::string_view v) { return ParseKvPolicy(v).status(); })
       .Placeholder("SPEC");
   flags.Int<int64_t>("kv-budget-mb", &o.kv_budget_mb, 1024,
                      "KV cache pool size in MiB (sets how many tokens fit)",
                      {.min = 1, .max = int64_t{1} << 20});
+  flags
+      .String("rope-scaling", &o.rope_scaling, "",
+              "run past the trained context: linear:F (position interpolation), ntk:F "
+              "(NTK-aware base), yarn:F; multiplies the context length by F (default: the "
+              "model's own RoPE)",
+              [](std::string_view v) {
+                ModelConfig probe;
+                probe.head_dim = 64;
+                return ApplyRopeScaling(v, &probe);
+              })
+      .Placeholder("KIND:F");
   if (what.tensor_parallel) {
     flags.Int("tp", &o.tp, 1,
               "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
               "N`; only rank 0 prints. Give each rank --threads cores/N",
               {.min = 1, .max = 256});
-    flags.String("comm-compress", &o.comm_compress, "none",
-                 "compress the --tp all-reduces: none, int8, fp8 or int4 (group-quantized with "
-                 "fp16 scales; options :gN group size 32-128, default 64, :outK keep the K "
-                 "largest values of each group in fp16, 0 to N/8, default 2; e.g. "
-                 "int4:g32:out4)",
-                 [](std::string_view v) {
-                   return v == "none" ? absl::OkStatus()
-                                      : kernels::ParseCommCodecConfig(v).status();
-                 })
+    flags
+        .String("comm-compress", &o.comm_compress, "none",
+                "compress the --tp all-reduces: none, int8, fp8 or int4 (group-quantized with "
+                "fp16 scales; options :gN group size 32-128, default 64, :outK keep the K "
+                "largest values of each group in fp16, 0 to N/8, default 2; e.g. "
+                "int4:g32:out4)",
+                [](std::string_view v) {
+                  return v == "none" ? absl::OkStatus() : kernels::ParseCommCodecConfig(v).status();
+                })
         .Placeholder("CODEC");
     flags.Int<int64_t>("comm-compress-min-elements", &o.comm_compress_min_elements, 16384,
                        "all-reduces of fewer values stay exact (decode steps are "
                        "latency-bound; the hidden size times the rows of a step)",
                        {.min = 0});
-    flags.String("comm-compress-exact-layers", &o.comm_compress_exact_layers, "",
-                 "layers whose all-reduces stay exact under --comm-compress, e.g. 0,29",
-                 [](std::string_view v) { return ParseLayerList(v).status(); })
+    flags
+        .String("comm-compress-exact-layers", &o.comm_compress_exact_layers, "",
+                "layers whose all-reduces stay exact under --comm-compress, e.g. 0,29",
+                [](std::string_view v) { return ParseLayerList(v).status(); })
         .Placeholder("LIST");
   }
 }
@@ -296,6 +312,8 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
         comm = flags.comm_compress;
       }
     }
+    // RoPE scaling changes every rank's math the same way the codec does: compare it too.
+    if (!flags.rope_scaling.empty()) comm += ", --rope-scaling " + flags.rope_scaling;
     Fnv comm_hash;
     comm_hash.Add(comm);
     print.comm_hash = comm_hash.value();
@@ -314,6 +332,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.threads = flags.threads;
   cfg.kv_spec = flags.kv;
   cfg.kv_max_bytes = flags.kv_budget_mb << 20;
+  cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
   QKV_RETURN_IF_ERROR(agree(engine.status()));

@@ -22,7 +22,8 @@ struct ModelFlags {
   int threads = 1;
   std::string kv;
   int64_t kv_budget_mb = 0;
-  int tp = 1;  // tensor-parallel ranks; > 1 only under mpirun with as many processes
+  std::string rope_scaling;  // "" (the model's), linear:F, ntk:F, yarn:F
+  int tp = 1;                // tensor-parallel ranks; > 1 only under mpirun with as many processes
   // Compressed all-reduce under --tp (runtime/comm/compressed_communicator.h): "none" or a
   // codec (int8, fp8, int4, with options like int4:g32:out2), the smallest all-reduce it
   // compresses, and layers kept exact ("0,29").

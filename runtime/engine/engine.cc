@@ -9,6 +9,7 @@
 #include "kernels/attention.h"
 #include "kernels/dequantize.h"
 #include "kernels/rmsnorm.h"
+#include "runtime/model/rope_scaling.h"
 #include "runtime/util/status_macros.h"
 
 namespace quantkv {
@@ -117,9 +118,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   std::unique_ptr<Engine> e(new Engine());
   e->config_ = config;
   e->weights_ = std::move(weights);
+  e->model_config_ = e->weights_->config();
+  QKV_RETURN_IF_ERROR(ApplyRopeScaling(config.rope_scaling, &e->model_config_));
   QKV_RETURN_IF_ERROR(e->PlanShard());
   QKV_RETURN_IF_ERROR(e->LoadWeights());
-  const ModelConfig& c = e->weights_->config();
+  const ModelConfig& c = e->model_config_;
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
   std::vector<std::string> specs = {config.kv_spec};
   specs.insert(specs.end(), config.more_kv_specs.begin(), config.more_kv_specs.end());
@@ -153,7 +156,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
 }
 
 absl::Status Engine::PlanShard() {
-  const ModelConfig& c = weights_->config();
+  const ModelConfig& c = model_config_;
   const int ranks = config_.comm != nullptr ? config_.comm->size() : 1;
   if (ranks == 1) {
     shard_ = TensorShard{};
@@ -333,7 +336,7 @@ int64_t Engine::WeightBytesPerToken() const {
 
 absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
   const auto start = std::chrono::steady_clock::now();
-  const ModelConfig& c = weights_->config();
+  const ModelConfig& c = model_config_;
   // Validate everything before touching any sequence.
   int64_t total = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {

@@ -28,6 +28,9 @@ struct EngineConfig {
   // (runtime/kv/kv_policy.h).
   std::string kv_spec = "fp16";
   int64_t kv_max_bytes = int64_t{1} << 30;
+  // RoPE scaling to run past the trained window (runtime/model/rope_scaling.h): "" keeps the
+  // model's; "linear:4", "ntk:4", "yarn:4" replace it and scale model_config().context_length.
+  std::string rope_scaling;
   // Further KV caches, one per spec, that sequences may be created in (NewSequence(i) puts
   // a sequence in cache i; kv_spec is cache 0): a server offering several presets. The
   // caches share kv_max_bytes evenly.
@@ -84,7 +87,8 @@ class Engine {
                                                         const EngineConfig& config);
   ~Engine();
 
-  const ModelConfig& model_config() const { return weights_->config(); }
+  // The model's config with EngineConfig::rope_scaling applied.
+  const ModelConfig& model_config() const { return model_config_; }
   const EngineConfig& config() const { return config_; }
   const WeightSource& weights() const { return *weights_; }
   // Cache 0 is kv_spec's, 1.. more_kv_specs'.
@@ -134,6 +138,7 @@ class Engine {
 
   EngineConfig config_;
   std::unique_ptr<WeightSource> weights_;
+  ModelConfig model_config_;
   std::unique_ptr<kernels::ThreadPool> pool_;
   std::vector<std::unique_ptr<KvCache>> kv_;
   std::unique_ptr<kernels::RopeTable> rope_;
