@@ -5,9 +5,9 @@
 
 #include "absl/strings/str_format.h"
 #include "launcher/commands.h"
-#include "launcher/read_file.h"
 #include "launcher/model_session.h"
 #include "launcher/progress.h"
+#include "launcher/read_file.h"
 #include "nlohmann/json.hpp"
 #include "runtime/eval/perplexity.h"
 
@@ -20,6 +20,7 @@ struct PerplexityFlags {
   int64_t ctx = 512;
   int64_t chunks = 0;
   bool json = false;
+  int64_t position_buckets = 0;
   std::string kl_base;
   std::string save_logits;
 };
@@ -31,6 +32,10 @@ void Define(FlagSet& f, PerplexityFlags& o) {
                  {.min = 8, .max = 1 << 20});
   f.Int<int64_t>("chunks", &o.chunks, 0, "windows to score (0: all that fit)", {.min = 0});
   f.Bool("json", &o.json, "print one JSON object instead of text");
+  f.Int<int64_t>("position-buckets", &o.position_buckets, 0,
+                 "also report PPL of every window position in N equal position ranges (how "
+                 "quality changes along the context)",
+                 {.min = 0, .max = 1 << 16});
   f.String("kl-base", &o.kl_base, "", "baseline from --save-logits: report KL and top-1 agreement")
       .Placeholder("FILE");
   f.String("save-logits", &o.save_logits, "", "record this run's distributions as a baseline")
@@ -59,8 +64,8 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   std::ostream& out = session->ResultStream(ctx.out);
   const bool report = session->rank() == 0;
   if (o.ctx > session->engine->model_config().context_length) {
-    ctx.err << absl::StrFormat("%s: --ctx %d exceeds the model's context length %d\n",
-                               ctx.command, o.ctx, session->engine->model_config().context_length);
+    ctx.err << absl::StrFormat("%s: --ctx %d exceeds the model's context length %d\n", ctx.command,
+                               o.ctx, session->engine->model_config().context_length);
     return kExitUsage;
   }
   auto ids = session->tokenizer->Encode(text);
@@ -74,6 +79,7 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   const int64_t chunks = o.chunks > 0 ? std::min(o.chunks, available) : available;
   opt.ctx = o.ctx;
   opt.max_chunks = chunks;
+  opt.position_buckets = o.position_buckets;
   if (session->tokenizer->spec().add_bos) opt.bos_id = session->tokenizer->bos_id();
   LogitsBaseline save;
   if (!o.save_logits.empty()) opt.save_logits = &save;
@@ -125,6 +131,14 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
       j["comm_seconds"] = cs.comm_ns * 1e-9;
       j["comm_codec_seconds"] = cs.codec_ns * 1e-9;
     }
+    if (!r->buckets.empty()) {
+      nlohmann::json buckets = nlohmann::json::array();
+      for (const PositionBucket& b : r->buckets) {
+        buckets.push_back(
+            {{"begin", b.begin}, {"end", b.end}, {"tokens", b.tokens}, {"ppl", b.ppl}});
+      }
+      j["position_buckets"] = buckets;
+    }
     if (r->has_kl) {
       j["kl_mean"] = r->kl_mean;
       j["kl_stderr"] = r->kl_stderr;
@@ -145,6 +159,10 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                            o.model.tp, kv.config().n_kv_heads,
                            session->engine->model_config().n_kv_heads);
   }
+  for (const PositionBucket& b : r->buckets) {
+    out << absl::StrFormat("positions %6d-%-6d  PPL %9.4f over %d tokens\n", b.begin, b.end - 1,
+                           b.ppl, b.tokens);
+  }
   if (r->has_kl) {
     out << absl::StrFormat("KL vs baseline = %.6f +/- %.6f, top-1 agreement = %.2f%%\n", r->kl_mean,
                            r->kl_stderr, 100.0 * r->top1_agreement);
@@ -156,8 +174,9 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
 
 Subcommand PerplexitySubcommand() {
   return MakeSubcommand<PerplexityFlags>(
-      "perplexity", "perplexity of a text file (llama.cpp's windowed method), with KL vs a baseline",
-      Define, Run);
+      "perplexity",
+      "perplexity of a text file (llama.cpp's windowed method), with KL vs a baseline", Define,
+      Run);
 }
 
 }  // namespace quantkv::launcher

@@ -9,17 +9,21 @@
 
 namespace quantkv {
 
-absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine,
-                                                   std::span<const int32_t> tokens,
+absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine, std::span<const int32_t> tokens,
                                                    const PerplexityOptions& opt) {
+  if (opt.position_buckets < 0 || opt.position_buckets > opt.ctx - 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("perplexity: --position-buckets %d must be in [0, ctx - 1 = %d]",
+                        opt.position_buckets, opt.ctx - 1));
+  }
   if (opt.ctx < 4) {
     return absl::InvalidArgumentError(absl::StrFormat("perplexity: --ctx %d is below 4", opt.ctx));
   }
   const int64_t available = static_cast<int64_t>(tokens.size()) / opt.ctx;
   if (available < 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "perplexity: the text has %d tokens, fewer than one window of --ctx %d", tokens.size(),
-        opt.ctx));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("perplexity: the text has %d tokens, fewer than one window of --ctx %d",
+                        tokens.size(), opt.ctx));
   }
   const int64_t chunks = opt.max_chunks > 0 ? std::min(opt.max_chunks, available) : available;
   const int64_t first = opt.ctx / 2;
@@ -49,6 +53,18 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine,
   const auto start = std::chrono::steady_clock::now();
   std::vector<int32_t> window(opt.ctx);
   std::vector<float> logits;
+  // Position j predicts token j + 1, for j in [0, ctx - 1): bucket b holds
+  // [b * (ctx-1) / B, (b+1) * (ctx-1) / B).
+  const int64_t n_buckets = opt.position_buckets;
+  std::vector<double> bucket_nll(n_buckets, 0.0);
+  std::vector<int64_t> bucket_tokens(n_buckets, 0);
+  auto row_nll = [&](int64_t j) {
+    std::span<const float> row(logits.data() + j * V, V);
+    const double mx = *std::max_element(row.begin(), row.end());
+    double z = 0;
+    for (float v : row) z += std::exp(static_cast<double>(v) - mx);
+    return mx + std::log(z) - row[window[j + 1]];
+  };
   for (int64_t c = 0; c < chunks; ++c) {
     std::copy_n(used.begin() + c * opt.ctx, opt.ctx, window.begin());
     if (opt.bos_id >= 0) window[0] = opt.bos_id;
@@ -57,12 +73,14 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine,
     absl::Status s = engine.Forward(seq, window, /*all_logits=*/true, &logits);
     (void)engine.Release(seq);
     QKV_RETURN_IF_ERROR(s);
+    for (int64_t j = 0; n_buckets > 0 && j < opt.ctx - 1; ++j) {
+      const int64_t b = j * n_buckets / (opt.ctx - 1);
+      bucket_nll[b] += row_nll(j);
+      ++bucket_tokens[b];
+    }
     for (int64_t j = first; j < opt.ctx - 1; ++j) {
       std::span<const float> row(logits.data() + j * V, V);
-      const double mx = *std::max_element(row.begin(), row.end());
-      double z = 0;
-      for (float v : row) z += std::exp(static_cast<double>(v) - mx);
-      const double nll = mx + std::log(z) - row[window[j + 1]];
+      const double nll = row_nll(j);
       nll_sum += nll;
       nll_sq += nll * nll;
       if (opt.kl_base != nullptr) {
@@ -76,6 +94,12 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine,
     }
     if (opt.progress) opt.progress(c + 1, chunks);
   }
+  for (int64_t b = 0; b < n_buckets; ++b) {
+    r.buckets.push_back({.begin = (b * (opt.ctx - 1) + n_buckets - 1) / n_buckets,
+                         .end = ((b + 1) * (opt.ctx - 1) + n_buckets - 1) / n_buckets,
+                         .tokens = bucket_tokens[b],
+                         .ppl = std::exp(bucket_nll[b] / std::max<int64_t>(1, bucket_tokens[b]))});
+  }
   r.chunks = chunks;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   r.tokens_per_s = chunks * opt.ctx / std::max(r.seconds, 1e-9);
@@ -88,8 +112,8 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine,
   if (opt.kl_base != nullptr) {
     r.has_kl = true;
     r.kl_mean = kl_sum / n;
-    r.kl_stderr = n > 1 ? std::sqrt(std::max(0.0, (kl_sq / n - r.kl_mean * r.kl_mean) / (n - 1)))
-                        : 0;
+    r.kl_stderr =
+        n > 1 ? std::sqrt(std::max(0.0, (kl_sq / n - r.kl_mean * r.kl_mean) / (n - 1))) : 0;
     r.top1_agreement = agree / n;
   }
   return r;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "runtime/engine/engine.h"
@@ -22,6 +23,16 @@ struct PerplexityOptions {
   const LogitsBaseline* kl_base = nullptr;  // report KL / top-1 agreement against it
   LogitsBaseline* save_logits = nullptr;    // record this run as a baseline
   std::function<void(int64_t chunks_done, int64_t chunks_total)> progress;
+  // > 0: also report the NLL of every position of the windows (not only the scored second
+  // halves) in this many equal ranges of position, to see how quality changes along a long
+  // context (e.g. past the trained window under --rope-scaling).
+  int64_t position_buckets = 0;
+};
+
+struct PositionBucket {
+  int64_t begin = 0, end = 0;  // positions [begin, end) of the predicting token
+  int64_t tokens = 0;
+  double ppl = 0;
 };
 
 struct PerplexityResult {
@@ -36,10 +47,10 @@ struct PerplexityResult {
   double kl_mean = 0;
   double kl_stderr = 0;
   double top1_agreement = 0;
+  std::vector<PositionBucket> buckets;  // position_buckets > 0
 };
 
-absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine,
-                                                   std::span<const int32_t> tokens,
+absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine, std::span<const int32_t> tokens,
                                                    const PerplexityOptions& options);
 
 }  // namespace quantkv

@@ -58,6 +58,24 @@ TEST(PerplexityModelTest, MatchesTransformersOnTheSameWindows) {
   opt.ctx = 100000;
   EXPECT_EQ(ComputePerplexity(**engine, *ids, opt).status().code(),
             absl::StatusCode::kInvalidArgument);
+
+  // Position buckets cover every predicting position once; with two buckets the second is
+  // exactly the scored second halves, so its PPL is the run's.
+  opt.ctx = 64;
+  opt.max_chunks = 2;
+  opt.position_buckets = 2;
+  auto buckets = ComputePerplexity(**engine, *ids, opt);
+  ASSERT_TRUE(buckets.ok()) << buckets.status();
+  ASSERT_EQ(buckets->buckets.size(), 2u);
+  EXPECT_EQ(buckets->buckets[0].begin, 0);
+  EXPECT_EQ(buckets->buckets[1].begin, 32);
+  EXPECT_EQ(buckets->buckets[1].end, 63);
+  EXPECT_EQ(buckets->buckets[0].tokens + buckets->buckets[1].tokens, 2 * 63);
+  EXPECT_EQ(buckets->buckets[1].tokens, buckets->tokens_scored);
+  EXPECT_DOUBLE_EQ(buckets->buckets[1].ppl, buckets->ppl);
+  opt.position_buckets = 64;  // more buckets than positions
+  EXPECT_EQ(ComputePerplexity(**engine, *ids, opt).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
