@@ -104,6 +104,8 @@ class CommCodec {
   explicit CommCodec(const CommCodecConfig& config);
   // The `outliers` indices of the largest |v[c]| (c < len), largest first, lower index on ties.
   void PickOutliers(const float* v, int64_t len, uint8_t* idx) const;
+  // The codec for a segment of `groups` groups (the full-segment one, or the tail one).
+  KvCodec* CodecFor(int64_t groups);
 
   CommCodecConfig config_;
   int bits_ = 8;

@@ -243,19 +243,21 @@ void CommCodec::Encode(const float* x, int64_t n, uint8_t* payload) {
         v[idx[i]] = 0.0f;  // out of the group's scale: it travels apart
       }
     }
-    KvCodec* codec = segment_codec_.get();
-    if (m != kCommCodecSegmentGroups) {
-      if (tail_codec_ == nullptr || tail_groups_ != m) {
-        // Create accepted this geometry for the full segment; fewer tokens cannot fail.
-        tail_codec_ = *KvCodec::Create(segment_codec_->spec(), gs, m);
-        tail_groups_ = m;
-      }
-      codec = tail_codec_.get();
-    }
+    KvCodec* codec = CodecFor(m);
     codec->Encode(scratch_.data(), slab);
     // A NaN scale makes every code of the group decode to NaN (see the header).
     for (int64_t j : non_finite) StoreU16(slab + m * code_bytes + 2 * j, kFp16NaN);
   }
+}
+
+KvCodec* CommCodec::CodecFor(int64_t groups) {
+  if (groups == kCommCodecSegmentGroups) return segment_codec_.get();
+  if (tail_codec_ == nullptr || tail_groups_ != groups) {
+    // Create accepted this geometry for the full segment; fewer tokens cannot fail.
+    tail_codec_ = *KvCodec::Create(segment_codec_->spec(), config_.group_size, groups);
+    tail_groups_ = groups;
+  }
+  return tail_codec_.get();
 }
 
 absl::Status CommCodec::Decode(const uint8_t* payload, int64_t bytes, float* out, int64_t n) {
@@ -281,14 +283,7 @@ absl::Status CommCodec::Decode(const uint8_t* payload, int64_t bytes, float* out
   }
   for (int64_t g0 = 0; g0 < groups; g0 += kCommCodecSegmentGroups) {
     const int64_t m = std::min(kCommCodecSegmentGroups, groups - g0);
-    KvCodec* codec = segment_codec_.get();
-    if (m != kCommCodecSegmentGroups) {
-      if (tail_codec_ == nullptr || tail_groups_ != m) {
-        tail_codec_ = *KvCodec::Create(segment_codec_->spec(), gs, m);
-        tail_groups_ = m;
-      }
-      codec = tail_codec_.get();
-    }
+    KvCodec* codec = CodecFor(m);
     const uint8_t* slab = slabs + g0 * record_bytes_;
     const int64_t first = g0 * gs;
     if (first + m * gs <= n) {

@@ -5,19 +5,12 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "runtime/comm/communicator.h"
+#include "tests/tp/test_comm.h"
 
 namespace quantkv {
 namespace {
 
-// One communicator for the whole process: MPI initializes once and finalizes at exit.
-Communicator& Comm() {
-  static std::unique_ptr<Communicator> comm = [] {
-    auto c = CreateCommunicator();
-    EXPECT_TRUE(c.ok()) << c.status();
-    return c.ok() ? std::move(*c) : std::make_unique<LocalCommunicator>();
-  }();
-  return *comm;
-}
+Communicator& Comm() { return testing::TestComm(); }
 
 TEST(MpiCommunicatorTest, IsMpiWithTheLaunchersWorld) {
   ASSERT_GT(LauncherWorldSize(), 1) << "run under mpirun -np 2 (ctest does)";

@@ -12,18 +12,12 @@
 #include "kernels/comm_codec.h"
 #include "runtime/comm/communicator.h"
 #include "runtime/comm/compressed_communicator.h"
+#include "tests/tp/test_comm.h"
 
 namespace quantkv {
 namespace {
 
-Communicator& Comm() {
-  static std::unique_ptr<Communicator> comm = [] {
-    auto c = CreateCommunicator();
-    EXPECT_TRUE(c.ok()) << c.status();
-    return c.ok() ? std::move(*c) : std::make_unique<LocalCommunicator>();
-  }();
-  return *comm;
-}
+Communicator& Comm() { return testing::TestComm(); }
 
 // Rank r's partial sums: N(0, 1) with an outlier channel every 97 values (as LLM hidden
 // states have), different per rank.

@@ -26,6 +26,7 @@
 #include "runtime/model/gguf_model.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "tests/testutil/paths.h"
+#include "tests/tp/test_comm.h"
 
 namespace quantkv {
 namespace {
@@ -49,14 +50,7 @@ constexpr char kPrompt[] =
     "the path and asked what he was writing. He showed her the first page of the logbook, "
     "dated forty years earlier, and said that the sea was";
 
-Communicator& Comm() {
-  static std::unique_ptr<Communicator> comm = [] {
-    auto c = CreateCommunicator();
-    EXPECT_TRUE(c.ok()) << c.status();
-    return c.ok() ? std::move(*c) : std::make_unique<LocalCommunicator>();
-  }();
-  return *comm;
-}
+Communicator& Comm() { return testing::TestComm(); }
 
 struct Generation {
   std::vector<std::vector<float>> logits;  // prefill's last row, then each decode step
