@@ -18,8 +18,22 @@ enum class KvCodecType {
   kF32,
   kF16,
   kBF16,
-  kFp8E4M3,  // OCP FP8 E4M3 (max 448), one fp16 scale per token group
-  kUniform,  // integer codes of `bits` bits with a scale (and zero point when asymmetric)
+  kFp8E4M3,   // OCP FP8 E4M3 (max 448), one fp16 scale per token group
+  kUniform,   // integer codes of `bits` bits with a scale (and zero point when asymmetric)
+  kGgml,      // one of llama.cpp's KV cache types, bit for bit its block layout (GgmlKvFormat)
+  kCodebook,  // non-linear: `bits`-bit indices into 2^bits levels in [-1, 1], scaled per group
+};
+
+// llama.cpp's --cache-type-k/-v formats: rows cut into blocks of 32 values, each with an
+// fp16 scale (and q4_1's fp16 minimum); iq4_nl indexes a fixed non-uniform 16-level table.
+enum class GgmlKvFormat { kQ8_0, kQ4_0, kQ4_1, kIQ4_NL };
+
+// Where a kCodebook codec's levels come from (kernels/kv_codebook.h builds them).
+enum class KvCodebookKind {
+  kNormalFloat,  // "nf": quantiles of a normal distribution (QLoRA's NF4 idea)
+  kPower,        // "powP": uniform in sign(u)|u|^P, i.e. a power transform before uniform codes
+  kLog,          // "log": signed powers of two (logarithmic quantization)
+  kCalibrated,   // "lloyd": Lloyd-Max levels fitted to calibration data (KvCodecConfig)
 };
 
 enum class KvGranularity {
@@ -34,16 +48,20 @@ struct KvCodecSpec {
   int bits = 16;           // kUniform: 8, 4, 3 or 2
   bool symmetric = false;  // kUniform: zero point fixed at 0 (scale only)
   KvGranularity granularity = KvGranularity::kPerTokenGroup;
-  int group_size = 64;     // kPerTokenGroup: channels per scale; must divide head_dim
+  int group_size = 64;  // kPerTokenGroup: channels per scale; must divide head_dim
   // Scales cover clip * max|x| (symmetric) or clip * (max - min) around the midpoint
   // (asymmetric); values beyond saturate. 1 = plain min-max. Set by calibration searches.
   float clip = 1.0f;
   // Dense-and-sparse: this percentage of a slab's values (largest |x|) is kept exactly in
   // fp16 beside the codes, the rest quantized without them. 0: off.
   float outlier_pct = 0.0f;
+  GgmlKvFormat ggml = GgmlKvFormat::kQ8_0;                 // kGgml
+  KvCodebookKind codebook = KvCodebookKind::kNormalFloat;  // kCodebook
+  float power = 0.5f;                                      // kCodebook, kPower: exponent P
 
   // Canonical spelling, parseable by ParseKvCodecSpec: "fp16", "int4:g32:asym",
-  // "int2:chan", "int4:block", "int4:static", "int8:g64:sym:clip0.95", "fp8:g64".
+  // "int2:chan", "int4:block", "int4:static", "int8:g64:sym:clip0.95", "fp8:g64", "q4_0",
+  // "iq4_nl", "nl4:g32:asym:nf", "nl2:g64:sym:pow0.5", "nl3:g64:asym:lloyd".
   std::string ToString() const;
 };
 
@@ -51,7 +69,11 @@ struct KvCodecSpec {
 // gN (per-token groups of N channels), chan (per-channel over the block), block (one scale
 // per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
 // clipX (0 < X <= 1), outX (keep X% of values, 0 < X <= 10, as fp16 outliers). Defaults
-// for intN: g64, asym, clip1, no outliers. Errors name the bad part.
+// for intN: g64, asym, clip1, no outliers.
+// llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options.
+// Non-linear codebooks nl4|nl3|nl2 take gN, sym|asym, clipX and one of nf|powP (0 < P <= 1;
+// smaller P puts more levels near 0)|log|lloyd (levels from `quantkv calibrate`); defaults
+// g64, asym, nf. Errors name the bad part.
 absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text);
 
 // A codec for one KV head: its spec and geometry, and for kStatic its calibrated scales.
@@ -64,16 +86,18 @@ struct KvCodecConfig {
   // one value. Made by `quantkv calibrate`, carried by the KV policy file.
   std::vector<float> static_scale;
   std::vector<float> static_min;
+  // kCodebook with kCalibrated levels: 2^bits ascending levels in [-1, 1] (`quantkv
+  // calibrate` fits them; the KV policy file carries them).
+  std::vector<float> codebook = {};
 };
 
 class KvCodec {
  public:
   // Validates the spec against the geometry (group divides head_dim, ...) and the scales.
   static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecConfig& config);
-  static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecSpec& spec,
-                                                         int64_t head_dim,
+  static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecSpec& spec, int64_t head_dim,
                                                          int64_t block_tokens) {
-    return Create(KvCodecConfig{spec, head_dim, block_tokens, {}, {}});
+    return Create(KvCodecConfig{spec, head_dim, block_tokens, {}, {}, {}});
   }
   virtual ~KvCodec() = default;
 

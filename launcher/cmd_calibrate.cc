@@ -7,9 +7,9 @@
 
 #include "absl/strings/str_format.h"
 #include "launcher/commands.h"
-#include "launcher/read_file.h"
 #include "launcher/model_session.h"
 #include "launcher/progress.h"
+#include "launcher/read_file.h"
 #include "nlohmann/json.hpp"
 #include "runtime/kv/kv_calibration.h"
 
@@ -148,10 +148,11 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
   auto check = ParseKvPolicy("@" + o.out, mc.n_layers);
   if (!check.ok()) return ReportFailure(ctx, check.status());
   ctx.out << absl::StrFormat(
-      "calibrated %s on %d tokens of %s (%s, %s): %d layers with static scales; wrote %s\n"
+      "calibrated %s on %d tokens of %s (%s, %s): %d layers with static scales, %d with "
+      "fitted codebooks; wrote %s\n"
       "use it as --kv @%s\n",
-      o.model.kv, total, o.text, o.method, o.granularity, calibrated->static_scales.size(), o.out,
-      o.out);
+      o.model.kv, total, o.text, o.method, o.granularity, calibrated->static_scales.size(),
+      calibrated->codebooks.size(), o.out, o.out);
   return kExitOk;
 }
 

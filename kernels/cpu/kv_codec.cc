@@ -68,6 +68,36 @@ void AppendOption(std::string& s, const char* name, float v) {
   s.append(buf, ec == std::errc() ? end : buf);
 }
 
+constexpr struct {
+  GgmlKvFormat format;
+  const char* name;
+  int bits;
+} kGgmlFormats[] = {
+    {GgmlKvFormat::kQ8_0, "q8_0", 8},
+    {GgmlKvFormat::kQ4_0, "q4_0", 4},
+    {GgmlKvFormat::kQ4_1, "q4_1", 4},
+    {GgmlKvFormat::kIQ4_NL, "iq4_nl", 4},
+};
+
+const char* GgmlName(GgmlKvFormat f) {
+  for (const auto& g : kGgmlFormats) {
+    if (g.format == f) return g.name;
+  }
+  return "q?";
+}
+
+absl::StatusOr<float> ParseFraction(std::string_view text, std::string_view opt,
+                                    std::string_view num, const char* what) {
+  float v = 0.0f;
+  const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
+  if (ec != std::errc() || end != num.data() + num.size() || !std::isfinite(v) || !(v > 0.0f) ||
+      v > 1.0f) {
+    return SpecError(text,
+                     absl::StrFormat("bad %s '%s' (want %s with 0 < X <= 1)", what, opt, what));
+  }
+  return v;
+}
+
 bool IsFloatType(KvCodecType t) {
   return t == KvCodecType::kF32 || t == KvCodecType::kF16 || t == KvCodecType::kBF16;
 }
@@ -82,6 +112,24 @@ std::string KvCodecSpec::ToString() const {
       return "fp16";
     case KvCodecType::kBF16:
       return "bf16";
+    case KvCodecType::kGgml:
+      return GgmlName(ggml);
+    case KvCodecType::kCodebook: {
+      std::string s = absl::StrFormat("nl%d:g%d:%s", bits, group_size, symmetric ? "sym" : "asym");
+      if (clip != 1.0f) AppendOption(s, ":clip", clip);
+      switch (codebook) {
+        case KvCodebookKind::kNormalFloat:
+          return s + ":nf";
+        case KvCodebookKind::kPower:
+          AppendOption(s, ":pow", power);
+          return s;
+        case KvCodebookKind::kLog:
+          return s + ":log";
+        case KvCodebookKind::kCalibrated:
+          return s + ":lloyd";
+      }
+      return s;
+    }
     case KvCodecType::kFp8E4M3:
     case KvCodecType::kUniform:
       break;
@@ -90,7 +138,7 @@ std::string KvCodecSpec::ToString() const {
   if (granularity != KvGranularity::kPerTokenGroup) {
     s += granularity == KvGranularity::kPerChannel ? ":chan"
          : granularity == KvGranularity::kPerBlock ? ":block"
-                                                     : ":static";
+                                                   : ":static";
     if (type == KvCodecType::kUniform && symmetric) s += ":sym";
   } else {
     s += absl::StrFormat(":g%d", group_size);
@@ -125,12 +173,32 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
   } else if (name == "int8" || name == "int4" || name == "int3" || name == "int2") {
     spec.type = KvCodecType::kUniform;
     spec.bits = name[3] - '0';
+  } else if (name == "nl4" || name == "nl3" || name == "nl2") {
+    spec.type = KvCodecType::kCodebook;
+    spec.bits = name[2] - '0';
   } else {
+    for (const auto& g : kGgmlFormats) {
+      if (name != g.name) continue;
+      if (colon != std::string_view::npos) {
+        return SpecError(trimmed, absl::StrFormat("%s is llama.cpp's fixed format and takes "
+                                                  "no options",
+                                                  name));
+      }
+      spec.type = KvCodecType::kGgml;
+      spec.ggml = g.format;
+      spec.bits = g.bits;
+      spec.group_size = 32;
+      spec.symmetric = g.format != GgmlKvFormat::kQ4_1;
+      return spec;
+    }
     return SpecError(trimmed,
                      absl::StrFormat("unknown codec name '%s' (want fp32, fp16, bf16, fp8, int8, "
-                                     "int4, int3 or int2)",
+                                     "int4, int3, int2, nl4, nl3, nl2, q8_0, q4_0, q4_1 or "
+                                     "iq4_nl)",
                                      name));
   }
+  const bool is_codebook = spec.type == KvCodecType::kCodebook;
+  bool have_table = false;
 
   bool have_gran = false, have_sym = false, have_clip = false, have_out = false;
   std::string_view rest =
@@ -151,7 +219,32 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
                                                 opt, name));
     }
     const bool is_fp8 = spec.type == KvCodecType::kFp8E4M3;
-    if (opt == "chan" || opt == "block" || opt == "static") {
+    if (is_codebook && (opt == "nf" || opt == "log" || opt == "lloyd" ||
+                        (opt.size() > 3 && opt.substr(0, 3) == "pow"))) {
+      if (have_table) {
+        return SpecError(trimmed, absl::StrFormat("option '%s' conflicts with an earlier "
+                                                  "codebook option",
+                                                  opt));
+      }
+      have_table = true;
+      if (opt == "nf") {
+        spec.codebook = KvCodebookKind::kNormalFloat;
+      } else if (opt == "log") {
+        spec.codebook = KvCodebookKind::kLog;
+      } else if (opt == "lloyd") {
+        spec.codebook = KvCodebookKind::kCalibrated;
+      } else {
+        absl::StatusOr<float> p = ParseFraction(trimmed, opt, opt.substr(3), "powX");
+        if (!p.ok()) return p.status();
+        spec.codebook = KvCodebookKind::kPower;
+        spec.power = *p;
+      }
+    } else if (opt == "chan" || opt == "block" || opt == "static") {
+      if (is_codebook) {
+        return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for a codebook "
+                                                  "(its scales are per token group)",
+                                                  opt));
+      }
       if (is_fp8) {
         return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for fp8 (its "
                                                   "scales are per token group)",
@@ -192,7 +285,9 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       have_clip = true;
       spec.clip = v;
     } else if (opt.size() > 3 && opt.substr(0, 3) == "out") {
-      if (is_fp8) return SpecError(trimmed, "option 'out' needs an integer codec (int8..int2)");
+      if (is_fp8 || is_codebook) {
+        return SpecError(trimmed, "option 'out' needs an integer codec (int8..int2)");
+      }
       const std::string_view num = opt.substr(3);
       float v = 0.0f;
       const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
@@ -226,6 +321,11 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
     } else if (opt == "g") {
       return SpecError(trimmed, "bad group size 'g' (want gN with N >= 1)");
     } else {
+      if (is_codebook) {
+        return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, sym, asym, "
+                                                  "clipX, nf, powX, log or lloyd)",
+                                                  opt));
+      }
       return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
                                                 "static, sym, asym, clipX or outX)",
                                                 opt));
@@ -250,7 +350,17 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
   }
   if (IsFloatType(spec.type))
     return kv_codec_internal::MakeFloatCodec(spec, head_dim, block_tokens);
-  if (spec.type != KvCodecType::kFp8E4M3 && spec.type != KvCodecType::kUniform) {
+  if (spec.type == KvCodecType::kGgml) {
+    if (head_dim % 32 != 0) {
+      return err(
+          absl::StrFormat("llama.cpp's formats use blocks of 32 values, so head_dim "
+                          "must be a multiple of 32 (got %d)",
+                          head_dim));
+    }
+    return kv_codec_internal::MakeGgmlCodec(spec, head_dim, block_tokens);
+  }
+  if (spec.type != KvCodecType::kFp8E4M3 && spec.type != KvCodecType::kUniform &&
+      spec.type != KvCodecType::kCodebook) {
     return absl::InvalidArgumentError(
         absl::StrFormat("KV codec: unknown codec type %d", static_cast<int>(spec.type)));
   }
@@ -287,6 +397,15 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
     }
     default:
       return err("unknown granularity");
+  }
+  if (spec.type == KvCodecType::kCodebook) {
+    if (spec.granularity != KvGranularity::kPerTokenGroup)
+      return err("codebooks have per-token-group scales only");
+    if (spec.bits != 4 && spec.bits != 3 && spec.bits != 2) {
+      return err(absl::StrFormat("bits %d not supported (want 4, 3 or 2)", spec.bits));
+    }
+    if (!(spec.power > 0.0f && spec.power <= 1.0f)) return err("pow must be in (0, 1]");
+    return kv_codec_internal::MakeCodebookCodec(config);
   }
   if (spec.type == KvCodecType::kFp8E4M3) {
     if (spec.granularity != KvGranularity::kPerTokenGroup) {

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <memory>
 
+#include "absl/status/statusor.h"
+
 #include "kernels/kv_codec.h"
 
 namespace quantkv::kernels::kv_codec_internal {
@@ -29,5 +31,13 @@ std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecConfig& config);
 // Defined in kv_codec_outliers.cc: `inner` (spec without outliers) plus the sparse list.
 std::unique_ptr<KvCodec> MakeOutlierCodec(const KvCodecSpec& spec, int64_t head_dim,
                                           int64_t block_tokens, std::unique_ptr<KvCodec> inner);
+
+// Defined in kv_codec_ggml.cc: llama.cpp's q8_0 / q4_0 / q4_1 / iq4_nl (head_dim % 32 == 0).
+std::unique_ptr<KvCodec> MakeGgmlCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                       int64_t block_tokens);
+
+// Defined in kv_codebook.cc: the non-linear codebook codec; fails when calibrated levels are
+// missing or malformed.
+absl::StatusOr<std::unique_ptr<KvCodec>> MakeCodebookCodec(const KvCodecConfig& config);
 
 }  // namespace quantkv::kernels::kv_codec_internal

@@ -104,6 +104,17 @@ void SliceStaticScales(KvPolicy& policy, int64_t full, ShardRange r) {
   }
 }
 
+// Per-head codec overrides name global KV heads; a rank's cache numbers its own heads from 0.
+void SliceHeadOverrides(KvPolicy& policy, ShardRange r) {
+  absl::flat_hash_map<std::pair<int64_t, int64_t>, LayerKvPolicy> local;
+  for (const auto& [lh, hp] : policy.heads) {
+    if (lh.second >= r.begin && lh.second < r.begin + r.size) {
+      local[{lh.first, lh.second - r.begin}] = hp;
+    }
+  }
+  policy.heads = std::move(local);
+}
+
 }  // namespace
 
 Engine::~Engine() = default;
@@ -132,10 +143,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
     // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
     kv.n_kv_heads = e->shard_.kv_heads.size;
     kv.head_dim = c.head_dim;
-    QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(spec, c.n_layers));
+    QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(spec, c.n_layers, c.n_kv_heads));
     if (!e->shard_.whole()) {
       SliceStaticScales(kv.policy, c.n_kv_heads * c.head_dim,
                         {e->shard_.kv_heads.begin * c.head_dim, kv.n_kv_heads * c.head_dim});
+      SliceHeadOverrides(kv.policy, e->shard_.kv_heads);
     }
     kv.max_bytes = config.kv_max_bytes / static_cast<int64_t>(specs.size());
     kv.max_step_tokens = config.max_chunk_tokens;

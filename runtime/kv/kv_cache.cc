@@ -31,8 +31,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   std::vector<LayerCodecs> layers(c.n_layers);
   int64_t all_layers = 0;
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    const LayerKvPolicy& lp = c.policy.ForLayer(l);
     const LayerStaticScales* scales = c.policy.StaticScalesFor(l);
+    const LayerCodebooks* books = c.policy.CodebooksFor(l);
     for (int kv = 0; kv < 2; ++kv) {
       SlabCodecs& sc = layers[l].kv[kv];
       const StaticScales* st = scales == nullptr ? nullptr : kv == 0 ? &scales->k : &scales->v;
@@ -49,7 +49,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
       }
       for (int64_t h = 0; h < c.n_kv_heads; ++h) {
         kernels::KvCodecConfig cc;
-        cc.spec = kv == 0 ? lp.k : lp.v;
+        const LayerKvPolicy& hp = c.policy.ForHead(l, h);
+        cc.spec = kv == 0 ? hp.k : hp.v;
         cc.head_dim = c.head_dim;
         cc.block_tokens = bt;
         if (st != nullptr && cc.spec.granularity == kernels::KvGranularity::kStatic) {
@@ -61,10 +62,15 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
           cc.static_scale = slice(st->scale);
           cc.static_min = slice(st->min);
         }
+        if (books != nullptr && cc.spec.type == kernels::KvCodecType::kCodebook &&
+            cc.spec.codebook == kernels::KvCodebookKind::kCalibrated) {
+          cc.codebook = kv == 0 ? books->k : books->v;
+        }
         absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec = kernels::KvCodec::Create(cc);
         if (!codec.ok()) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "KV policy '%s', layer %d %s: %s", c.policy.name, l, what, codec.status().message()));
+          return absl::InvalidArgumentError(
+              absl::StrFormat("KV policy '%s', layer %d head %d %s: %s", c.policy.name, l, h, what,
+                              codec.status().message()));
         }
         sc.offsets.push_back(sc.block_bytes);
         sc.block_bytes += (*codec)->slab_bytes();

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "kernels/hadamard.h"
+#include "kernels/kv_codebook.h"
 #include "kernels/kv_codec.h"
 #include "nlohmann/json.hpp"
 
@@ -231,6 +232,7 @@ absl::StatusOr<float> KvCalibrator::ClipFor(const kernels::KvCodecSpec& spec,
 absl::StatusOr<KvPolicy> KvCalibrator::Finish() const {
   KvPolicy p = config_.policy;
   p.static_scales.clear();
+  p.codebooks.clear();
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     if (tokens(l) < p.block_tokens) {
       return absl::FailedPreconditionError(absl::StrFormat(
@@ -238,10 +240,32 @@ absl::StatusOr<KvPolicy> KvCalibrator::Finish() const {
           "--text",
           l, tokens(l), p.block_tokens));
     }
+    if (p.HasHeadOverrides(l)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "calibration: layer %d has per-head codec overrides (L.hH.k=...); calibrate the "
+          "layer-wide codecs and add the head overrides afterwards",
+          l));
+    }
     for (int kv = 0; kv < 2; ++kv) {
       const LayerKvPolicy& lp = p.ForLayer(l);
       const kernels::KvCodecSpec spec = kv == 0 ? lp.k : lp.v;
       const std::vector<float>& rows = kv == 0 ? k_[l] : v_[l];
+      if (spec.type == kernels::KvCodecType::kCodebook &&
+          spec.codebook == kernels::KvCodebookKind::kCalibrated) {
+        // Lloyd-Max levels on exactly the values the encoder will index.
+        std::vector<float> u;
+        kernels::KvCodebookNormalize(spec, rows.data(), static_cast<int64_t>(rows.size()) / row(),
+                                     row(), u);
+        absl::StatusOr<std::vector<float>> levels = kernels::FitKvCodebook(spec.bits, u);
+        if (!levels.ok()) {
+          return absl::FailedPreconditionError(absl::StrFormat("calibration: layer %d %s: %s", l,
+                                                               kv == 0 ? "keys" : "values",
+                                                               levels.status().message()));
+        }
+        LayerCodebooks& b = p.codebooks[l];
+        (kv == 0 ? b.k : b.v) = std::move(*levels);
+        continue;
+      }
       if (spec.type != kernels::KvCodecType::kUniform &&
           spec.type != kernels::KvCodecType::kFp8E4M3) {
         continue;  // float codecs have nothing to calibrate
@@ -281,6 +305,14 @@ std::string KvPolicyFileJson(const KvPolicy& policy, const std::string& provenan
     scales[std::to_string(l)] = e;
   }
   if (!scales.empty()) j["static_scales"] = scales;
+  nlohmann::json books = nlohmann::json::object();
+  for (const auto& [l, b] : policy.codebooks) {
+    nlohmann::json e = nlohmann::json::object();
+    if (!b.k.empty()) e["k"] = b.k;
+    if (!b.v.empty()) e["v"] = b.v;
+    books[std::to_string(l)] = e;
+  }
+  if (!books.empty()) j["codebooks"] = books;
   nlohmann::json prov = nlohmann::json::parse(provenance_json, nullptr, false);
   if (!prov.is_discarded()) j["calibration"] = prov;
   return j.dump(1) + "\n";

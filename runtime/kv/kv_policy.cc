@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
@@ -24,7 +25,17 @@ absl::StatusOr<int64_t> ParseCount(std::string_view key, std::string_view value,
   return v;
 }
 
-absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
+struct Limits {
+  int64_t n_layers = 0;    // > 0: layer indices are checked
+  int64_t n_kv_heads = 0;  // > 0: head indices are checked
+};
+
+void SetCodecs(LayerKvPolicy& lp, std::string_view which, const kernels::KvCodecSpec& c) {
+  if (which != "v") lp.k = c;
+  if (which != "k") lp.v = c;
+}
+
+absl::Status ApplyItem(KvPolicy& p, std::string_view item, const Limits& lim,
                        bool expand_presets = true) {
   const size_t eq = item.find('=');
   if (eq == std::string_view::npos) {
@@ -33,8 +44,7 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
     for (const KvPreset& preset : KvPresets()) {
       if (!expand_presets || preset.name != item) continue;
       for (absl::string_view sub : absl::StrSplit(preset.spec, ',')) {
-        if (absl::Status s =
-                ApplyItem(p, std::string_view(sub.data(), sub.size()), n_layers, false);
+        if (absl::Status s = ApplyItem(p, std::string_view(sub.data(), sub.size()), lim, false);
             !s.ok()) {
           return s;
         }
@@ -45,6 +55,7 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
     if (!c.ok()) return c.status();
     p.all.k = p.all.v = *c;
     p.layers.clear();
+    p.heads.clear();
     return absl::OkStatus();
   }
   const std::string_view key = item.substr(0, eq);
@@ -87,35 +98,46 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, int64_t n_layers,
   absl::StatusOr<kernels::KvCodecSpec> c = kernels::ParseKvCodecSpec(value);
   if (!c.ok()) return c.status();
   if (key == "k" || key == "v" || key == "kv") {
-    if (key != "v") p.all.k = *c;
-    if (key != "k") p.all.v = *c;
-    for (auto& [l, lp] : p.layers) {
-      if (key != "v") lp.k = *c;
-      if (key != "k") lp.v = *c;
-    }
+    SetCodecs(p.all, key, *c);
+    for (auto& [l, lp] : p.layers) SetCodecs(lp, key, *c);
+    for (auto& [lh, hp] : p.heads) SetCodecs(hp, key, *c);
     return absl::OkStatus();
   }
-  // L.k / L.v / L.kv
-  const size_t dot = key.find('.');
-  if (dot != std::string_view::npos) {
-    const std::string_view which = key.substr(dot + 1);
+  // L.k / L.v / L.kv, or L.hH.k / L.hH.v / L.hH.kv
+  const std::vector<absl::string_view> parts =
+      absl::StrSplit(absl::string_view(key.data(), key.size()), '.');
+  const std::string_view which(parts.back().data(), parts.back().size());
+  if ((parts.size() == 2 || parts.size() == 3) && (which == "k" || which == "v" || which == "kv")) {
     absl::StatusOr<int64_t> layer =
-        ParseCount("layer", key.substr(0, dot), 0, n_layers > 0 ? n_layers - 1 : 1 << 20);
-    if (layer.ok() && (which == "k" || which == "v" || which == "kv")) {
-      LayerKvPolicy& lp = p.layers.try_emplace(*layer, p.all).first->second;
-      if (which != "v") lp.k = *c;
-      if (which != "k") lp.v = *c;
+        ParseCount("layer", std::string_view(parts[0].data(), parts[0].size()), 0,
+                   lim.n_layers > 0 ? lim.n_layers - 1 : 1 << 20);
+    if (!layer.ok()) return layer.status();
+    if (parts.size() == 2) {
+      SetCodecs(p.layers.try_emplace(*layer, p.all).first->second, which, *c);
+      for (auto& [lh, hp] : p.heads) {
+        if (lh.first == *layer) SetCodecs(hp, which, *c);
+      }
       return absl::OkStatus();
     }
-    if (!layer.ok()) return layer.status();
+    if (!absl::StartsWith(parts[1], "h")) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV spec: '%s' wants a head as hH (e.g. %d.h1.%s)", std::string(key),
+                          *layer, std::string(which)));
+    }
+    absl::StatusOr<int64_t> head =
+        ParseCount("head", std::string_view(parts[1].data() + 1, parts[1].size() - 1), 0,
+                   lim.n_kv_heads > 0 ? lim.n_kv_heads - 1 : 1 << 16);
+    if (!head.ok()) return head.status();
+    SetCodecs(p.heads.try_emplace({*layer, *head}, p.ForLayer(*layer)).first->second, which, *c);
+    return absl::OkStatus();
   }
   return absl::InvalidArgumentError(absl::StrFormat(
-      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, sink, window, block, rope, "
-      "rotate)",
+      "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, L.hH.k, L.hH.v, sink, window, "
+      "block, rope, rotate)",
       std::string(key)));
 }
 
-absl::StatusOr<KvPolicy> ParseSpec(std::string_view text, int64_t n_layers) {
+absl::StatusOr<KvPolicy> ParseSpec(std::string_view text, const Limits& lim) {
   KvPolicy p;
   p.name = std::string(text);
   if (text.empty()) return absl::InvalidArgumentError("KV spec is empty");
@@ -124,13 +146,14 @@ absl::StatusOr<KvPolicy> ParseSpec(std::string_view text, int64_t n_layers) {
       return absl::InvalidArgumentError(
           absl::StrFormat("KV spec '%s' has an empty item", std::string(text)));
     }
-    absl::Status s = ApplyItem(p, std::string_view(item.data(), item.size()), n_layers);
+    absl::Status s = ApplyItem(p, std::string_view(item.data(), item.size()), lim);
     if (!s.ok()) return s;
   }
   return p;
 }
 
-absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
+absl::StatusOr<KvPolicy> ParseFile(const std::string& path, const Limits& lim) {
+  const int64_t n_layers = lim.n_layers;
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrFormat("KV policy file %s: cannot open", path));
   std::stringstream buf;
@@ -183,9 +206,25 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
         if (absl::Status st = field_string(lp, key, &c); !st.ok()) return st;
         if (!c.empty()) add(absl::StrFormat("%s.%s=%s", layer, key, c));
       }
+      if (!lp.contains("heads")) continue;
+      if (!lp["heads"].is_object()) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("KV policy file %s: layers.%s.heads must be an object", path, layer));
+      }
+      for (const auto& [head, hp] : lp["heads"].items()) {
+        if (!hp.is_object()) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "KV policy file %s: layers.%s.heads.%s must be an object", path, layer, head));
+        }
+        for (const char* key : {"k", "v"}) {
+          std::string c;
+          if (absl::Status st = field_string(hp, key, &c); !st.ok()) return st;
+          if (!c.empty()) add(absl::StrFormat("%s.h%s.%s=%s", layer, head, key, c));
+        }
+      }
     }
   }
-  absl::StatusOr<KvPolicy> p = ParseSpec(spec, n_layers);
+  absl::StatusOr<KvPolicy> p = ParseSpec(spec, lim);
   if (!p.ok()) {
     return absl::InvalidArgumentError(
         absl::StrFormat("KV policy file %s: %s", path, p.status().message()));
@@ -230,6 +269,38 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
       }
     }
   }
+  if (j.contains("codebooks")) {
+    const nlohmann::json& cb = j["codebooks"];
+    if (!cb.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV policy file %s: 'codebooks' must be an object", path));
+    }
+    for (const auto& [layer_key, entry] : cb.items()) {
+      absl::StatusOr<int64_t> layer =
+          ParseCount("codebooks layer", layer_key, 0, n_layers > 0 ? n_layers - 1 : 1 << 20);
+      if (!layer.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("KV policy file %s: %s", path, layer.status().message()));
+      }
+      LayerCodebooks& out = p->codebooks[*layer];
+      for (const char* kv : {"k", "v"}) {
+        if (!entry.is_object() || !entry.contains(kv)) continue;
+        const nlohmann::json& a = entry[kv];
+        if (!a.is_array()) {
+          return absl::InvalidArgumentError(
+              absl::StrFormat("KV policy file %s: codebooks.%s.%s must be an array of numbers",
+                              path, layer_key, kv));
+        }
+        for (const nlohmann::json& x : a) {
+          if (!x.is_number()) {
+            return absl::InvalidArgumentError(absl::StrFormat(
+                "KV policy file %s: codebooks.%s.%s holds a non-number", path, layer_key, kv));
+          }
+          (kv[0] == 'k' ? out.k : out.v).push_back(x.get<float>());
+        }
+      }
+    }
+  }
   return p;
 }
 
@@ -238,6 +309,23 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, int64_t n_layers) {
 const LayerKvPolicy& KvPolicy::ForLayer(int64_t layer) const {
   auto it = layers.find(layer);
   return it == layers.end() ? all : it->second;
+}
+
+const LayerKvPolicy& KvPolicy::ForHead(int64_t layer, int64_t head) const {
+  auto it = heads.find({layer, head});
+  return it == heads.end() ? ForLayer(layer) : it->second;
+}
+
+bool KvPolicy::HasHeadOverrides(int64_t layer) const {
+  for (const auto& [lh, hp] : heads) {
+    if (lh.first == layer) return true;
+  }
+  return false;
+}
+
+const LayerCodebooks* KvPolicy::CodebooksFor(int64_t layer) const {
+  auto it = codebooks.find(layer);
+  return it == codebooks.end() ? nullptr : &it->second;
 }
 
 const LayerStaticScales* KvPolicy::StaticScalesFor(int64_t layer) const {
@@ -254,6 +342,13 @@ std::string KvPolicy::ToSpec() const {
     const LayerKvPolicy& lp = layers.at(l);
     s += absl::StrFormat(",%d.k=%s,%d.v=%s", l, lp.k.ToString(), l, lp.v.ToString());
   }
+  std::vector<std::pair<int64_t, int64_t>> head_ids;
+  for (const auto& [lh, hp] : heads) head_ids.push_back(lh);
+  std::sort(head_ids.begin(), head_ids.end());
+  for (const auto& [l, h] : head_ids) {
+    const LayerKvPolicy& hp = heads.at({l, h});
+    s += absl::StrFormat(",%d.h%d.k=%s,%d.h%d.v=%s", l, h, hp.k.ToString(), l, h, hp.v.ToString());
+  }
   s += absl::StrFormat(",sink=%d,window=%d,block=%d", sink_tokens, window_tokens, block_tokens);
   if (pre_rope_keys) s += ",rope=pre";
   if (rotate_k || rotate_v)
@@ -268,6 +363,9 @@ bool KvPolicy::protected_fp32() const {
   if (!fp32(all)) return false;
   for (const auto& [l, lp] : layers) {
     if (!fp32(lp)) return false;
+  }
+  for (const auto& [lh, hp] : heads) {
+    if (!fp32(hp)) return false;
   }
   return true;
 }
@@ -291,16 +389,18 @@ const std::vector<KvPreset>& KvPresets() {
   return presets;
 }
 
-absl::StatusOr<KvPolicy> ParseKvPolicy(std::string_view text, int64_t n_layers) {
-  if (!text.empty() && text[0] == '@') return ParseFile(std::string(text.substr(1)), n_layers);
+absl::StatusOr<KvPolicy> ParseKvPolicy(std::string_view text, int64_t n_layers,
+                                       int64_t n_kv_heads) {
+  const Limits lim{n_layers, n_kv_heads};
+  if (!text.empty() && text[0] == '@') return ParseFile(std::string(text.substr(1)), lim);
   for (const KvPreset& p : KvPresets()) {
     if (p.name == text) {
-      absl::StatusOr<KvPolicy> policy = ParseSpec(p.spec, n_layers);
+      absl::StatusOr<KvPolicy> policy = ParseSpec(p.spec, lim);
       if (policy.ok()) policy->name = p.name;
       return policy;
     }
   }
-  return ParseSpec(text, n_layers);
+  return ParseSpec(text, lim);
 }
 
 }  // namespace quantkv

@@ -1,6 +1,7 @@
 // KvCache bookkeeping and accounting, and KvPolicy parsing. No model needed.
 #include "runtime/kv/kv_cache.h"
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <utility>
@@ -89,8 +90,12 @@ TEST(KvPolicyTest, PresetsParseAndMeetTheirBudgets) {
     auto cache = KvCache::Create(Smol(p.name));
     ASSERT_TRUE(cache.ok()) << p.name << ": " << cache.status();
     const double bits = (*cache)->BitsPerElementAt(2048);
-    if (p.name == "int4-comp") EXPECT_LE(bits, 4.5) << p.name;
-    if (p.name == "int2-comp") EXPECT_LE(bits, 2.5) << p.name;
+    if (p.name == "int4-comp") {
+      EXPECT_LE(bits, 4.5) << p.name;
+    }
+    if (p.name == "int2-comp") {
+      EXPECT_LE(bits, 2.5) << p.name;
+    }
   }
 }
 
@@ -128,6 +133,73 @@ TEST(KvPolicyTest, GrammarAndErrors) {
   EXPECT_FALSE(KvCache::Create(Smol("int4:g48")).ok());
 }
 
+TEST(KvPolicyTest, PerHeadOverrides) {
+  auto p = ParseKvPolicy("int4,2.k=int8,2.h1.k=int2,2.h1.v=fp16,2.h0.kv=int3", 30, 3);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->ForHead(2, 1).k.bits, 2);
+  EXPECT_EQ(p->ForHead(2, 1).v.type, kernels::KvCodecType::kF16);
+  EXPECT_EQ(p->ForHead(2, 0).k.bits, 3);
+  EXPECT_EQ(p->ForHead(2, 0).v.bits, 3);
+  EXPECT_EQ(p->ForHead(2, 2).k.bits, 8);  // the layer's override
+  EXPECT_EQ(p->ForHead(3, 1).k.bits, 4);  // the whole cache's codec
+  EXPECT_TRUE(p->HasHeadOverrides(2));
+  EXPECT_FALSE(p->HasHeadOverrides(3));
+  auto back = ParseKvPolicy(p->ToSpec(), 30, 3);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ToSpec(), p->ToSpec());
+  // A later layer-wide item overrides the layer's heads too; a bare codec resets everything.
+  EXPECT_EQ(ParseKvPolicy("int4,2.h1.k=int2,2.k=int8", 30, 3)->ForHead(2, 1).k.bits, 8);
+  EXPECT_EQ(ParseKvPolicy("int4,2.h1.k=int2,k=int8", 30, 3)->ForHead(2, 1).k.bits, 8);
+  EXPECT_TRUE(ParseKvPolicy("int4,2.h1.k=int2,fp16", 30, 3)->heads.empty());
+  for (const char* bad : {"2.h3.k=int4", "2.x1.k=int4", "2.h.k=int4", "2.h1.q=int4", "30.h0.k=int4",
+                          "2.h1.k=int5", "2.h1.k.v=int4"}) {
+    auto r = ParseKvPolicy(bad, 30, 3);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_NE(ParseKvPolicy("2.h3.k=int4", 30, 3).status().message().find("head"), std::string::npos);
+}
+
+TEST(KvCacheTest, PerHeadCodecsChangeOnlyTheirSlabs) {
+  // One head of one layer at 2 bits: the block shrinks by that slab's difference.
+  auto uniform = KvCache::Create(Smol("int4"));
+  auto mixed = KvCache::Create(Smol("int4,5.h1.k=int2"));
+  ASSERT_TRUE(uniform.ok() && mixed.ok());
+  auto int4 = *kernels::KvCodec::Create(*kernels::ParseKvCodecSpec("int4"), 64, 32);
+  auto int2 = *kernels::KvCodec::Create(*kernels::ParseKvCodecSpec("int2"), 64, 32);
+  EXPECT_EQ((*uniform)->block_bytes_all_layers() - (*mixed)->block_bytes_all_layers(),
+            int4->slab_bytes() - int2->slab_bytes());
+  // The same rows written to both: heads 0 and 2 of layer 5 decode identically, head 1's
+  // keys differ (2 bits), its values do not.
+  std::vector<float> k(32 * 3 * 64), v(k.size());
+  for (size_t i = 0; i < k.size(); ++i) {
+    k[i] = std::sin(0.37f * static_cast<float>(i));
+    v[i] = std::cos(0.11f * static_cast<float>(i));
+  }
+  std::vector<float> out_u(32 * 64), out_m(32 * 64);
+  SequenceKv su, sm;
+  ASSERT_TRUE((*uniform)->Reserve(su, 32).ok());
+  ASSERT_TRUE((*mixed)->Reserve(sm, 32).ok());
+  (*uniform)->Write(su, 5, 0, 32, k.data(), v.data());
+  (*mixed)->Write(sm, 5, 0, 32, k.data(), v.data());
+  const kernels::KvLayerView vu = (*uniform)->View(su, 5, 32);
+  const kernels::KvLayerView vm = (*mixed)->View(sm, 5, 32);
+  ASSERT_EQ(vu.n_blocks, 1);
+  ASSERT_EQ(vm.n_blocks, 1);
+  for (int64_t h = 0; h < 3; ++h) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const kernels::KvSlabs& a = kv == 0 ? vu.k : vu.v;
+      const kernels::KvSlabs& b = kv == 0 ? vm.k : vm.v;
+      a.codecs[h]->Decode(a.Slab(vu.block_table[0], h), 0, 32, out_u.data());
+      b.codecs[h]->Decode(b.Slab(vm.block_table[0], h), 0, 32, out_m.data());
+      if (h == 1 && kv == 0) {
+        EXPECT_NE(out_u, out_m);
+      } else {
+        EXPECT_EQ(out_u, out_m) << "head " << h << " kv " << kv;
+      }
+    }
+  }
+}
+
 TEST(KvPolicyTest, PolicyFile) {
   const std::string path = (std::filesystem::temp_directory_path() /
                             ("qkv_policy_" + std::to_string(getpid()) + ".json"))
@@ -139,6 +211,15 @@ TEST(KvPolicyTest, PolicyFile) {
   EXPECT_EQ(p->ForLayer(3).k.type, kernels::KvCodecType::kF16);
   EXPECT_EQ(p->ForLayer(3).v.bits, 4);
   EXPECT_EQ(p->sink_tokens, 2);
+  std::ofstream(path)
+      << R"({"k": "int4", "layers": {"3": {"k": "int8", "heads": {"2": {"v": "int2"}}}}})";
+  auto heads = ParseKvPolicy("@" + path, 30, 3);
+  ASSERT_TRUE(heads.ok()) << heads.status();
+  EXPECT_EQ(heads->ForHead(3, 2).v.bits, 2);
+  EXPECT_EQ(heads->ForHead(3, 2).k.bits, 8);
+  EXPECT_EQ(heads->ForHead(3, 1).v.bits, 16);
+  std::ofstream(path) << R"({"layers": {"3": {"heads": {"2": "int2"}}}})";
+  EXPECT_EQ(ParseKvPolicy("@" + path, 30).status().code(), absl::StatusCode::kInvalidArgument);
   std::ofstream(path) << R"({"layers": {"3": {"k": 4}}})";
   EXPECT_EQ(ParseKvPolicy("@" + path, 30).status().code(), absl::StatusCode::kInvalidArgument);
   std::filesystem::remove(path);

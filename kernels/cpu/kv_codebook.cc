@@ -1,0 +1,281 @@
+// Non-linear codebook KV codec and its level sets (kernels/kv_codebook.h).
+//
+// Slab layout: metadata for every (token, group) in [token][group] order — one fp16 scale
+// (symmetric) or fp16 midpoint then fp16 half-range (asymmetric) — followed by the codes,
+// `bits` bits each, packed LSB-first in [token][channel] order.
+#include "kernels/kv_codebook.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "kernels/cpu/kv_codec_internal.h"
+#include "kernels/cpu/unaligned.h"
+#include "kernels/fp16.h"
+
+namespace quantkv::kernels {
+namespace {
+
+using internal::LoadU16;
+using internal::StoreU16;
+
+// Inverse of the standard normal CDF by bisection on erfc (only 2^bits values are needed,
+// once per codec, so simplicity beats a rational approximation).
+double NormalQuantile(double p) {
+  double lo = -10, hi = 10;
+  for (int i = 0; i < 200; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    if (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return 0.5 * (lo + hi);
+}
+
+// Group normalisation shared by the encoder and KvCodebookNormalize: u = (x - mid) / half.
+struct GroupScale {
+  float mid = 0;
+  float half = 0;  // > 0, or 0 for a constant (or all-NaN) group
+};
+
+GroupScale ScaleOf(const KvCodecSpec& s, const float* x, int64_t n) {
+  // Beyond fp16's range the metadata saturates (and infinities would poison the midpoint).
+  constexpr float kMaxHalf = 65504.0f;
+  float lo = INFINITY, hi = -INFINITY, amax = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(x[i] == x[i])) continue;
+    const float v = std::clamp(x[i], -kMaxHalf, kMaxHalf);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+    amax = std::max(amax, std::fabs(v));
+  }
+  if (!(lo <= hi)) return {};
+  GroupScale g;
+  if (s.symmetric) {
+    g.half = Fp16ToFp32(kv_codec_internal::Fp16RoundUp(s.clip * amax));
+  } else {
+    g.mid = Fp16ToFp32(Fp32ToFp16(0.5f * (lo + hi)));
+    g.half = Fp16ToFp32(kv_codec_internal::Fp16RoundUp(s.clip * 0.5f * (hi - lo)));
+  }
+  return g;
+}
+
+float Normalized(const GroupScale& g, float x) {
+  if (!(g.half > 0) || !(x == x)) return 0.0f;
+  return std::clamp((x - g.mid) / g.half, -1.0f, 1.0f);
+}
+
+class CodebookCodec final : public KvCodec {
+ public:
+  CodebookCodec(const KvCodecSpec& spec, int64_t head_dim, int64_t block_tokens,
+                std::vector<float> levels)
+      : KvCodec(spec, head_dim, block_tokens),
+        levels_(std::move(levels)),
+        groups_(head_dim / spec.group_size),
+        meta_per_group_(spec.symmetric ? 1 : 2) {
+    for (size_t i = 0; i + 1 < levels_.size(); ++i) {
+      thresholds_.push_back(0.5f * (levels_[i] + levels_[i + 1]));
+    }
+  }
+
+  int64_t slab_bytes() const override { return meta_bytes() + code_bytes(); }
+
+  void Encode(const float* x, uint8_t* slab) const override {
+    const KvCodecSpec& s = spec();
+    const int64_t d = head_dim(), gs = s.group_size, bits = s.bits;
+    uint8_t* codes = slab + meta_bytes();
+    std::memset(codes, 0, static_cast<size_t>(code_bytes()));
+    for (int64_t t = 0; t < block_tokens(); ++t) {
+      for (int64_t g = 0; g < groups_; ++g) {
+        const float* xg = x + t * d + g * gs;
+        const GroupScale sc = ScaleOf(s, xg, gs);
+        uint8_t* meta = slab + 2 * meta_per_group_ * (t * groups_ + g);
+        if (s.symmetric) {
+          StoreU16(meta, Fp32ToFp16(sc.half));
+        } else {
+          StoreU16(meta, Fp32ToFp16(sc.mid));
+          StoreU16(meta + 2, Fp32ToFp16(sc.half));
+        }
+        for (int64_t c = 0; c < gs; ++c) {
+          const float u = Normalized(sc, xg[c]);
+          uint32_t code = 0;
+          while (code < thresholds_.size() && u > thresholds_[code]) ++code;
+          const int64_t bit = (t * d + g * gs + c) * bits;
+          // Codes never straddle more than two bytes (bits <= 4).
+          const uint32_t shifted = code << (bit & 7);
+          codes[bit >> 3] |= static_cast<uint8_t>(shifted);
+          if ((bit & 7) + bits > 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
+        }
+      }
+    }
+  }
+
+  void Decode(const uint8_t* slab, int64_t t0, int64_t t1, float* out) const override {
+    const KvCodecSpec& s = spec();
+    const int64_t d = head_dim(), gs = s.group_size, bits = s.bits;
+    const uint32_t mask = (1u << bits) - 1;
+    const uint8_t* codes = slab + meta_bytes();
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t g = 0; g < groups_; ++g) {
+        const uint8_t* meta = slab + 2 * meta_per_group_ * (t * groups_ + g);
+        const float mid = s.symmetric ? 0.0f : Fp16ToFp32(LoadU16(meta));
+        const float half = Fp16ToFp32(LoadU16(meta + (s.symmetric ? 0 : 2)));
+        float* o = out + (t - t0) * d + g * gs;
+        for (int64_t c = 0; c < gs; ++c) {
+          const int64_t bit = (t * d + g * gs + c) * bits;
+          uint32_t v = codes[bit >> 3];
+          if ((bit & 7) + bits > 8) v |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
+          o[c] = mid + half * levels_[(v >> (bit & 7)) & mask];
+        }
+      }
+    }
+  }
+
+ private:
+  int64_t meta_bytes() const { return 2 * meta_per_group_ * groups_ * block_tokens(); }
+  int64_t code_bytes() const { return (block_tokens() * head_dim() * spec().bits + 7) / 8; }
+
+  std::vector<float> levels_;
+  std::vector<float> thresholds_;  // midpoints between neighbouring levels
+  int64_t groups_;
+  int64_t meta_per_group_;
+};
+
+}  // namespace
+
+std::vector<float> KvCodebookLevels(const KvCodecSpec& spec) {
+  const int n = 1 << spec.bits;
+  std::vector<float> lv(static_cast<size_t>(n));
+  switch (spec.codebook) {
+    case KvCodebookKind::kNormalFloat: {
+      // QLoRA's NormalFloat construction: n/2 positive and n/2 - 1 negative normal quantiles
+      // at evenly spaced probabilities from `offset` towards 0.5, plus an exact 0 (values
+      // crowd around zero; a zero level also keeps constant and tiny inputs exact), scaled
+      // so the ends are +-1. For 4 bits this is NF4 (offset 0.9677).
+      const double offset = 0.5 * ((1 - 0.5 / (n - 1)) + (1 - 0.5 / n));
+      const int pos = n / 2, neg = n / 2 - 1;
+      const double top = NormalQuantile(offset);
+      lv.assign(static_cast<size_t>(n), 0.0f);
+      for (int i = 0; i < pos; ++i) {  // probabilities offset .. 0.5 in pos + 1 steps, not 0.5
+        const double p = offset + (0.5 - offset) * i / pos;
+        lv[n - 1 - i] = static_cast<float>(NormalQuantile(p) / top);
+      }
+      for (int i = 0; i < neg; ++i) {
+        const double p = offset + (0.5 - offset) * i / neg;
+        lv[i] = static_cast<float>(-NormalQuantile(p) / top);
+      }
+      lv[neg] = 0.0f;
+      lv.front() = -1.0f;
+      lv.back() = 1.0f;
+      break;
+    }
+    case KvCodebookKind::kPower:
+      for (int i = 0; i < n; ++i) {
+        const double t = -1.0 + 2.0 * i / (n - 1);
+        lv[i] = static_cast<float>(std::copysign(std::pow(std::fabs(t), 1.0 / spec.power), t));
+      }
+      break;
+    case KvCodebookKind::kLog:
+      // n/2 magnitudes per sign, 1, 1/2, 1/4, ...
+      for (int i = 0; i < n / 2; ++i) {
+        const float m = std::ldexp(1.0f, -(n / 2 - 1 - i));
+        lv[n / 2 + i] = m;
+        lv[n / 2 - 1 - i] = -m;
+      }
+      break;
+    case KvCodebookKind::kCalibrated:
+      lv.clear();  // levels come with the codec config
+      break;
+  }
+  return lv;
+}
+
+void KvCodebookNormalize(const KvCodecSpec& spec, const float* x, int64_t n_rows, int64_t head_dim,
+                         std::vector<float>& out) {
+  const int64_t gs = spec.group_size;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t g = 0; g + gs <= head_dim; g += gs) {
+      const float* xg = x + r * head_dim + g;
+      const GroupScale sc = ScaleOf(spec, xg, gs);
+      if (!(sc.half > 0)) continue;  // constant groups say nothing about the shape
+      for (int64_t c = 0; c < gs; ++c) {
+        if (xg[c] == xg[c]) out.push_back(Normalized(sc, xg[c]));
+      }
+    }
+  }
+}
+
+absl::StatusOr<std::vector<float>> FitKvCodebook(int bits, const std::vector<float>& u,
+                                                 int max_iters) {
+  if (bits < 1 || bits > 4) {
+    return absl::InvalidArgumentError(absl::StrFormat("codebook: bits %d not in [1, 4]", bits));
+  }
+  const int n = 1 << bits;
+  if (static_cast<int64_t>(u.size()) < 16 * n) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "codebook: %d calibration values are too few to fit %d levels", u.size(), n));
+  }
+  KvCodecSpec nf;
+  nf.bits = bits;
+  std::vector<float> lv = KvCodebookLevels(nf);
+  std::vector<float> sorted(u);
+  std::sort(sorted.begin(), sorted.end());
+  // Prefix sums make each Lloyd round O(n log N): a level's cell is a range of the sorted data.
+  std::vector<double> prefix(sorted.size() + 1, 0.0);
+  for (size_t i = 0; i < sorted.size(); ++i) prefix[i + 1] = prefix[i] + sorted[i];
+  for (int it = 0; it < max_iters; ++it) {
+    double moved = 0;
+    std::vector<float> next(lv);
+    size_t begin = 0;
+    for (int i = 0; i < n; ++i) {
+      const float upper = i + 1 < n ? 0.5f * (lv[i] + lv[i + 1]) : INFINITY;
+      const size_t end =
+          static_cast<size_t>(std::upper_bound(sorted.begin() + static_cast<std::ptrdiff_t>(begin),
+                                               sorted.end(), upper) -
+                              sorted.begin());
+      // Ends stay at +-1; an empty cell keeps its level.
+      if (i != 0 && i != n - 1 && end > begin) {
+        next[i] = static_cast<float>((prefix[end] - prefix[begin]) / (end - begin));
+      }
+      begin = end;
+    }
+    for (int i = 0; i < n; ++i) moved = std::max(moved, std::fabs(double{next[i]} - lv[i]));
+    lv = std::move(next);
+    if (moved < 1e-6) break;
+  }
+  return lv;
+}
+
+namespace kv_codec_internal {
+
+absl::StatusOr<std::unique_ptr<KvCodec>> MakeCodebookCodec(const KvCodecConfig& config) {
+  const KvCodecSpec& s = config.spec;
+  std::vector<float> levels =
+      s.codebook == KvCodebookKind::kCalibrated ? config.codebook : KvCodebookLevels(s);
+  const size_t n = size_t{1} << s.bits;
+  if (levels.size() != n) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV codec %s: needs %d calibrated codebook levels (got %d); make them with `quantkv "
+        "calibrate --kv %s` and pass the file as --kv @FILE",
+        s.ToString(), n, levels.size(), s.ToString()));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(levels[i]) || levels[i] < -1.0f || levels[i] > 1.0f ||
+        (i > 0 && !(levels[i] > levels[i - 1]))) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KV codec %s: codebook level %d (%g) is not finite, in [-1, 1] and above the one "
+          "before",
+          s.ToString(), i, levels[i]));
+    }
+  }
+  return std::unique_ptr<KvCodec>(
+      new CodebookCodec(s, config.head_dim, config.block_tokens, std::move(levels)));
+}
+
+}  // namespace kv_codec_internal
+}  // namespace quantkv::kernels
