@@ -1,8 +1,9 @@
 // Non-linear codebook KV codec and its level sets (kernels/kv_codebook.h).
 //
-// Slab layout: metadata for every (token, group) in [token][group] order — one fp16 scale
-// (symmetric) or fp16 midpoint then fp16 half-range (asymmetric) — followed by the codes,
-// `bits` bits each, packed LSB-first in [token][channel] order.
+// Slab layout: the metadata of every scale — per token group in [token][group] order, or per
+// channel — as one fp16 scale (symmetric) or fp16 midpoint then fp16 half-range
+// (asymmetric), followed by the codes, `bits` bits each, packed LSB-first in
+// [token][channel] order.
 #include "kernels/kv_codebook.h"
 
 #include <algorithm>
@@ -43,13 +44,15 @@ struct GroupScale {
   float half = 0;  // > 0, or 0 for a constant (or all-NaN) group
 };
 
-GroupScale ScaleOf(const KvCodecSpec& s, const float* x, int64_t n) {
+// Scale of n values x[0], x[stride], ... (NaNs ignored).
+GroupScale ScaleOf(const KvCodecSpec& s, const float* x, int64_t n, int64_t stride) {
   // Beyond fp16's range the metadata saturates (and infinities would poison the midpoint).
   constexpr float kMaxHalf = 65504.0f;
   float lo = INFINITY, hi = -INFINITY, amax = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (!(x[i] == x[i])) continue;
-    const float v = std::clamp(x[i], -kMaxHalf, kMaxHalf);
+    const float xi = x[i * stride];
+    if (!(xi == xi)) continue;
+    const float v = std::clamp(xi, -kMaxHalf, kMaxHalf);
     lo = std::min(lo, v);
     hi = std::max(hi, v);
     amax = std::max(amax, std::fabs(v));
@@ -70,14 +73,31 @@ float Normalized(const GroupScale& g, float x) {
   return std::clamp((x - g.mid) / g.half, -1.0f, 1.0f);
 }
 
+// The scales of one [bt][d] slab: per token group ([t][group]) or per channel ([c], over the
+// slab's tokens, as KIVI does for keys).
+std::vector<GroupScale> SlabScales(const KvCodecSpec& s, const float* x, int64_t bt, int64_t d) {
+  std::vector<GroupScale> sc;
+  if (s.granularity == KvGranularity::kPerChannel) {
+    for (int64_t c = 0; c < d; ++c) sc.push_back(ScaleOf(s, x + c, bt, d));
+  } else {
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t g = 0; g < d; g += s.group_size) {
+        sc.push_back(ScaleOf(s, x + t * d + g, s.group_size, 1));
+      }
+    }
+  }
+  return sc;
+}
+
 class CodebookCodec final : public KvCodec {
  public:
   CodebookCodec(const KvCodecSpec& spec, int64_t head_dim, int64_t block_tokens,
                 std::vector<float> levels)
       : KvCodec(spec, head_dim, block_tokens),
         levels_(std::move(levels)),
-        groups_(head_dim / spec.group_size),
-        meta_per_group_(spec.symmetric ? 1 : 2) {
+        per_channel_(spec.granularity == KvGranularity::kPerChannel),
+        n_scales_(per_channel_ ? head_dim : block_tokens * (head_dim / spec.group_size)),
+        meta_per_scale_(spec.symmetric ? 1 : 2) {
     for (size_t i = 0; i + 1 < levels_.size(); ++i) {
       thresholds_.push_back(0.5f * (levels_[i] + levels_[i + 1]));
     }
@@ -87,63 +107,63 @@ class CodebookCodec final : public KvCodec {
 
   void Encode(const float* x, uint8_t* slab) const override {
     const KvCodecSpec& s = spec();
-    const int64_t d = head_dim(), gs = s.group_size, bits = s.bits;
+    const int64_t d = head_dim(), bt = block_tokens(), bits = s.bits;
+    const std::vector<GroupScale> sc = SlabScales(s, x, bt, d);
+    for (int64_t k = 0; k < n_scales_; ++k) {
+      uint8_t* meta = slab + 2 * meta_per_scale_ * k;
+      if (s.symmetric) {
+        StoreU16(meta, Fp32ToFp16(sc[k].half));
+      } else {
+        StoreU16(meta, Fp32ToFp16(sc[k].mid));
+        StoreU16(meta + 2, Fp32ToFp16(sc[k].half));
+      }
+    }
     uint8_t* codes = slab + meta_bytes();
     std::memset(codes, 0, static_cast<size_t>(code_bytes()));
-    for (int64_t t = 0; t < block_tokens(); ++t) {
-      for (int64_t g = 0; g < groups_; ++g) {
-        const float* xg = x + t * d + g * gs;
-        const GroupScale sc = ScaleOf(s, xg, gs);
-        uint8_t* meta = slab + 2 * meta_per_group_ * (t * groups_ + g);
-        if (s.symmetric) {
-          StoreU16(meta, Fp32ToFp16(sc.half));
-        } else {
-          StoreU16(meta, Fp32ToFp16(sc.mid));
-          StoreU16(meta + 2, Fp32ToFp16(sc.half));
-        }
-        for (int64_t c = 0; c < gs; ++c) {
-          const float u = Normalized(sc, xg[c]);
-          uint32_t code = 0;
-          while (code < thresholds_.size() && u > thresholds_[code]) ++code;
-          const int64_t bit = (t * d + g * gs + c) * bits;
-          // Codes never straddle more than two bytes (bits <= 4).
-          const uint32_t shifted = code << (bit & 7);
-          codes[bit >> 3] |= static_cast<uint8_t>(shifted);
-          if ((bit & 7) + bits > 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
-        }
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t c = 0; c < d; ++c) {
+        const float u = Normalized(sc[ScaleIndex(t, c)], x[t * d + c]);
+        uint32_t code = 0;
+        while (code < thresholds_.size() && u > thresholds_[code]) ++code;
+        const int64_t bit = (t * d + c) * bits;
+        // Codes never straddle more than two bytes (bits <= 4).
+        const uint32_t shifted = code << (bit & 7);
+        codes[bit >> 3] |= static_cast<uint8_t>(shifted);
+        if ((bit & 7) + bits > 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
       }
     }
   }
 
   void Decode(const uint8_t* slab, int64_t t0, int64_t t1, float* out) const override {
     const KvCodecSpec& s = spec();
-    const int64_t d = head_dim(), gs = s.group_size, bits = s.bits;
+    const int64_t d = head_dim(), bits = s.bits;
     const uint32_t mask = (1u << bits) - 1;
     const uint8_t* codes = slab + meta_bytes();
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t g = 0; g < groups_; ++g) {
-        const uint8_t* meta = slab + 2 * meta_per_group_ * (t * groups_ + g);
+      for (int64_t c = 0; c < d; ++c) {
+        const uint8_t* meta = slab + 2 * meta_per_scale_ * ScaleIndex(t, c);
         const float mid = s.symmetric ? 0.0f : Fp16ToFp32(LoadU16(meta));
         const float half = Fp16ToFp32(LoadU16(meta + (s.symmetric ? 0 : 2)));
-        float* o = out + (t - t0) * d + g * gs;
-        for (int64_t c = 0; c < gs; ++c) {
-          const int64_t bit = (t * d + g * gs + c) * bits;
-          uint32_t v = codes[bit >> 3];
-          if ((bit & 7) + bits > 8) v |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
-          o[c] = mid + half * levels_[(v >> (bit & 7)) & mask];
-        }
+        const int64_t bit = (t * d + c) * bits;
+        uint32_t v = codes[bit >> 3];
+        if ((bit & 7) + bits > 8) v |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
+        out[(t - t0) * d + c] = mid + half * levels_[(v >> (bit & 7)) & mask];
       }
     }
   }
 
  private:
-  int64_t meta_bytes() const { return 2 * meta_per_group_ * groups_ * block_tokens(); }
+  int64_t ScaleIndex(int64_t t, int64_t c) const {
+    return per_channel_ ? c : t * (head_dim() / spec().group_size) + c / spec().group_size;
+  }
+  int64_t meta_bytes() const { return 2 * meta_per_scale_ * n_scales_; }
   int64_t code_bytes() const { return (block_tokens() * head_dim() * spec().bits + 7) / 8; }
 
   std::vector<float> levels_;
   std::vector<float> thresholds_;  // midpoints between neighbouring levels
-  int64_t groups_;
-  int64_t meta_per_group_;
+  bool per_channel_;
+  int64_t n_scales_;
+  int64_t meta_per_scale_;
 };
 
 }  // namespace
@@ -195,16 +215,20 @@ std::vector<float> KvCodebookLevels(const KvCodecSpec& spec) {
   return lv;
 }
 
-void KvCodebookNormalize(const KvCodecSpec& spec, const float* x, int64_t n_rows, int64_t head_dim,
-                         std::vector<float>& out) {
-  const int64_t gs = spec.group_size;
-  for (int64_t r = 0; r < n_rows; ++r) {
-    for (int64_t g = 0; g + gs <= head_dim; g += gs) {
-      const float* xg = x + r * head_dim + g;
-      const GroupScale sc = ScaleOf(spec, xg, gs);
-      if (!(sc.half > 0)) continue;  // constant groups say nothing about the shape
-      for (int64_t c = 0; c < gs; ++c) {
-        if (xg[c] == xg[c]) out.push_back(Normalized(sc, xg[c]));
+void KvCodebookNormalize(const KvCodecSpec& spec, const float* x, int64_t n_rows, int64_t row_width,
+                         int64_t block_tokens, std::vector<float>& out) {
+  const int64_t bt = spec.granularity == KvGranularity::kPerChannel ? block_tokens : 1;
+  for (int64_t r0 = 0; r0 + bt <= n_rows; r0 += bt) {
+    const float* xb = x + r0 * row_width;
+    const std::vector<GroupScale> sc = SlabScales(spec, xb, bt, row_width);
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t c = 0; c < row_width; ++c) {
+        const int64_t k = spec.granularity == KvGranularity::kPerChannel
+                              ? c
+                              : t * (row_width / spec.group_size) + c / spec.group_size;
+        const float v = xb[t * row_width + c];
+        // Constant groups say nothing about the shape.
+        if (sc[k].half > 0 && v == v) out.push_back(Normalized(sc[k], v));
       }
     }
   }

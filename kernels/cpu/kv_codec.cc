@@ -115,7 +115,10 @@ std::string KvCodecSpec::ToString() const {
     case KvCodecType::kGgml:
       return GgmlName(ggml);
     case KvCodecType::kCodebook: {
-      std::string s = absl::StrFormat("nl%d:g%d:%s", bits, group_size, symmetric ? "sym" : "asym");
+      std::string s =
+          granularity == KvGranularity::kPerChannel
+              ? absl::StrFormat("nl%d:chan:%s", bits, symmetric ? "sym" : "asym")
+              : absl::StrFormat("nl%d:g%d:%s", bits, group_size, symmetric ? "sym" : "asym");
       if (clip != 1.0f) AppendOption(s, ":clip", clip);
       switch (codebook) {
         case KvCodebookKind::kNormalFloat:
@@ -240,9 +243,9 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
         spec.power = *p;
       }
     } else if (opt == "chan" || opt == "block" || opt == "static") {
-      if (is_codebook) {
+      if (is_codebook && opt != "chan") {
         return SpecError(trimmed, absl::StrFormat("option '%s' makes no sense for a codebook "
-                                                  "(its scales are per token group)",
+                                                  "(its scales are per token group or per channel)",
                                                   opt));
       }
       if (is_fp8) {
@@ -399,8 +402,10 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
       return err("unknown granularity");
   }
   if (spec.type == KvCodecType::kCodebook) {
-    if (spec.granularity != KvGranularity::kPerTokenGroup)
-      return err("codebooks have per-token-group scales only");
+    if (spec.granularity != KvGranularity::kPerTokenGroup &&
+        spec.granularity != KvGranularity::kPerChannel) {
+      return err("codebooks have per-token-group or per-channel scales only");
+    }
     if (spec.bits != 4 && spec.bits != 3 && spec.bits != 2) {
       return err(absl::StrFormat("bits %d not supported (want 4, 3 or 2)", spec.bits));
     }

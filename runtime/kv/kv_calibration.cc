@@ -255,7 +255,7 @@ absl::StatusOr<KvPolicy> KvCalibrator::Finish() const {
         // Lloyd-Max levels on exactly the values the encoder will index.
         std::vector<float> u;
         kernels::KvCodebookNormalize(spec, rows.data(), static_cast<int64_t>(rows.size()) / row(),
-                                     row(), u);
+                                     row(), p.block_tokens, u);
         absl::StatusOr<std::vector<float>> levels = kernels::FitKvCodebook(spec.bits, u);
         if (!levels.ok()) {
           return absl::FailedPreconditionError(absl::StrFormat("calibration: layer %d %s: %s", l,

@@ -246,7 +246,7 @@ TEST(KvCalibrationTest, CodebooksAreFittedAndLoadBack) {
   std::mt19937_64 rng(11);
   const std::vector<float> k = Rows(rng, true), v = Rows(rng, true);
   auto p =
-      Fed(Config("k=nl3:g16:asym:lloyd,v=nl2:g16:sym:lloyd,block=32", CalibrationMethod::kMinMax),
+      Fed(Config("k=nl3:chan:asym:lloyd,v=nl2:g16:sym:lloyd,block=32", CalibrationMethod::kMinMax),
           k, v)
           .Finish();
   ASSERT_TRUE(p.ok()) << p.status();
@@ -299,7 +299,7 @@ TEST(KvCalibrationTest, CodebooksAreFittedAndLoadBack) {
     return e;
   };
   kernels::KvCodecConfig fitted{p->ForLayer(0).k, kD, 32, {}, {}, p->CodebooksFor(0)->k};
-  kernels::KvCodecConfig nf{*kernels::ParseKvCodecSpec("nl3:g16:asym:nf"), kD, 32, {}, {}, {}};
+  kernels::KvCodecConfig nf{*kernels::ParseKvCodecSpec("nl3:chan:asym:nf"), kD, 32, {}, {}, {}};
   EXPECT_LT(err(fitted), 0.97 * err(nf));
 }
 

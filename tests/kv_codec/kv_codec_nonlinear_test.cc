@@ -79,8 +79,9 @@ std::vector<float> Planted(std::mt19937_64& rng, int64_t n) {
 // ---------------------------------------------------------------- grammar
 
 TEST(KvNonlinearSpecTest, NamesRoundTripAndErrorsNameThePart) {
-  for (const char* text : {"q8_0", "q4_0", "q4_1", "iq4_nl", "nl4:g64:asym:nf", "nl3:g32:sym:log",
-                           "nl2:g64:asym:pow0.5", "nl4:g64:sym:clip0.9:lloyd"}) {
+  for (const char* text :
+       {"q8_0", "q4_0", "q4_1", "iq4_nl", "nl4:g64:asym:nf", "nl3:g32:sym:log",
+        "nl2:g64:asym:pow0.5", "nl4:g64:sym:clip0.9:lloyd", "nl3:chan:asym:nf"}) {
     absl::StatusOr<KvCodecSpec> s = ParseKvCodecSpec(text);
     ASSERT_TRUE(s.ok()) << text << ": " << s.status();
     EXPECT_EQ(s->ToString(), text);
@@ -93,7 +94,7 @@ TEST(KvNonlinearSpecTest, NamesRoundTripAndErrorsNameThePart) {
     const char* names;
   };
   for (const Bad& b :
-       {Bad{"q4_0:g32", "no options"}, Bad{"nl4:chan", "chan"}, Bad{"nl4:pow0", "pow0"},
+       {Bad{"q4_0:g32", "no options"}, Bad{"nl4:block", "block"}, Bad{"nl4:pow0", "pow0"},
         Bad{"nl4:pow1.5", "pow1.5"}, Bad{"nl4:nf:log", "log"}, Bad{"nl5", "nl5"},
         Bad{"nl4:out1", "out"}, Bad{"nl4:foo", "foo"}, Bad{"int4:nf", "nf"}}) {
     absl::StatusOr<KvCodecSpec> s = ParseKvCodecSpec(b.text);
@@ -246,50 +247,76 @@ TEST(KvCodebookTest, BuiltInLevels) {
   EXPECT_EQ(lg[5], 0.25f);
   // NF4 is QLoRA's table (bitsandbytes' published values, to 4 decimals).
   const std::vector<float> nf = KvCodebookLevels(*ParseKvCodecSpec("nl4:nf"));
-  const double nf4[16] = {-1.0,    -0.6962, -0.5251, -0.3949, -0.2844, -0.1848,
-                          -0.0911, 0.0,     0.0796,  0.1609,  0.2461,  0.3379,
-                          0.4407,  0.5626,  0.7230,  1.0};
+  const double nf4[16] = {-1.0,   -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+                          0.0796, 0.1609,  0.2461,  0.3379,  0.4407,  0.5626,  0.7230,  1.0};
   for (int i = 0; i < 16; ++i) EXPECT_NEAR(nf[i], nf4[i], 1e-4) << i;
 }
 
-// Every value decodes to the level (times the group's scale) nearest to it, and slabs hold
-// exactly metadata + packed codes.
+// Every value decodes to the level (times its scale) nearest to it, and slabs hold exactly
+// metadata + packed codes; scales are per token group or, with chan, per channel.
 TEST(KvCodebookTest, CodesAreNearestLevels) {
   std::mt19937_64 rng(Seed());
-  for (const char* text :
-       {"nl4:g64:asym:nf", "nl3:g32:sym:pow0.6", "nl2:g16:asym:log", "nl3:g64:asym:clip0.8:nf"}) {
+  for (const char* text : {"nl4:g64:asym:nf", "nl3:g32:sym:pow0.6", "nl2:g16:asym:log",
+                           "nl3:g64:asym:clip0.8:nf", "nl3:chan:asym:nf", "nl2:chan:sym:pow0.5"}) {
     SCOPED_TRACE(text);
     const int64_t d = 64, bt = 8;
     std::unique_ptr<KvCodec> c = Make(text, d, bt);
     ASSERT_TRUE(c);
     const KvCodecSpec& s = c->spec();
-    const int64_t groups = d / s.group_size;
-    EXPECT_EQ(c->slab_bytes(), (s.symmetric ? 2 : 4) * groups * bt + (d * bt * s.bits + 7) / 8);
+    const bool chan = s.granularity == KvGranularity::kPerChannel;
+    const int64_t n_scales = chan ? d : bt * (d / s.group_size);
+    EXPECT_EQ(c->slab_bytes(), (s.symmetric ? 2 : 4) * n_scales + (d * bt * s.bits + 7) / 8);
     const std::vector<float> x = Planted(rng, d * bt);
     const std::vector<float> y = RoundTrip(*c, x);
     const std::vector<float> lv = KvCodebookLevels(s);
     for (int64_t t = 0; t < bt; ++t) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const float* xg = x.data() + t * d + g * s.group_size;
-        float lo = xg[0], hi = xg[0], amax = 0;
-        for (int64_t k = 0; k < s.group_size; ++k) {
-          lo = std::min(lo, xg[k]);
-          hi = std::max(hi, xg[k]);
-          amax = std::max(amax, std::fabs(xg[k]));
+      for (int64_t ch = 0; ch < d; ++ch) {
+        // The values sharing this one's scale.
+        std::vector<float> set;
+        if (chan) {
+          for (int64_t u = 0; u < bt; ++u) set.push_back(x[u * d + ch]);
+        } else {
+          const int64_t g0 = ch / s.group_size * s.group_size;
+          set.assign(x.begin() + t * d + g0, x.begin() + t * d + g0 + s.group_size);
+        }
+        float lo = set[0], hi = set[0], amax = 0;
+        for (float v : set) {
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+          amax = std::max(amax, std::fabs(v));
         }
         const double mid = s.symmetric ? 0.0 : 0.5 * (lo + hi);
         const double half = s.clip * (s.symmetric ? amax : 0.5 * (hi - lo));
-        for (int64_t k = 0; k < s.group_size; ++k) {
-          const int64_t i = t * d + g * s.group_size + k;
-          double best = 1e30;
-          for (float l : lv) best = std::min(best, std::fabs(mid + half * l - x[i]));
-          // fp16 metadata (scale rounded up, midpoint to nearest) moves levels by < 2^-10.
-          ASSERT_LE(std::fabs(y[i] - x[i]), best + 2e-3 * (std::fabs(mid) + half) + 1e-6)
-              << "t " << t << " c " << g * s.group_size + k;
-        }
+        const int64_t i = t * d + ch;
+        double best = 1e30;
+        for (float l : lv) best = std::min(best, std::fabs(mid + half * l - x[i]));
+        // fp16 metadata (scale rounded up, midpoint to nearest) moves levels by < 2^-10.
+        ASSERT_LE(std::fabs(y[i] - x[i]), best + 2e-3 * (std::fabs(mid) + half) + 1e-6)
+            << "t " << t << " c " << ch;
       }
     }
   }
+}
+
+// Keys have outlier channels (large, offset, the same in every token): per-channel scales
+// follow them, per-token groups cannot.
+TEST(KvCodebookTest, PerChannelScalesFollowOutlierChannels) {
+  std::mt19937_64 rng(Seed());
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t d = 64, bt = 32;
+  double tok = 0, chan = 0;
+  for (int trial = 0; trial < 8; ++trial) {
+    std::vector<float> x(d * bt);
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t c = 0; c < d; ++c) {
+        const bool outlier = c % 16 == 3;
+        x[t * d + c] = outlier ? 8.0f + 3.0f * nd(rng) : nd(rng);
+      }
+    }
+    tok += Mse(RoundTrip(*Make("nl3:g64:asym:nf", d, bt), x), x);
+    chan += Mse(RoundTrip(*Make("nl3:chan:asym:nf", d, bt), x), x);
+  }
+  EXPECT_LT(chan, 0.5 * tok) << "per-channel " << chan << " per-token " << tok;
 }
 
 // Planted outliers: the group's range is set by one value, the rest crowd near zero, where
@@ -305,7 +332,7 @@ TEST(KvCodebookTest, NonUniformLevelsBeatUniformCodesWithOutliers) {
     std::vector<float> train;
     for (int i = 0; i < 16; ++i) {
       const std::vector<float> x = Planted(rng, d * bt);
-      KvCodebookNormalize(*lloyd_spec, x.data(), bt, d, train);
+      KvCodebookNormalize(*lloyd_spec, x.data(), bt, d, bt, train);
     }
     absl::StatusOr<std::vector<float>> fitted = FitKvCodebook(bits, train);
     ASSERT_TRUE(fitted.ok()) << fitted.status();
