@@ -55,6 +55,9 @@ struct KvCodecSpec {
   // Dense-and-sparse: this percentage of a slab's values (largest |x|) is kept exactly in
   // fp16 beside the codes, the rest quantized without them. 0: off.
   float outlier_pct = 0.0f;
+  // Low-rank residual (GEAR): the rank-R truncated SVD of each slab's quantization error is
+  // kept in fp16 and added back on decode. 0: off; 1..16.
+  int rank = 0;
   GgmlKvFormat ggml = GgmlKvFormat::kQ8_0;                 // kGgml
   KvCodebookKind codebook = KvCodebookKind::kNormalFloat;  // kCodebook
   float power = 0.5f;                                      // kCodebook, kPower: exponent P
@@ -68,8 +71,9 @@ struct KvCodecSpec {
 // Grammar: NAME[:OPTION]* with NAME in fp32|fp16|bf16|fp8|int8|int4|int3|int2 and options
 // gN (per-token groups of N channels), chan (per-channel over the block), block (one scale
 // per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
-// clipX (0 < X <= 1), outX (keep X% of values, 0 < X <= 10, as fp16 outliers). Defaults
-// for intN: g64, asym, clip1, no outliers.
+// clipX (0 < X <= 1), outX (keep X% of values, 0 < X <= 10, as fp16 outliers), rankR
+// (1 <= R <= 16, low-rank residual; also for nlN). Defaults for intN: g64, asym, clip1, no
+// outliers, no residual.
 // llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options.
 // Non-linear codebooks nl4|nl3|nl2 take gN, sym|asym, clipX and one of nf|powP (0 < P <= 1;
 // smaller P puts more levels near 0)|log|lloyd (levels from `quantkv calibrate`); defaults

@@ -1,6 +1,7 @@
 // KV codec specs (parse / canonical spelling), geometry validation and the codec factory.
 // The codecs themselves live in kv_codec_float.cc (fp32, fp16, bf16, fp8-e4m3) and
 // kv_codec_uniform.cc (int8/4/3/2, symmetric or asymmetric, per token group or per channel).
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <cmath>
@@ -122,15 +123,19 @@ std::string KvCodecSpec::ToString() const {
       if (clip != 1.0f) AppendOption(s, ":clip", clip);
       switch (codebook) {
         case KvCodebookKind::kNormalFloat:
-          return s + ":nf";
+          s += ":nf";
+          break;
         case KvCodebookKind::kPower:
           AppendOption(s, ":pow", power);
-          return s;
+          break;
         case KvCodebookKind::kLog:
-          return s + ":log";
+          s += ":log";
+          break;
         case KvCodebookKind::kCalibrated:
-          return s + ":lloyd";
+          s += ":lloyd";
+          break;
       }
+      if (rank > 0) s += absl::StrFormat(":rank%d", rank);
       return s;
     }
     case KvCodecType::kFp8E4M3:
@@ -149,6 +154,7 @@ std::string KvCodecSpec::ToString() const {
   }
   if (clip != 1.0f) AppendOption(s, ":clip", clip);
   if (outlier_pct > 0.0f) AppendOption(s, ":out", outlier_pct);
+  if (rank > 0) s += absl::StrFormat(":rank%d", rank);
   return s;
 }
 
@@ -287,6 +293,19 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       if (have_clip) return SpecError(trimmed, absl::StrFormat("option '%s' repeats clip", opt));
       have_clip = true;
       spec.clip = v;
+    } else if (opt.size() > 4 && opt.substr(0, 4) == "rank") {
+      if (is_fp8) return SpecError(trimmed, "option 'rank' needs an integer or codebook codec");
+      const std::string_view num = opt.substr(4);
+      int v = 0;
+      const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
+      if (ec != std::errc() || end != num.data() + num.size() || v < 1 || v > 16) {
+        return SpecError(trimmed, absl::StrFormat("bad residual rank '%s' (want rankR with 1 <= "
+                                                  "R <= 16)",
+                                                  opt));
+      }
+      if (spec.rank > 0)
+        return SpecError(trimmed, absl::StrFormat("option '%s' repeats rank", opt));
+      spec.rank = v;
     } else if (opt.size() > 3 && opt.substr(0, 3) == "out") {
       if (is_fp8 || is_codebook) {
         return SpecError(trimmed, "option 'out' needs an integer codec (int8..int2)");
@@ -325,12 +344,12 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       return SpecError(trimmed, "bad group size 'g' (want gN with N >= 1)");
     } else {
       if (is_codebook) {
-        return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, sym, asym, "
-                                                  "clipX, nf, powX, log or lloyd)",
+        return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, sym, asym, "
+                                                  "clipX, rankR, nf, powX, log or lloyd)",
                                                   opt));
       }
       return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
-                                                "static, sym, asym, clipX or outX)",
+                                                "static, sym, asym, clipX, outX or rankR)",
                                                 opt));
     }
   }
@@ -369,6 +388,19 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
   }
   if (!(spec.clip > 0.0f && spec.clip <= 1.0f)) {
     return err(absl::StrFormat("clip %g not in (0, 1]", spec.clip));
+  }
+  if (spec.rank != 0) {
+    if (spec.rank < 1 || spec.rank > 16) return err("rank must be in [1, 16]");
+    if (spec.rank > std::min(head_dim, block_tokens)) {
+      return err(absl::StrFormat("residual rank %d exceeds min(head_dim %d, block_tokens %d)",
+                                 spec.rank, head_dim, block_tokens));
+    }
+    if (spec.outlier_pct > 0.0f) return err("rank and out cannot be combined");
+    KvCodecConfig inner = config;
+    inner.spec.rank = 0;
+    absl::StatusOr<std::unique_ptr<KvCodec>> in = Create(inner);
+    if (!in.ok()) return in.status();
+    return kv_codec_internal::MakeLowRankCodec(spec, head_dim, block_tokens, std::move(*in));
   }
   switch (spec.granularity) {
     case KvGranularity::kPerTokenGroup:

@@ -1,8 +1,8 @@
-// Non-linear KV codecs: llama.cpp's cache types (q8_0, q4_0, q4_1, iq4_nl) checked against
-// their block formats written out independently here, and the codebook codecs (normal-float,
-// power, log, Lloyd-Max levels) checked for nearest-level coding, sizes, and — on fresh
-// random tensors with planted outliers — lower reconstruction error than the uniform codec
-// at the same bits. Seeded freshly each run (seed printed); QUANTKV_TEST_SEED replays.
+// Non-linear KV codecs and the low-rank residual: llama.cpp's cache types (q8_0, q4_0, q4_1,
+// iq4_nl) checked against their block formats written out independently here, and the codebook
+// codecs (normal-float, power, log, Lloyd-Max levels) checked for nearest-level coding, sizes, and
+// — on fresh random tensors with planted outliers — lower reconstruction error than the uniform
+// codec at the same bits. Seeded freshly each run (seed printed); QUANTKV_TEST_SEED replays.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -373,6 +373,69 @@ TEST(KvCodebookTest, HostileInputs) {
     }
     for (int64_t k = 192; k < 256; ++k) EXPECT_NEAR(y[k], 0.25f, 1e-3) << text;
   }
+}
+
+// ---------------------------------------------------------------- low-rank residual
+
+TEST(KvLowRankTest, SpecSizesAndErrors) {
+  EXPECT_EQ(ParseKvCodecSpec("int2:g64:rank2")->ToString(), "int2:g64:asym:rank2");
+  EXPECT_EQ(ParseKvCodecSpec("nl3:chan:rank1")->ToString(), "nl3:chan:asym:nf:rank1");
+  for (const char* bad :
+       {"int2:rank0", "int2:rank17", "int2:rank2:rank1", "fp8:rank1", "fp16:rank1", "int2:rankx"}) {
+    EXPECT_FALSE(ParseKvCodecSpec(bad).ok()) << bad;
+  }
+  EXPECT_FALSE(KvCodec::Create(*ParseKvCodecSpec("int2:out1:rank1"), 64, 32).ok());
+  EXPECT_FALSE(KvCodec::Create(*ParseKvCodecSpec("int2:rank8"), 64, 4).ok());  // rank > tokens
+  // R fp16 values per token and per channel on top of the inner slab.
+  std::unique_ptr<KvCodec> plain = Make("int2:g64", 64, 128);
+  std::unique_ptr<KvCodec> lr = Make("int2:g64:rank2", 64, 128);
+  ASSERT_TRUE(plain && lr);
+  EXPECT_EQ(lr->slab_bytes(), plain->slab_bytes() + 2 * 2 * (128 + 64));
+}
+
+// Keys-like slabs: outlier channels with a per-channel offset, which per-token 2-bit groups
+// get wrong the same way in every token — a low-rank error the residual removes. Sub-range
+// decodes equal the full decode; the error never grows.
+TEST(KvLowRankTest, ResidualLowersTheError) {
+  std::mt19937_64 rng(Seed());
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t d = 64, bt = 64;
+  for (const char* inner : {"int2:g64", "nl2:g64:asym:nf", "int4:g64"}) {
+    SCOPED_TRACE(inner);
+    double e0 = 0, e1 = 0, e4 = 0;
+    for (int trial = 0; trial < 6; ++trial) {
+      std::vector<float> offset(d);
+      for (float& o : offset) o = 2.0f * nd(rng);
+      std::vector<float> x(d * bt);
+      for (int64_t t = 0; t < bt; ++t) {
+        const float amp = 1.0f + 0.3f * nd(rng);
+        for (int64_t c = 0; c < d; ++c) x[t * d + c] = amp * offset[c] + 0.5f * nd(rng);
+      }
+      std::unique_ptr<KvCodec> c0 = Make(inner, d, bt);
+      std::unique_ptr<KvCodec> c1 = Make(std::string(inner) + ":rank1", d, bt);
+      std::unique_ptr<KvCodec> c4 = Make(std::string(inner) + ":rank4", d, bt);
+      e0 += Mse(RoundTrip(*c0, x), x);
+      const std::vector<float> y1 = RoundTrip(*c1, x);
+      e1 += Mse(y1, x);
+      e4 += Mse(RoundTrip(*c4, x), x);
+      std::vector<uint8_t> slab(static_cast<size_t>(c1->slab_bytes()));
+      c1->Encode(x.data(), slab.data());
+      std::vector<float> part(static_cast<size_t>(10 * d));
+      c1->Decode(slab.data(), 20, 30, part.data());
+      for (int64_t i = 0; i < 10 * d; ++i) ASSERT_EQ(part[i], y1[20 * d + i]);
+    }
+    std::printf("[ info ] %s MSE: plain %.5f rank1 %.5f rank4 %.5f\n", inner, e0 / 6, e1 / 6,
+                e4 / 6);
+    // At 4 bits the residual is mostly white rounding noise: less for a low rank to take.
+    EXPECT_LT(e1, (std::string(inner) == "int4:g64" ? 0.99 : 0.9) * e0);
+    EXPECT_LT(e4, e1);
+  }
+  // NaN / inf inputs do not spread through the residual.
+  std::vector<float> x(64 * 32, 0.5f);
+  x[3] = NAN;
+  x[70] = INFINITY;
+  const std::vector<float> y = RoundTrip(*Make("int2:g64:rank2", 64, 32), x);
+  for (int64_t i = 128; i < 64 * 32; ++i) ASSERT_TRUE(std::isfinite(y[i])) << i;
 }
 
 }  // namespace
