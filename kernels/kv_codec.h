@@ -22,6 +22,7 @@ enum class KvCodecType {
   kUniform,   // integer codes of `bits` bits with a scale (and zero point when asymmetric)
   kGgml,      // one of llama.cpp's KV cache types, bit for bit its block layout (GgmlKvFormat)
   kCodebook,  // non-linear: `bits`-bit indices into 2^bits levels in [-1, 1], scaled per group
+  kVector,    // product quantization: `bits`-bit indices of `vector_dims`-dim centroids
 };
 
 // llama.cpp's --cache-type-k/-v formats: rows cut into blocks of 32 values, each with an
@@ -61,6 +62,8 @@ struct KvCodecSpec {
   GgmlKvFormat ggml = GgmlKvFormat::kQ8_0;                 // kGgml
   KvCodebookKind codebook = KvCodebookKind::kNormalFloat;  // kCodebook
   float power = 0.5f;                                      // kCodebook, kPower: exponent P
+  // kVector: channels per sub-vector (`bits` is the code width of one sub-vector).
+  int vector_dims = 4;
 
   // Canonical spelling, parseable by ParseKvCodecSpec: "fp16", "int4:g32:asym",
   // "int2:chan", "int4:block", "int4:static", "int8:g64:sym:clip0.95", "fp8:g64", "q4_0",
@@ -77,7 +80,9 @@ struct KvCodecSpec {
 // llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options.
 // Non-linear codebooks nl4|nl3|nl2 take gN, sym|asym, clipX and one of nf|powP (0 < P <= 1;
 // smaller P puts more levels near 0)|log|lloyd (levels from `quantkv calibrate`); defaults
-// g64, asym, nf. Errors name the bad part.
+// g64, asym, nf. Product quantization pqMxB (M channels per sub-vector, 2^B centroids:
+// B/M bits per element plus a per-token fp16 scale) takes no options; its centroids come from
+// `quantkv calibrate`. Errors name the bad part.
 absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text);
 
 // A codec for one KV head: its spec and geometry, and for kStatic its calibrated scales.
@@ -90,10 +95,17 @@ struct KvCodecConfig {
   // one value. Made by `quantkv calibrate`, carried by the KV policy file.
   std::vector<float> static_scale;
   std::vector<float> static_min;
-  // kCodebook with kCalibrated levels: 2^bits ascending levels in [-1, 1] (`quantkv
-  // calibrate` fits them; the KV policy file carries them).
+  // kCodebook with kCalibrated levels: 2^bits ascending levels in [-1, 1]; kVector: 2^bits
+  // centroids of vector_dims values each, [centroid][dim]. `quantkv calibrate` fits them;
+  // the KV policy file carries them.
   std::vector<float> codebook = {};
 };
+
+// True when the codec's levels or centroids come from calibration (nlN:lloyd, pqMxB).
+inline bool KvCodecNeedsCodebook(const KvCodecSpec& s) {
+  return s.type == KvCodecType::kVector ||
+         (s.type == KvCodecType::kCodebook && s.codebook == KvCodebookKind::kCalibrated);
+}
 
 class KvCodec {
  public:

@@ -115,6 +115,8 @@ std::string KvCodecSpec::ToString() const {
       return "bf16";
     case KvCodecType::kGgml:
       return GgmlName(ggml);
+    case KvCodecType::kVector:
+      return absl::StrFormat("pq%dx%d", vector_dims, bits);
     case KvCodecType::kCodebook: {
       std::string s =
           granularity == KvGranularity::kPerChannel
@@ -185,6 +187,32 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
   } else if (name == "nl4" || name == "nl3" || name == "nl2") {
     spec.type = KvCodecType::kCodebook;
     spec.bits = name[2] - '0';
+  } else if (name.size() > 2 && name.substr(0, 2) == "pq") {
+    // pqMxB: M channels per sub-vector, B-bit centroid indices.
+    const size_t x = name.find('x');
+    int m = 0, b = 0;
+    bool ok = x != std::string_view::npos && x > 2;
+    if (ok) {
+      const char* mid = name.data() + x;
+      const char* end = name.data() + name.size();
+      const auto rm = std::from_chars(name.data() + 2, mid, m);
+      const auto rb = std::from_chars(mid + 1, end, b);
+      ok = rm.ec == std::errc() && rm.ptr == mid && rb.ec == std::errc() && rb.ptr == end &&
+           (m == 1 || m == 2 || m == 4 || m == 8 || m == 16) && b >= 2 && b <= 12;
+    }
+    if (!ok) {
+      return SpecError(trimmed, absl::StrFormat("bad product-quantization name '%s' (want pqMxB "
+                                                "with M in 1, 2, 4, 8, 16 channels per "
+                                                "sub-vector and B in 2..12 bits)",
+                                                name));
+    }
+    if (colon != std::string_view::npos) {
+      return SpecError(trimmed, absl::StrFormat("%s takes no options", name));
+    }
+    spec.type = KvCodecType::kVector;
+    spec.vector_dims = m;
+    spec.bits = b;
+    return spec;
   } else {
     for (const auto& g : kGgmlFormats) {
       if (name != g.name) continue;
@@ -202,8 +230,8 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
     }
     return SpecError(trimmed,
                      absl::StrFormat("unknown codec name '%s' (want fp32, fp16, bf16, fp8, int8, "
-                                     "int4, int3, int2, nl4, nl3, nl2, q8_0, q4_0, q4_1 or "
-                                     "iq4_nl)",
+                                     "int4, int3, int2, nl4, nl3, nl2, pqMxB, q8_0, q4_0, q4_1 "
+                                     "or iq4_nl)",
                                      name));
   }
   const bool is_codebook = spec.type == KvCodecType::kCodebook;
@@ -380,6 +408,16 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
                           head_dim));
     }
     return kv_codec_internal::MakeGgmlCodec(spec, head_dim, block_tokens);
+  }
+  if (spec.type == KvCodecType::kVector) {
+    if (spec.vector_dims < 1 || spec.vector_dims > 16 || head_dim % spec.vector_dims != 0 ||
+        spec.bits < 2 || spec.bits > 12) {
+      return err(
+          absl::StrFormat("sub-vectors of %d channels must divide head_dim %d (and bits "
+                          "%d be in 2..12)",
+                          spec.vector_dims, head_dim, spec.bits));
+    }
+    return kv_codec_internal::MakeVectorCodec(config);
   }
   if (spec.type != KvCodecType::kFp8E4M3 && spec.type != KvCodecType::kUniform &&
       spec.type != KvCodecType::kCodebook) {

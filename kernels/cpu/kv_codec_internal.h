@@ -44,4 +44,7 @@ std::unique_ptr<KvCodec> MakeGgmlCodec(const KvCodecSpec& spec, int64_t head_dim
 // missing or malformed.
 absl::StatusOr<std::unique_ptr<KvCodec>> MakeCodebookCodec(const KvCodecConfig& config);
 
+// Defined in kv_vector_quant.cc: product quantization; fails without calibrated centroids.
+absl::StatusOr<std::unique_ptr<KvCodec>> MakeVectorCodec(const KvCodecConfig& config);
+
 }  // namespace quantkv::kernels::kv_codec_internal

@@ -62,8 +62,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
           cc.static_scale = slice(st->scale);
           cc.static_min = slice(st->min);
         }
-        if (books != nullptr && cc.spec.type == kernels::KvCodecType::kCodebook &&
-            cc.spec.codebook == kernels::KvCodebookKind::kCalibrated) {
+        if (books != nullptr && kernels::KvCodecNeedsCodebook(cc.spec)) {
           cc.codebook = kv == 0 ? books->k : books->v;
         }
         absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec = kernels::KvCodec::Create(cc);

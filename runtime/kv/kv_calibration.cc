@@ -9,6 +9,7 @@
 #include "kernels/hadamard.h"
 #include "kernels/kv_codebook.h"
 #include "kernels/kv_codec.h"
+#include "kernels/kv_vector_quant.h"
 #include "nlohmann/json.hpp"
 
 namespace quantkv {
@@ -250,13 +251,18 @@ absl::StatusOr<KvPolicy> KvCalibrator::Finish() const {
       const LayerKvPolicy& lp = p.ForLayer(l);
       const kernels::KvCodecSpec spec = kv == 0 ? lp.k : lp.v;
       const std::vector<float>& rows = kv == 0 ? k_[l] : v_[l];
-      if (spec.type == kernels::KvCodecType::kCodebook &&
-          spec.codebook == kernels::KvCodebookKind::kCalibrated) {
-        // Lloyd-Max levels on exactly the values the encoder will index.
+      if (kernels::KvCodecNeedsCodebook(spec)) {
+        // Lloyd-Max levels or k-means centroids on exactly the values the encoder will index.
+        const int64_t n_rows = static_cast<int64_t>(rows.size()) / row();
         std::vector<float> u;
-        kernels::KvCodebookNormalize(spec, rows.data(), static_cast<int64_t>(rows.size()) / row(),
-                                     row(), p.block_tokens, u);
-        absl::StatusOr<std::vector<float>> levels = kernels::FitKvCodebook(spec.bits, u);
+        absl::StatusOr<std::vector<float>> levels;
+        if (spec.type == kernels::KvCodecType::kVector) {
+          kernels::KvVectorNormalize(spec, rows.data(), n_rows, row(), config_.head_dim, u);
+          levels = kernels::FitKvVectorCodebook(spec, u);
+        } else {
+          kernels::KvCodebookNormalize(spec, rows.data(), n_rows, row(), p.block_tokens, u);
+          levels = kernels::FitKvCodebook(spec.bits, u);
+        }
         if (!levels.ok()) {
           return absl::FailedPreconditionError(absl::StrFormat("calibration: layer %d %s: %s", l,
                                                                kv == 0 ? "keys" : "values",

@@ -303,5 +303,37 @@ TEST(KvCalibrationTest, CodebooksAreFittedAndLoadBack) {
   EXPECT_LT(err(fitted), 0.97 * err(nf));
 }
 
+// Product quantization: k-means centroids per layer and K|V, in the file, loaded into a cache.
+TEST(KvCalibrationTest, VectorCentroidsAreFittedAndLoadBack) {
+  std::mt19937_64 rng(12);
+  const std::vector<float> k = Rows(rng, false), v = Rows(rng, true);
+  auto p = Fed(Config("k=pq2x6,v=pq4x8,block=32", CalibrationMethod::kMinMax), k, v).Finish();
+  ASSERT_TRUE(p.ok()) << p.status();
+  for (int64_t l = 0; l < kLayers; ++l) {
+    ASSERT_NE(p->CodebooksFor(l), nullptr);
+    EXPECT_EQ(p->CodebooksFor(l)->k.size(), 64u * 2);
+    EXPECT_EQ(p->CodebooksFor(l)->v.size(), 256u * 4);
+  }
+  const std::string path = ::testing::TempDir() + "/kv_pq_test.json";
+  {
+    std::ofstream out(path);
+    out << KvPolicyFileJson(*p, "{}");
+  }
+  auto back = ParseKvPolicy("@" + path, kLayers);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->CodebooksFor(0)->v, p->CodebooksFor(0)->v);
+  KvCacheConfig cc;
+  cc.n_layers = kLayers;
+  cc.n_kv_heads = kKv;
+  cc.head_dim = kD;
+  cc.policy = *back;
+  cc.max_bytes = 1 << 20;
+  auto cache = KvCache::Create(cc);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  // 2 heads x 16 channels: K 6 bits per 2 channels, V 8 bits per 4, plus fp16 row scales.
+  EXPECT_NEAR((*cache)->BitsPerElementAt(32 * 100), ((3.0 + 16.0 / kD) + (2.0 + 16.0 / kD)) / 2,
+              1e-9);
+}
+
 }  // namespace
 }  // namespace quantkv

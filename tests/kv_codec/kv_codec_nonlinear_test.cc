@@ -19,6 +19,7 @@
 #include "kernels/fp16.h"
 #include "kernels/kv_codebook.h"
 #include "kernels/kv_codec.h"
+#include "kernels/kv_vector_quant.h"
 
 namespace quantkv::kernels {
 namespace {
@@ -436,6 +437,96 @@ TEST(KvLowRankTest, ResidualLowersTheError) {
   x[70] = INFINITY;
   const std::vector<float> y = RoundTrip(*Make("int2:g64:rank2", 64, 32), x);
   for (int64_t i = 128; i < 64 * 32; ++i) ASSERT_TRUE(std::isfinite(y[i])) << i;
+}
+
+// ---------------------------------------------------------------- product quantization
+
+TEST(KvVectorTest, SpecSizesAndErrors) {
+  absl::StatusOr<KvCodecSpec> s = ParseKvCodecSpec("pq4x8");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->type, KvCodecType::kVector);
+  EXPECT_EQ(s->vector_dims, 4);
+  EXPECT_EQ(s->bits, 8);
+  EXPECT_EQ(s->ToString(), "pq4x8");
+  EXPECT_TRUE(KvCodecNeedsCodebook(*s));
+  for (const char* bad : {"pq", "pq4", "pq3x8", "pq4x13", "pq4x1", "pqx8", "pq4x8:g32", "pq4y8"}) {
+    EXPECT_FALSE(ParseKvCodecSpec(bad).ok()) << bad;
+  }
+  // Centroids are required, and must match 2^B x M.
+  absl::StatusOr<std::unique_ptr<KvCodec>> none = KvCodec::Create(*s, 64, 32);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(std::string(none.status().message()).find("calibrate"), std::string::npos);
+  EXPECT_FALSE(KvCodec::Create(KvCodecConfig{*s, 64, 32, {}, {}, std::vector<float>(100)}).ok());
+  EXPECT_FALSE(KvCodec::Create(*ParseKvCodecSpec("pq8x4"), 60, 32).ok());  // 8 does not divide 60
+  std::unique_ptr<KvCodec> c = Make("pq4x8", 64, 32, std::vector<float>(256 * 4, 0.5f));
+  ASSERT_TRUE(c);
+  // One fp16 scale per token + 16 sub-vectors x 8 bits.
+  EXPECT_EQ(c->slab_bytes(), 2 * 32 + 32 * 16);
+  EXPECT_DOUBLE_EQ(c->bits_per_element(), 2.25);
+  EXPECT_FALSE(FitKvVectorCodebook(*s, std::vector<float>(40, 1.0f)).ok());  // too few
+}
+
+// Channels that move together (pairs with correlation 0.9, plus a planted outlier channel):
+// 2-channel centroids follow the joint distribution, so product quantization at 2.25 bits
+// beats independent 2-bit codes at 2.5 bits; every sub-vector decodes to its nearest centroid.
+TEST(KvVectorTest, CentroidsCaptureCorrelatedChannels) {
+  std::mt19937_64 rng(Seed());
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t d = 64, bt = 32;
+  auto make = [&] {
+    std::vector<float> x(d * bt);
+    for (int64_t t = 0; t < bt; ++t) {
+      for (int64_t c = 0; c < d; c += 2) {
+        const float a = nd(rng);
+        x[t * d + c] = a;
+        x[t * d + c + 1] = 0.9f * a + 0.44f * nd(rng);
+      }
+      x[t * d + 5] = 6.0f + nd(rng);
+    }
+    return x;
+  };
+  absl::StatusOr<KvCodecSpec> spec = ParseKvCodecSpec("pq2x4");
+  std::vector<float> train;
+  for (int i = 0; i < 64; ++i) {
+    const std::vector<float> x = make();
+    KvVectorNormalize(*spec, x.data(), bt, d, d, train);
+  }
+  EXPECT_EQ(train.size(), static_cast<size_t>(64 * bt * d));
+  absl::StatusOr<std::vector<float>> cent = FitKvVectorCodebook(*spec, train);
+  ASSERT_TRUE(cent.ok()) << cent.status();
+  ASSERT_EQ(cent->size(), 16u * 2);
+  std::unique_ptr<KvCodec> pq = Make("pq2x4", d, bt, *cent);
+  std::unique_ptr<KvCodec> uni = Make("int2:g64", d, bt);
+  ASSERT_TRUE(pq && uni);
+  EXPECT_LT(pq->bits_per_element(), uni->bits_per_element());
+  double e_pq = 0, e_uni = 0;
+  for (int trial = 0; trial < 8; ++trial) {
+    const std::vector<float> x = make();
+    const std::vector<float> y = RoundTrip(*pq, x);
+    e_pq += Mse(y, x);
+    e_uni += Mse(RoundTrip(*uni, x), x);
+    // Nearest centroid (in the token's normalised units, up to the fp16 scale's rounding).
+    for (int64_t t = 0; t < bt; ++t) {
+      double ss = 0;
+      for (int64_t c = 0; c < d; ++c) ss += double{x[t * d + c]} * x[t * d + c];
+      const double scale = std::sqrt(ss / d);
+      for (int64_t j = 0; j < d / 2; ++j) {
+        const double u0 = x[t * d + 2 * j] / scale, u1 = x[t * d + 2 * j + 1] / scale;
+        double best = 1e30;
+        for (size_t k = 0; k < 16; ++k) {
+          best = std::min(best, std::hypot(u0 - (*cent)[2 * k], u1 - (*cent)[2 * k + 1]));
+        }
+        const double got =
+            std::hypot(u0 - y[t * d + 2 * j] / scale, u1 - y[t * d + 2 * j + 1] / scale);
+        // The stored scale is the RMS rounded up to fp16 (< 2^-10 relative).
+        ASSERT_LE(got, best + 2e-3 * (1 + best + std::hypot(u0, u1)))
+            << "t " << t << " sub-vector " << j;
+      }
+    }
+  }
+  std::printf("[ info ] MSE: pq2x4 (%.2f bits) %.4f, int2:g64 (%.2f bits) %.4f\n",
+              pq->bits_per_element(), e_pq / 8, uni->bits_per_element(), e_uni / 8);
+  EXPECT_LT(e_pq, 0.8 * e_uni);
 }
 
 }  // namespace

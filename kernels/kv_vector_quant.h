@@ -1,0 +1,31 @@
+// Product (vector) quantization of KV rows (KvCodecType::kVector, spec "pqMxB"): each
+// token's head row is divided by its RMS (one fp16 scale per token), cut into head_dim / M
+// sub-vectors of M channels, and each sub-vector stored as the B-bit index of its nearest
+// centroid in one codebook of 2^B centroids shared by the sub-vectors of a layer's K (or V).
+// Sharing one codebook across sub-spaces works because the cache can Hadamard-rotate rows
+// first (rotate=k|v|kv), which makes the sub-spaces statistically alike. The codebook is
+// fitted by k-means on calibration rows (`quantkv calibrate`), normalised exactly as the
+// encoder normalises them.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/kv_codec.h"
+
+namespace quantkv::kernels {
+
+// The normalised sub-vectors ([n][M], appended to `out`) the encoder would quantize for rows
+// x ([n_rows][row_width], row_width a multiple of head_dim: several heads side by side).
+void KvVectorNormalize(const KvCodecSpec& spec, const float* x, int64_t n_rows, int64_t row_width,
+                       int64_t head_dim, std::vector<float>& out);
+
+// k-means (Lloyd's algorithm from a k-means++ start, fixed seed, so fits are reproducible)
+// of 2^bits centroids of vector_dims values over sub-vectors [n][vector_dims]; at most
+// max_samples of them (an even stride through the data) are used.
+absl::StatusOr<std::vector<float>> FitKvVectorCodebook(const KvCodecSpec& spec,
+                                                       const std::vector<float>& subvectors,
+                                                       int iters = 16, int64_t max_samples = 65536);
+
+}  // namespace quantkv::kernels
