@@ -73,9 +73,10 @@ struct AttentionQuery {
   int64_t n_heads = 0;
   const int32_t* positions = nullptr;  // causal: query i sees tokens 0..positions[i]
   float scale = 0.0f;                  // usually 1/sqrt(head_dim)
-  // Few queries (decode) may take the fused decode kernels, which read codes directly and
-  // round differently from the tiled kernel. false keeps every call on the tiled kernel, so
-  // that a token scored in a prefill chunk gets bit for bit what decode gives it.
+  // Few queries (decode) may take the fused decode kernels, which read codes directly, or
+  // score product-quantized keys by table lookup; both round differently from the tiled
+  // kernel. false keeps every call on the tiled kernel, so that a token scored in a prefill
+  // chunk gets bit for bit what decode gives it.
   bool fused_decode = true;
   // The thread count that decides how long contexts are split (flash-decoding); 0: the
   // pool's. A caller running several Attention calls side by side without a pool passes the

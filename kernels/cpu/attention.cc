@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "kernels/cpu/attention_internal.h"
+#include "kernels/cpu/attention_lookup.h"
 #include "kernels/cpu/quant_dot.h"
 #include "kernels/dequantize.h"
 
@@ -58,6 +60,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
   const bool decode = query.fused_decode && attention_internal::DecodeKernelsUsable(query.n_q, d);
   auto run = [&](int64_t t0, int64_t t1, int) {
     std::vector<float> sc(static_cast<size_t>(kTileTokens));
+    std::vector<float> tables;  // key lookup tables, one per query row of the tile
     TileRows kt, vt;
     kt.encoded.resize(kTileTokens * d);
     kt.exact.resize(kTileTokens * d);
@@ -84,7 +87,10 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
       const int64_t n_tiles = (n_ctx + kTileTokens - 1) / kTileTokens;
       const int64_t s_begin = n_tiles * split / n_splits * kTileTokens;
       const int64_t s_end = std::min(n_ctx, n_tiles * (split + 1) / n_splits * kTileTokens);
-      if (decode) {
+      // Product-quantized keys of a few queries are scored by table lookup (tiled path).
+      const bool lut = query.fused_decode && query.n_q <= attention_internal::kDecodeMaxQueries &&
+                       attention_internal::KeyLookup::Usable(kv, g);
+      if (decode && !lut) {
         // Few queries: each runs its GQA rows through the decode kernels on its own.
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = (i - i0) * group;
@@ -95,6 +101,18 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
         continue;
       }
       const RowSource keys(kv, 0, g), values(kv, 1, g);
+      std::optional<attention_internal::KeyLookup> lookup;
+      if (lut) {
+        lookup.emplace(kv, g);
+        const int64_t ts = lookup->table_size();
+        tables.resize(static_cast<size_t>((i1 - i0) * group * ts));
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = 0; j < group; ++j) {
+            lookup->Build(query.q + (i * query.n_heads + g * group + j) * d,
+                          tables.data() + ((i - i0) * group + j) * ts);
+          }
+        }
+      }
       for (int64_t s = s_begin; s < s_end; s += kTileTokens) {
         const int64_t e = std::min(s_end, s + kTileTokens);
         // Which forms does some query of this tile read? Token t is exact for query p when
@@ -102,7 +120,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
         const int64_t enc_end = std::min(e, RingStart(kv, p_max));
         const int64_t enc_begin = std::max(s, std::min(kv.sink_tokens, enc_end));
         if (enc_begin < enc_end) {
-          keys.Encoded(enc_begin, enc_end, kt.encoded.data() + (enc_begin - s) * d);
+          if (!lut) keys.Encoded(enc_begin, enc_end, kt.encoded.data() + (enc_begin - s) * d);
           values.Encoded(enc_begin, enc_end, vt.encoded.data() + (enc_begin - s) * d);
         }
         // Exact rows: sinks in the tile, and tokens some query reads from the ring.
@@ -126,10 +144,14 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
             const int64_t r = (i - i0) * group + j;
             const float* qv = query.q + (i * query.n_heads + g * group + j) * d;
             float tile_max = -INFINITY;
+            const float* table = lut ? tables.data() + r * lookup->table_size() : nullptr;
             for (int64_t t = s; t < te; ++t) {
               const bool exact = t < sk || t >= ring;
-              const float* krow = (exact ? kt.exact : kt.encoded).data() + (t - s) * d;
-              sc[t - s] = internal::DotF32(qv, krow, d) * query.scale;
+              const float dot =
+                  exact || !lut ? internal::DotF32(
+                                      qv, (exact ? kt.exact : kt.encoded).data() + (t - s) * d, d)
+                                : lookup->Dot(table, t);
+              sc[t - s] = dot * query.scale;
               tile_max = std::max(tile_max, sc[t - s]);
             }
             const float m_new = std::max(m[r], tile_max);

@@ -90,22 +90,20 @@ class VectorCodec final : public KvCodec {
   }
 
   void Decode(const uint8_t* slab, int64_t t0, int64_t t1, float* out) const override {
-    const int64_t d = head_dim(), bt = block_tokens(), bits = spec().bits;
-    const uint8_t* codes = slab + 2 * bt;
-    const uint32_t mask = (1u << bits) - 1;
+    const int64_t d = head_dim();
+    const KvVectorLayout l = layout();
     for (int64_t t = t0; t < t1; ++t) {
-      const float scale = Fp16ToFp32(LoadU16(slab + 2 * t));
+      const float scale = KvVectorRowScale(slab, t);
       for (int64_t j = 0; j < subs_; ++j) {
-        const int64_t bit = (t * subs_ + j) * bits;
-        uint32_t v = 0;
-        for (int64_t b = 0; b < 3 && (bit & 7) + bits > 8 * b; ++b) {
-          v |= static_cast<uint32_t>(codes[(bit >> 3) + b]) << (8 * b);
-        }
-        const float* ce = centroids_.data() + ((v >> (bit & 7)) & mask) * m_;
+        const float* ce = centroids_.data() + KvVectorCode(l, slab, t, j) * m_;
         float* o = out + (t - t0) * d + j * m_;
         for (int64_t i = 0; i < m_; ++i) o[i] = scale * ce[i];
       }
     }
+  }
+
+  KvVectorLayout layout() const {
+    return {centroids_.data(), m_, spec().bits, subs_, block_tokens()};
   }
 
  private:
@@ -196,6 +194,11 @@ absl::StatusOr<std::vector<float>> FitKvVectorCodebook(const KvCodecSpec& spec,
     if (!changed) break;
   }
   return cent;
+}
+
+KvVectorLayout KvVectorLayoutOf(const KvCodec& codec) {
+  const auto* v = dynamic_cast<const VectorCodec*>(&codec);
+  return v == nullptr ? KvVectorLayout{} : v->layout();
 }
 
 namespace kv_codec_internal {

@@ -20,7 +20,10 @@ struct CacheAttention {
   int64_t n_heads = 0;
   const kernels::RopeTable* rope = nullptr;  // for rope=pre policies
   kernels::ThreadPool* pool = nullptr;
-  int split_threads = 0;  // AttentionQuery::split_threads
+  int split_threads = 0;     // AttentionQuery::split_threads
+  bool fused_decode = true;  // AttentionQuery::fused_decode
+  // Codebooks / centroids to add to the parsed policy (codecs nlN:lloyd, pqMxB), by layer 0.
+  LayerCodebooks codebooks = {};
 };
 
 // Writes k and v ([n_ctx][n_kv_heads * head_dim], k already rotated) in steps of 64 tokens,
@@ -35,6 +38,7 @@ inline std::vector<float> AttendThroughCache(const CacheAttention& c, const std:
   cfg.n_kv_heads = c.n_kv_heads;
   cfg.head_dim = c.head_dim;
   cfg.policy = *policy;
+  if (!c.codebooks.k.empty() || !c.codebooks.v.empty()) cfg.policy.codebooks[0] = c.codebooks;
   cfg.max_bytes = 16 << 20;
   cfg.max_step_tokens = 64;
   cfg.rope = c.rope;
@@ -56,6 +60,7 @@ inline std::vector<float> AttendThroughCache(const CacheAttention& c, const std:
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   kernels::AttentionQuery query{q.data(), n_q, c.n_heads, positions.data(), scale};
   query.split_threads = c.split_threads;
+  query.fused_decode = c.fused_decode;
   kernels::Attention(query, (*cache)->View(seq, 0, n_ctx), out.data(), c.pool);
   return out;
 }
