@@ -3,11 +3,14 @@
 // presets, with the bytes the step must read and the achieved fraction of the memory
 // bandwidth measured in the same run.
 //
-//   attention_bench [--threads N] [--out DIR] [--contexts 1024,8192] [--presets fp16,int4]
-//                   [--reps N]
+//   attention_bench [--threads N] [--out DIR] [--name NAME] [--contexts 1024,8192]
+//                   [--presets "fp16;int4;k=pq4x8,v=int4"] [--reps N]
 //
-// --contexts / --presets and --reps (timed calls per row) narrow the sweep for profiling; the fp16
-// speed-up column needs fp16 in the same context, else it reads 0.
+// --contexts / --presets (';'-separated --kv specs or @policy files) and --reps (timed calls
+// per row) narrow the sweep for profiling; the fp16 speed-up column needs fp16 in the same
+// context, else it reads 0. Codecs whose levels or centroids come from calibration get
+// synthetic ones when the spec carries none: their speed does not depend on the values.
+// Results go to DIR/NAME.{json,md} (default bench/results/attention_bench).
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -20,14 +23,37 @@
 #include "bench/bandwidth.h"
 #include "bench/results.h"
 #include "kernels/attention.h"
+#include "kernels/kv_codebook.h"
 #include "runtime/kv/kv_cache.h"
 
 namespace quantkv::bench {
 namespace {
 
+// Levels / centroids for codecs that take them from calibration, where the policy has none.
+void AddSyntheticCodebooks(KvPolicy& policy) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  const LayerKvPolicy& lp = policy.ForLayer(0);
+  LayerKvVectors& books = policy.codebooks[0];
+  for (int kv = 0; kv < 2; ++kv) {
+    const kernels::KvCodecSpec& s = kv == 0 ? lp.k : lp.v;
+    std::vector<float>& dst = kv == 0 ? books.k : books.v;
+    if (!kernels::KvCodecNeedsCodebook(s) || !dst.empty()) continue;
+    if (s.type == kernels::KvCodecType::kVector) {
+      dst.resize(static_cast<size_t>((1 << s.bits) * s.vector_dims));
+      for (float& x : dst) x = nd(rng);
+    } else {
+      kernels::KvCodecSpec nf = s;
+      nf.codebook = kernels::KvCodebookKind::kNormalFloat;
+      dst = kernels::KvCodebookLevels(nf);
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   int threads = 1;
   std::string out = "bench/results";
+  std::string name = "attention_bench";
   std::vector<int64_t> contexts = {1024, 8192, 32768};
   std::vector<std::string> presets = {"fp16", "int8", "int4", "int2"};
   int reps_flag = 0;  // 0: by context
@@ -37,6 +63,8 @@ int Main(int argc, char** argv) {
       threads = std::atoi(argv[i + 1]);
     } else if (f == "--out") {
       out = argv[i + 1];
+    } else if (f == "--name") {
+      name = argv[i + 1];
     } else if (f == "--contexts") {
       contexts.clear();
       for (absl::string_view c : absl::StrSplit(argv[i + 1], ',')) {
@@ -45,7 +73,7 @@ int Main(int argc, char** argv) {
     } else if (f == "--reps") {
       reps_flag = std::atoi(argv[i + 1]);
     } else if (f == "--presets") {
-      presets = absl::StrSplit(argv[i + 1], ',');
+      presets = absl::StrSplit(argv[i + 1], ';');
     } else {
       std::cerr << "attention_bench: unknown flag " << f << "\n";
       return 2;
@@ -65,8 +93,8 @@ int Main(int argc, char** argv) {
       "|\n"
       "|---|---|---|---|---|---|---|\n",
       threads, bw.read_gbps);
-  std::printf("%-6s %8s %10s %9s %8s %9s %8s\n", "preset", "context", "us/token", "MB read", "GB/s",
-              "fraction", "vs fp16");
+  std::printf("%-24s %8s %10s %9s %8s %9s %8s\n", "preset", "context", "us/token", "MB read",
+              "GB/s", "fraction", "vs fp16");
   for (int64_t ctx : contexts) {
     double fp16_us = 0;
     for (const std::string& preset : presets) {
@@ -74,7 +102,13 @@ int Main(int argc, char** argv) {
       c.n_layers = 1;
       c.n_kv_heads = n_kv;
       c.head_dim = d;
-      c.policy = *ParseKvPolicy(preset);
+      absl::StatusOr<KvPolicy> policy = ParseKvPolicy(preset, 1);
+      if (!policy.ok()) {
+        std::cerr << "attention_bench: --presets " << preset << ": " << policy.status() << "\n";
+        return 2;
+      }
+      c.policy = *policy;
+      AddSyntheticCodebooks(c.policy);
       c.max_bytes = int64_t{1} << 30;
       c.max_step_tokens = 1024;
       auto cache = KvCache::Create(c);
@@ -106,7 +140,7 @@ int Main(int argc, char** argv) {
       const double bytes = (*cache)->BytesPerTokenAt(ctx) * ctx;
       const double gbps = bytes / (us * 1e-6) / 1e9;
       if (preset == "fp16") fp16_us = us;
-      std::printf("%-6s %8ld %10.1f %9.2f %8.2f %9.2f %8.2f\n", preset.c_str(),
+      std::printf("%-24s %8ld %10.1f %9.2f %8.2f %9.2f %8.2f\n", preset.c_str(),
                   static_cast<long>(ctx), us, bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
       md += absl::StrFormat("| %s | %d | %.1f | %.2f | %.2f | %.2f | %.2f |\n", preset, ctx, us,
                             bytes / 1e6, gbps, gbps / bw.read_gbps, fp16_us / us);
@@ -120,7 +154,7 @@ int Main(int argc, char** argv) {
     }
   }
   nlohmann::json j = {{"threads", threads}, {"read_gbps", bw.read_gbps}, {"rows", rows}};
-  return WriteResults(out, "attention_bench", j, md) ? 0 : 1;
+  return WriteResults(out, name, j, md) ? 0 : 1;
 }
 
 }  // namespace

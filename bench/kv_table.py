@@ -40,6 +40,13 @@ CALIBRATIONS = {
     "int2-comp-mse": ("k=int2:chan,v=int2,sink=4,window=8,block=128", ["--method", "mse"]),
     "int2-comp-mse-prerope": ("k=int2:chan,v=int2,sink=4,window=8,block=128,rope=pre",
                               ["--method", "mse"]),
+    # Lloyd-Max codebooks and product-quantization centroids, fitted on the same text.
+    "nl3-lloyd-comp": ("k=nl3:chan:asym:lloyd,v=nl3:g64:sym:lloyd,rotate=v,sink=4,window=8,"
+                       "block=128", []),
+    "nl2-lloyd-comp": ("k=nl2:chan:asym:lloyd,v=nl2:g64:sym:lloyd,rotate=v,sink=4,window=8,"
+                       "block=128", []),
+    "pq2x6-rot": ("k=pq2x6,v=pq2x6,rotate=kv", []),
+    "pq4x8-rot": ("k=pq4x8,v=pq4x8,rotate=kv", []),
 }
 
 # (label, --kv spec): naive baselines first, then one technique added per row.
@@ -76,6 +83,34 @@ CONFIGS = [
      "int2-comp,k=int2:chan:clip0.7:out0.5,v=int2:g64:asym:clip0.9:out0.5"),
     ("int2 + per-channel keys + sink4 + window8 + MSE-calibrated clips", "cal:int2-comp-mse"),
     ("... + pre-RoPE keys", "cal:int2-comp-mse-prerope"),
+    # llama.cpp's cache types, the exact block formats, for comparison at equal bits.
+    ("llama.cpp q8_0", "q8_0"),
+    ("llama.cpp q4_0", "q4_0"),
+    ("llama.cpp q4_1", "q4_1"),
+    ("llama.cpp iq4_nl", "iq4_nl"),
+    ("llama.cpp iq4_nl + Hadamard rotation of K and V", "iq4_nl,rotate=kv"),
+    # Non-linear codebooks (per-token g64 absmax scales).
+    ("nl4 normal-float levels", "nl4:g64:sym:nf"),
+    ("nl4 normal-float + Hadamard rotation", "nl4:g64:sym:nf,rotate=kv"),
+    ("nl3 normal-float + Hadamard rotation", "nl3:g64:sym:nf,rotate=kv"),
+    ("nl3 power-transform levels (p=0.5) + rotation", "nl3:g64:sym:pow0.5,rotate=kv"),
+    ("nl3 log levels + rotation", "nl3:g64:sym:log,rotate=kv"),
+    ("int3 g64 sym + rotation (uniform, same bits as nl3)", "int3:g64:sym,rotate=kv"),
+    ("nl2 normal-float + rotation", "nl2:g64:sym:nf,rotate=kv"),
+    ("int3 per-channel keys, nl3 rotated values, sink4 + window8",
+     "k=int3:chan,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128"),
+    ("nl3 per-channel keys (NF), nl3 rotated values, sink4 + window8",
+     "k=nl3:chan:asym:nf,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128"),
+    ("... with Lloyd-Max levels fitted per layer", "cal:nl3-lloyd-comp"),
+    ("nl2 per-channel keys (NF), nl2 rotated values, sink4 + window8",
+     "k=nl2:chan:asym:nf,v=nl2:g64:sym:nf,rotate=v,sink=4,window=8,block=128"),
+    ("... with Lloyd-Max levels fitted per layer", "cal:nl2-lloyd-comp"),
+    # Product quantization (shared k-means centroids per layer, keys scored by lookup).
+    ("PQ 2 channels x 6 bits + rotation", "cal:pq2x6-rot"),
+    ("PQ 4 channels x 8 bits + rotation", "cal:pq4x8-rot"),
+    # Low-rank residual (GEAR) on top of int2-comp.
+    ("int2-comp + rank-1 residual (GEAR)",
+     "k=int2:chan:clip0.7:rank1,v=int2:g64:asym:clip0.9:rank1,sink=4,window=8,block=128"),
 ]
 
 
@@ -98,6 +133,23 @@ def run(kv, ctx, chunks, threads, extra):
            "--threads", str(threads), "--kv", kv, "--json"] + extra
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+ATTENTION_BENCH = os.path.join(ROOT, "build", "bench", "attention_bench")
+ATTN_CTX = 4096
+
+
+def decode_attention(kv, threads):
+    """Decode attention us/token at ATTN_CTX tokens for one layer, and the fp16 time of the
+    same run (the ratio is what to read: absolute times on a shared machine are noisy)."""
+    if kv.startswith("cal:"):
+        kv = calibrated(kv[4:], threads)
+    tmp = os.path.join(ROOT, "bench", "results", ".attn_tmp")
+    subprocess.run([ATTENTION_BENCH, "--threads", str(threads), "--contexts", str(ATTN_CTX),
+                    "--presets", "fp16;" + kv, "--reps", "40", "--out", tmp, "--name", "row"],
+                   check=True, capture_output=True, cwd=ROOT)
+    rows = json.load(open(os.path.join(tmp, "row.json")))["rows"]
+    return rows[1]["us_per_token"], rows[0]["us_per_token"]
 
 
 def plot(rows, ctx, chunks, path):
@@ -158,9 +210,11 @@ def main():
         redo = {spec for _, spec in configs} | {"fp16"}
         kept = {r["spec"]: r for r in old["rows"] if r["spec"] not in redo}
     rows = [dict(label="fp16 (baseline)", spec="fp16", **base, kl_mean=0.0, top1_agreement=1.0)]
+    rows[0]["attn_us"], rows[0]["attn_fp16_us"] = decode_attention("fp16", a.threads)
     for label, spec in configs:
         print(f"{label} ...", file=sys.stderr)
         r = run(spec, a.ctx, a.chunks, a.threads, ["--kl-base", base_file])
+        r["attn_us"], r["attn_fp16_us"] = decode_attention(spec, a.threads)
         rows.append(dict(label=label, spec=spec, **r))
     os.remove(base_file)
     if kept is not None:
@@ -178,12 +232,17 @@ def main():
           f"Calibrated rows (`cal:`) use scales from `quantkv calibrate` on {CALIB_TEXT} "
           "(4096 tokens), files in bench/results/kv_calibration/. "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}.", "",
-          "| configuration | --kv | bits/elem | vs fp16 | PPL | ΔPPL % | KL mean | top-1 agree |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"Decode attention: one layer of SmolLM2's shape at {ATTN_CTX} tokens "
+          "(bench/attention_bench), as a ratio to fp16 measured in the same call (rows "
+          "without it predate the column).", "",
+          "| configuration | --kv | bits/elem | vs fp16 | PPL | ΔPPL % | KL mean | top-1 agree "
+          "| decode attn vs fp16 |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        attn = (f"{r['attn_us'] / r['attn_fp16_us']:.2f}x time" if r.get("attn_us") else "")
         md.append(f"| {r['label']} | `{r['spec']}` | {r['kv_bits_per_element']:.3f} | "
                   f"{r['kv_compression_vs_fp16']:.2f}x | {r['ppl']:.4f} | {r['delta_ppl_pct']:+.2f} | "
-                  f"{r['kl_mean']:.5f} | {100 * r['top1_agreement']:.2f}% |")
+                  f"{r['kl_mean']:.5f} | {100 * r['top1_agreement']:.2f}% | {attn} |")
     with open(os.path.join(a.out, name + ".md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(a.out, name + ".json"), "w") as f:

@@ -59,6 +59,9 @@ struct KvCodecSpec {
   // Low-rank residual (GEAR): the rank-R truncated SVD of each slab's quantization error is
   // kept in fp16 and added back on decode. 0: off; 1..16.
   int rank = 0;
+  // Learned dynamic clipping (kernels/kv_clip_model.h): each token group's clip ratio comes
+  // from a calibrated linear model of its statistics (KvCodecConfig::clip_model).
+  bool learned_clip = false;
   GgmlKvFormat ggml = GgmlKvFormat::kQ8_0;                 // kGgml
   KvCodebookKind codebook = KvCodebookKind::kNormalFloat;  // kCodebook
   float power = 0.5f;                                      // kCodebook, kPower: exponent P
@@ -75,7 +78,8 @@ struct KvCodecSpec {
 // gN (per-token groups of N channels), chan (per-channel over the block), block (one scale
 // per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
 // clipX (0 < X <= 1), outX (keep X% of values, 0 < X <= 10, as fp16 outliers), rankR
-// (1 <= R <= 16, low-rank residual; also for nlN). Defaults for intN: g64, asym, clip1, no
+// (1 <= R <= 16, low-rank residual; also for nlN), learnclip (per-group clip ratios from a
+// calibrated model; per-token groups only). Defaults for intN: g64, asym, clip1, no
 // outliers, no residual.
 // llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options.
 // Non-linear codebooks nl4|nl3|nl2 take gN, sym|asym, clipX and one of nf|powP (0 < P <= 1;
@@ -99,10 +103,13 @@ struct KvCodecConfig {
   // centroids of vector_dims values each, [centroid][dim]. `quantkv calibrate` fits them;
   // the KV policy file carries them.
   std::vector<float> codebook = {};
+  // learned_clip: the kClipFeatures weights of the layer's clip model (`quantkv calibrate`).
+  std::vector<float> clip_model = {};
 };
 
 // True when the codec's levels or centroids come from calibration (nlN:lloyd, pqMxB).
 inline bool KvCodecNeedsCodebook(const KvCodecSpec& s) {
+  // (learned_clip's model is calibrated too, but is carried separately: clip_model.)
   return s.type == KvCodecType::kVector ||
          (s.type == KvCodecType::kCodebook && s.codebook == KvCodebookKind::kCalibrated);
 }
@@ -113,7 +120,7 @@ class KvCodec {
   static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecConfig& config);
   static absl::StatusOr<std::unique_ptr<KvCodec>> Create(const KvCodecSpec& spec, int64_t head_dim,
                                                          int64_t block_tokens) {
-    return Create(KvCodecConfig{spec, head_dim, block_tokens, {}, {}, {}});
+    return Create(KvCodecConfig{spec, head_dim, block_tokens, {}, {}, {}, {}});
   }
   virtual ~KvCodec() = default;
 

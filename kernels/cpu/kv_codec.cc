@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "kernels/cpu/kv_codec_internal.h"
+#include "kernels/kv_clip_model.h"
 #include "kernels/kv_codec.h"
 
 namespace quantkv::kernels {
@@ -156,6 +157,7 @@ std::string KvCodecSpec::ToString() const {
   }
   if (clip != 1.0f) AppendOption(s, ":clip", clip);
   if (outlier_pct > 0.0f) AppendOption(s, ":out", outlier_pct);
+  if (learned_clip) s += ":learnclip";
   if (rank > 0) s += absl::StrFormat(":rank%d", rank);
   return s;
 }
@@ -321,6 +323,12 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       if (have_clip) return SpecError(trimmed, absl::StrFormat("option '%s' repeats clip", opt));
       have_clip = true;
       spec.clip = v;
+    } else if (opt == "learnclip") {
+      if (spec.type != KvCodecType::kUniform) {
+        return SpecError(trimmed, "option 'learnclip' needs an integer codec (int8..int2)");
+      }
+      if (spec.learned_clip) return SpecError(trimmed, "option 'learnclip' repeats");
+      spec.learned_clip = true;
     } else if (opt.size() > 4 && opt.substr(0, 4) == "rank") {
       if (is_fp8) return SpecError(trimmed, "option 'rank' needs an integer or codebook codec");
       const std::string_view num = opt.substr(4);
@@ -376,9 +384,10 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
                                                   "clipX, rankR, nf, powX, log or lloyd)",
                                                   opt));
       }
-      return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
-                                                "static, sym, asym, clipX, outX or rankR)",
-                                                opt));
+      return SpecError(trimmed,
+                       absl::StrFormat("unknown option '%s' (want gN, chan, block, "
+                                       "static, sym, asym, clipX, outX, rankR or learnclip)",
+                                       opt));
     }
   }
   return spec;
@@ -426,6 +435,20 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
   }
   if (!(spec.clip > 0.0f && spec.clip <= 1.0f)) {
     return err(absl::StrFormat("clip %g not in (0, 1]", spec.clip));
+  }
+  if (spec.learned_clip) {
+    if (spec.type != KvCodecType::kUniform || spec.granularity != KvGranularity::kPerTokenGroup) {
+      return err("learnclip needs an integer codec with per-token groups (gN)");
+    }
+    if (static_cast<int>(config.clip_model.size()) != kClipFeatures) {
+      return err(absl::StrFormat(
+          "learnclip needs the layer's clip model (%d weights, got %d); make it with `quantkv "
+          "calibrate --kv %s` and pass the file as --kv @FILE",
+          kClipFeatures, config.clip_model.size(), name));
+    }
+    for (float w : config.clip_model) {
+      if (!std::isfinite(w)) return err("clip model weight is not finite");
+    }
   }
   if (spec.rank != 0) {
     if (spec.rank < 1 || spec.rank > 16) return err("rank must be in [1, 16]");

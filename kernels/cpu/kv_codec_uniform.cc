@@ -33,6 +33,7 @@
 #include "kernels/cpu/kv_codec_internal.h"
 #include "kernels/cpu/unaligned.h"
 #include "kernels/fp16.h"
+#include "kernels/kv_clip_model.h"
 #include "kernels/kv_codec.h"
 
 namespace quantkv::kernels {
@@ -522,6 +523,7 @@ class UniformCodec final : public KvCodec {
       L_.static_scale = static_scale_.data();
       L_.static_bias = static_bias_.data();
     }
+    clip_model_ = config.clip_model;
     const int isa = KvCodecIsa();
     decode_ = ForBits<PickScalar>(L_.bits);
     if (isa >= 2 && (L_.per_channel || L_.gs % 16 == 0)) {
@@ -604,7 +606,13 @@ class UniformCodec final : public KvCodec {
           lo = std::min(lo, v[c]);
           hi = std::max(hi, v[c]);
         }
-        const Meta m = ComputeMeta(L_, clip, lo, hi);
+        float group_clip = clip;
+        if (!clip_model_.empty()) {
+          float f[kClipFeatures];
+          ClipFeatures(v, L_.gs, f);
+          group_clip = PredictClip(clip_model_.data(), f);
+        }
+        const Meta m = ComputeMeta(L_, group_clip, lo, hi);
         const int64_t mi = t * L_.ng + g;
         StoreU16(scales + 2 * mi, m.scale);
         if (!L_.sym) StoreU16(mins + 2 * mi, m.min);
@@ -624,6 +632,7 @@ class UniformCodec final : public KvCodec {
   Layout L_{};
   DecodeFn decode_ = nullptr;
   std::vector<float> static_scale_, static_bias_;
+  std::vector<float> clip_model_;  // learnclip: per-group clip ratios from this model
 };
 
 }  // namespace

@@ -32,7 +32,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   int64_t all_layers = 0;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerStaticScales* scales = c.policy.StaticScalesFor(l);
-    const LayerCodebooks* books = c.policy.CodebooksFor(l);
+    const LayerKvVectors* books = c.policy.CodebooksFor(l);
+    const LayerKvVectors* clips = c.policy.ClipModelsFor(l);
     for (int kv = 0; kv < 2; ++kv) {
       SlabCodecs& sc = layers[l].kv[kv];
       const StaticScales* st = scales == nullptr ? nullptr : kv == 0 ? &scales->k : &scales->v;
@@ -65,6 +66,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
         if (books != nullptr && kernels::KvCodecNeedsCodebook(cc.spec)) {
           cc.codebook = kv == 0 ? books->k : books->v;
         }
+        if (clips != nullptr && cc.spec.learned_clip) cc.clip_model = kv == 0 ? clips->k : clips->v;
         absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec = kernels::KvCodec::Create(cc);
         if (!codec.ok()) {
           return absl::InvalidArgumentError(

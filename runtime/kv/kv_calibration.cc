@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "kernels/hadamard.h"
+#include "kernels/kv_clip_model.h"
 #include "kernels/kv_codebook.h"
 #include "kernels/kv_codec.h"
 #include "kernels/kv_vector_quant.h"
@@ -234,6 +235,7 @@ absl::StatusOr<KvPolicy> KvCalibrator::Finish() const {
   KvPolicy p = config_.policy;
   p.static_scales.clear();
   p.codebooks.clear();
+  p.clip_models.clear();
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     if (tokens(l) < p.block_tokens) {
       return absl::FailedPreconditionError(absl::StrFormat(
@@ -268,8 +270,20 @@ absl::StatusOr<KvPolicy> KvCalibrator::Finish() const {
                                                                kv == 0 ? "keys" : "values",
                                                                levels.status().message()));
         }
-        LayerCodebooks& b = p.codebooks[l];
+        LayerKvVectors& b = p.codebooks[l];
         (kv == 0 ? b.k : b.v) = std::move(*levels);
+        continue;
+      }
+      if (spec.learned_clip) {
+        absl::StatusOr<std::vector<float>> w = kernels::FitClipModel(
+            spec, rows.data(), static_cast<int64_t>(rows.size()) / row(), row());
+        if (!w.ok()) {
+          return absl::FailedPreconditionError(absl::StrFormat("calibration: layer %d %s: %s", l,
+                                                               kv == 0 ? "keys" : "values",
+                                                               w.status().message()));
+        }
+        LayerKvVectors& m = p.clip_models[l];
+        (kv == 0 ? m.k : m.v) = std::move(*w);
         continue;
       }
       if (spec.type != kernels::KvCodecType::kUniform &&
@@ -311,14 +325,19 @@ std::string KvPolicyFileJson(const KvPolicy& policy, const std::string& provenan
     scales[std::to_string(l)] = e;
   }
   if (!scales.empty()) j["static_scales"] = scales;
-  nlohmann::json books = nlohmann::json::object();
-  for (const auto& [l, b] : policy.codebooks) {
-    nlohmann::json e = nlohmann::json::object();
-    if (!b.k.empty()) e["k"] = b.k;
-    if (!b.v.empty()) e["v"] = b.v;
-    books[std::to_string(l)] = e;
+  using Vectors = absl::flat_hash_map<int64_t, LayerKvVectors>;
+  const std::pair<const char*, const Vectors*> kinds[] = {{"codebooks", &policy.codebooks},
+                                                          {"clip_models", &policy.clip_models}};
+  for (const auto& [field, vectors] : kinds) {
+    nlohmann::json all = nlohmann::json::object();
+    for (const auto& [l, b] : *vectors) {
+      nlohmann::json e = nlohmann::json::object();
+      if (!b.k.empty()) e["k"] = b.k;
+      if (!b.v.empty()) e["v"] = b.v;
+      all[std::to_string(l)] = e;
+    }
+    if (!all.empty()) j[field] = all;
   }
-  if (!books.empty()) j["codebooks"] = books;
   nlohmann::json prov = nlohmann::json::parse(provenance_json, nullptr, false);
   if (!prov.is_discarded()) j["calibration"] = prov;
   return j.dump(1) + "\n";

@@ -152,6 +152,43 @@ absl::StatusOr<KvPolicy> ParseSpec(std::string_view text, const Limits& lim) {
   return p;
 }
 
+// "FIELD": {"L": {"k": [numbers], "v": [numbers]}, ...} into out[L].
+absl::Status ParseLayerVectors(const nlohmann::json& j, const char* field, const std::string& path,
+                               int64_t n_layers,
+                               absl::flat_hash_map<int64_t, LayerKvVectors>& out) {
+  if (!j.contains(field)) return absl::OkStatus();
+  const nlohmann::json& all = j[field];
+  if (!all.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("KV policy file %s: '%s' must be an object", path, field));
+  }
+  for (const auto& [layer_key, entry] : all.items()) {
+    absl::StatusOr<int64_t> layer = ParseCount(absl::StrFormat("%s layer", field), layer_key, 0,
+                                               n_layers > 0 ? n_layers - 1 : 1 << 20);
+    if (!layer.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV policy file %s: %s", path, layer.status().message()));
+    }
+    LayerKvVectors& dst = out[*layer];
+    for (const char* kv : {"k", "v"}) {
+      if (!entry.is_object() || !entry.contains(kv)) continue;
+      const nlohmann::json& a = entry[kv];
+      if (!a.is_array()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "KV policy file %s: %s.%s.%s must be an array of numbers", path, field, layer_key, kv));
+      }
+      for (const nlohmann::json& x : a) {
+        if (!x.is_number()) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "KV policy file %s: %s.%s.%s holds a non-number", path, field, layer_key, kv));
+        }
+        (kv[0] == 'k' ? dst.k : dst.v).push_back(x.get<float>());
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<KvPolicy> ParseFile(const std::string& path, const Limits& lim) {
   const int64_t n_layers = lim.n_layers;
   std::ifstream in(path);
@@ -269,37 +306,11 @@ absl::StatusOr<KvPolicy> ParseFile(const std::string& path, const Limits& lim) {
       }
     }
   }
-  if (j.contains("codebooks")) {
-    const nlohmann::json& cb = j["codebooks"];
-    if (!cb.is_object()) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("KV policy file %s: 'codebooks' must be an object", path));
-    }
-    for (const auto& [layer_key, entry] : cb.items()) {
-      absl::StatusOr<int64_t> layer =
-          ParseCount("codebooks layer", layer_key, 0, n_layers > 0 ? n_layers - 1 : 1 << 20);
-      if (!layer.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("KV policy file %s: %s", path, layer.status().message()));
-      }
-      LayerCodebooks& out = p->codebooks[*layer];
-      for (const char* kv : {"k", "v"}) {
-        if (!entry.is_object() || !entry.contains(kv)) continue;
-        const nlohmann::json& a = entry[kv];
-        if (!a.is_array()) {
-          return absl::InvalidArgumentError(
-              absl::StrFormat("KV policy file %s: codebooks.%s.%s must be an array of numbers",
-                              path, layer_key, kv));
-        }
-        for (const nlohmann::json& x : a) {
-          if (!x.is_number()) {
-            return absl::InvalidArgumentError(absl::StrFormat(
-                "KV policy file %s: codebooks.%s.%s holds a non-number", path, layer_key, kv));
-          }
-          (kv[0] == 'k' ? out.k : out.v).push_back(x.get<float>());
-        }
-      }
-    }
+  for (const char* field : {"codebooks", "clip_models"}) {
+    absl::Status st =
+        ParseLayerVectors(j, field, path, n_layers,
+                          std::string_view(field) == "codebooks" ? p->codebooks : p->clip_models);
+    if (!st.ok()) return st;
   }
   return p;
 }
@@ -323,9 +334,14 @@ bool KvPolicy::HasHeadOverrides(int64_t layer) const {
   return false;
 }
 
-const LayerCodebooks* KvPolicy::CodebooksFor(int64_t layer) const {
+const LayerKvVectors* KvPolicy::CodebooksFor(int64_t layer) const {
   auto it = codebooks.find(layer);
   return it == codebooks.end() ? nullptr : &it->second;
+}
+
+const LayerKvVectors* KvPolicy::ClipModelsFor(int64_t layer) const {
+  auto it = clip_models.find(layer);
+  return it == clip_models.end() ? nullptr : &it->second;
 }
 
 const LayerStaticScales* KvPolicy::StaticScalesFor(int64_t layer) const {

@@ -19,7 +19,8 @@
 //   with static scales (`quantkv calibrate` writes such files) "static_scales":
 //   {"0":{"k":{"scale":[...],"min":[...]},"v":{...}}, ...} with n_kv_heads * head_dim
 //   values per list, head-major; for codebooks fitted by calibration (nlN:lloyd)
-//   "codebooks": {"0":{"k":[2^bits levels],"v":[...]}, ...}.
+//   "codebooks": {"0":{"k":[2^bits levels],"v":[...]}, ...}; for learnclip codecs
+//   "clip_models": {"0":{"k":[5 weights],"v":[...]}, ...}.
 #pragma once
 
 #include <cstdint>
@@ -50,9 +51,10 @@ struct LayerStaticScales {
   StaticScales k, v;
 };
 
-// Calibrated codebook levels of one layer (codecs nlN:lloyd): 2^bits ascending values in
-// [-1, 1] for K and for V; empty where that side has no calibrated codebook.
-struct LayerCodebooks {
+// Calibrated vectors of one layer's K and V codecs, empty where a side has none: codebook
+// levels (nlN:lloyd: 2^bits ascending values in [-1, 1]), centroids (pqMxB), or clip-model
+// weights (learnclip, kernels/kv_clip_model.h).
+struct LayerKvVectors {
   std::vector<float> k, v;
 };
 
@@ -71,7 +73,8 @@ struct KvPolicy {
   bool rotate_k = false;
   bool rotate_v = false;
   absl::flat_hash_map<int64_t, LayerStaticScales> static_scales;  // by layer
-  absl::flat_hash_map<int64_t, LayerCodebooks> codebooks;         // by layer
+  absl::flat_hash_map<int64_t, LayerKvVectors> codebooks;         // by layer
+  absl::flat_hash_map<int64_t, LayerKvVectors> clip_models;       // by layer
 
   const LayerKvPolicy& ForLayer(int64_t layer) const;
   // The codecs of one KV head: its override, else the layer's.
@@ -80,7 +83,8 @@ struct KvPolicy {
   // Scales of `layer`, or nullptr when the file gave none.
   const LayerStaticScales* StaticScalesFor(int64_t layer) const;
   // Codebooks of `layer`, or nullptr when the file gave none.
-  const LayerCodebooks* CodebooksFor(int64_t layer) const;
+  const LayerKvVectors* CodebooksFor(int64_t layer) const;
+  const LayerKvVectors* ClipModelsFor(int64_t layer) const;
   // The spec grammar for everything but static scales ("k=...,v=...,L.k=...,sink=..").
   std::string ToSpec() const;
   // Protected tokens live in fp32 when the whole cache is fp32, else fp16.

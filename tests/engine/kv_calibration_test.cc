@@ -252,7 +252,7 @@ TEST(KvCalibrationTest, CodebooksAreFittedAndLoadBack) {
   ASSERT_TRUE(p.ok()) << p.status();
   ASSERT_EQ(p->codebooks.size(), static_cast<size_t>(kLayers));
   for (int64_t l = 0; l < kLayers; ++l) {
-    const LayerCodebooks* b = p->CodebooksFor(l);
+    const LayerKvVectors* b = p->CodebooksFor(l);
     ASSERT_NE(b, nullptr);
     EXPECT_EQ(b->k.size(), 8u);
     EXPECT_EQ(b->v.size(), 4u);
@@ -333,6 +333,39 @@ TEST(KvCalibrationTest, VectorCentroidsAreFittedAndLoadBack) {
   // 2 heads x 16 channels: K 6 bits per 2 channels, V 8 bits per 4, plus fp16 row scales.
   EXPECT_NEAR((*cache)->BitsPerElementAt(32 * 100), ((3.0 + 16.0 / kD) + (2.0 + 16.0 / kD)) / 2,
               1e-9);
+}
+
+// Learned clipping: a clip model per layer and K|V, in the file, loaded into a cache.
+TEST(KvCalibrationTest, ClipModelsAreFittedAndLoadBack) {
+  std::mt19937_64 rng(13);
+  const std::vector<float> k = Rows(rng, true), v = Rows(rng, false);
+  auto p = Fed(Config("k=int2:g16:learnclip,v=int3:g16:sym:learnclip,block=32",
+                      CalibrationMethod::kMinMax),
+               k, v)
+               .Finish();
+  ASSERT_TRUE(p.ok()) << p.status();
+  for (int64_t l = 0; l < kLayers; ++l) {
+    ASSERT_NE(p->ClipModelsFor(l), nullptr);
+    EXPECT_EQ(p->ClipModelsFor(l)->k.size(), 5u);
+    EXPECT_EQ(p->ClipModelsFor(l)->v.size(), 5u);
+  }
+  const std::string path = ::testing::TempDir() + "/kv_clip_test.json";
+  {
+    std::ofstream out(path);
+    out << KvPolicyFileJson(*p, "{}");
+  }
+  auto back = ParseKvPolicy("@" + path, kLayers);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ClipModelsFor(1)->k, p->ClipModelsFor(1)->k);
+  KvCacheConfig cc;
+  cc.n_layers = kLayers;
+  cc.n_kv_heads = kKv;
+  cc.head_dim = kD;
+  cc.policy = *back;
+  cc.max_bytes = 1 << 20;
+  ASSERT_TRUE(KvCache::Create(cc).ok()) << KvCache::Create(cc).status();
+  cc.policy.clip_models.clear();
+  EXPECT_FALSE(KvCache::Create(cc).ok());
 }
 
 }  // namespace

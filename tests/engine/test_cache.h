@@ -23,7 +23,7 @@ struct CacheAttention {
   int split_threads = 0;     // AttentionQuery::split_threads
   bool fused_decode = true;  // AttentionQuery::fused_decode
   // Codebooks / centroids to add to the parsed policy (codecs nlN:lloyd, pqMxB), by layer 0.
-  LayerCodebooks codebooks = {};
+  LayerKvVectors codebooks = {};
 };
 
 // Writes k and v ([n_ctx][n_kv_heads * head_dim], k already rotated) in steps of 64 tokens,
