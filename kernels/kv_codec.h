@@ -62,6 +62,9 @@ struct KvCodecSpec {
   // Learned dynamic clipping (kernels/kv_clip_model.h): each token group's clip ratio comes
   // from a calibrated linear model of its statistics (KvCodecConfig::clip_model).
   bool learned_clip = false;
+  // Score correction: the per-channel mean of each slab's quantization error is kept in fp16
+  // and added back on decode (q . k gains q . mean residual).
+  bool mean_residual = false;
   GgmlKvFormat ggml = GgmlKvFormat::kQ8_0;                 // kGgml
   KvCodebookKind codebook = KvCodebookKind::kNormalFloat;  // kCodebook
   float power = 0.5f;                                      // kCodebook, kPower: exponent P
@@ -79,8 +82,8 @@ struct KvCodecSpec {
 // per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
 // clipX (0 < X <= 1), outX (keep X% of values, 0 < X <= 10, as fp16 outliers), rankR
 // (1 <= R <= 16, low-rank residual; also for nlN), learnclip (per-group clip ratios from a
-// calibrated model; per-token groups only). Defaults for intN: g64, asym, clip1, no
-// outliers, no residual.
+// calibrated model; per-token groups only), meanres (per-channel mean residual added back;
+// also for nlN). Defaults for intN: g64, asym, clip1, no outliers, no residual.
 // llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options.
 // Non-linear codebooks nl4|nl3|nl2 take gN, sym|asym, clipX and one of nf|powP (0 < P <= 1;
 // smaller P puts more levels near 0)|log|lloyd (levels from `quantkv calibrate`); defaults

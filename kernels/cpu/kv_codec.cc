@@ -139,6 +139,7 @@ std::string KvCodecSpec::ToString() const {
           break;
       }
       if (rank > 0) s += absl::StrFormat(":rank%d", rank);
+      if (mean_residual) s += ":meanres";
       return s;
     }
     case KvCodecType::kFp8E4M3:
@@ -159,6 +160,7 @@ std::string KvCodecSpec::ToString() const {
   if (outlier_pct > 0.0f) AppendOption(s, ":out", outlier_pct);
   if (learned_clip) s += ":learnclip";
   if (rank > 0) s += absl::StrFormat(":rank%d", rank);
+  if (mean_residual) s += ":meanres";
   return s;
 }
 
@@ -323,6 +325,12 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       if (have_clip) return SpecError(trimmed, absl::StrFormat("option '%s' repeats clip", opt));
       have_clip = true;
       spec.clip = v;
+    } else if (opt == "meanres") {
+      if (spec.type != KvCodecType::kUniform && spec.type != KvCodecType::kCodebook) {
+        return SpecError(trimmed, "option 'meanres' needs an integer or codebook codec");
+      }
+      if (spec.mean_residual) return SpecError(trimmed, "option 'meanres' repeats");
+      spec.mean_residual = true;
     } else if (opt == "learnclip") {
       if (spec.type != KvCodecType::kUniform) {
         return SpecError(trimmed, "option 'learnclip' needs an integer codec (int8..int2)");
@@ -381,13 +389,13 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
     } else {
       if (is_codebook) {
         return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, sym, asym, "
-                                                  "clipX, rankR, nf, powX, log or lloyd)",
+                                                  "clipX, rankR, meanres, nf, powX, log or lloyd)",
                                                   opt));
       }
-      return SpecError(trimmed,
-                       absl::StrFormat("unknown option '%s' (want gN, chan, block, "
-                                       "static, sym, asym, clipX, outX, rankR or learnclip)",
-                                       opt));
+      return SpecError(
+          trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
+                                   "static, sym, asym, clipX, outX, rankR, learnclip or meanres)",
+                                   opt));
     }
   }
   return spec;
@@ -449,6 +457,16 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
     for (float w : config.clip_model) {
       if (!std::isfinite(w)) return err("clip model weight is not finite");
     }
+  }
+  if (spec.mean_residual) {
+    if (spec.rank != 0 || spec.outlier_pct > 0.0f) {
+      return err("meanres cannot be combined with rank or out");
+    }
+    KvCodecConfig inner = config;
+    inner.spec.mean_residual = false;
+    absl::StatusOr<std::unique_ptr<KvCodec>> in = Create(inner);
+    if (!in.ok()) return in.status();
+    return kv_codec_internal::MakeMeanResidualCodec(spec, head_dim, block_tokens, std::move(*in));
   }
   if (spec.rank != 0) {
     if (spec.rank < 1 || spec.rank > 16) return err("rank must be in [1, 16]");

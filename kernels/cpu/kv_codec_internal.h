@@ -36,6 +36,11 @@ std::unique_ptr<KvCodec> MakeOutlierCodec(const KvCodecSpec& spec, int64_t head_
 std::unique_ptr<KvCodec> MakeLowRankCodec(const KvCodecSpec& spec, int64_t head_dim,
                                           int64_t block_tokens, std::unique_ptr<KvCodec> inner);
 
+// Defined in kv_codec_lowrank.cc: `inner` plus the per-channel mean residual (meanres).
+std::unique_ptr<KvCodec> MakeMeanResidualCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                               int64_t block_tokens,
+                                               std::unique_ptr<KvCodec> inner);
+
 // Defined in kv_codec_ggml.cc: llama.cpp's q8_0 / q4_0 / q4_1 / iq4_nl (head_dim % 32 == 0).
 std::unique_ptr<KvCodec> MakeGgmlCodec(const KvCodecSpec& spec, int64_t head_dim,
                                        int64_t block_tokens);

@@ -6,6 +6,9 @@
 //
 // Slab layout: the inner codec's slab, then U [block_tokens][R] fp16, then V [R][head_dim]
 // fp16 (the right singular vectors; U holds the singular values).
+//
+// Also here: the mean-residual codec (option meanres), the rank-"zero" special case whose
+// only term is the per-channel mean error with weight one for every token.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -136,7 +139,67 @@ class LowRankCodec final : public KvCodec {
   int64_t rank_;
 };
 
+// Score correction from residual statistics: the per-channel mean of the block's quantization
+// error, kept in fp16 (head_dim values per slab) and added to every decoded row, so
+// q . k_t gains q . mean_residual — the bias part of the error that per-token scales leave.
+// Slab layout: the inner codec's slab, then the mean residual [head_dim] fp16.
+class MeanResidualCodec final : public KvCodec {
+ public:
+  MeanResidualCodec(const KvCodecSpec& spec, int64_t head_dim, int64_t block_tokens,
+                    std::unique_ptr<KvCodec> inner)
+      : KvCodec(spec, head_dim, block_tokens), inner_(std::move(inner)) {}
+
+  int64_t slab_bytes() const override { return inner_->slab_bytes() + 2 * head_dim(); }
+
+  void Encode(const float* x, uint8_t* slab) const override {
+    const int64_t bt = block_tokens(), d = head_dim();
+    inner_->Encode(x, slab);
+    std::vector<float> dec(static_cast<size_t>(bt * d));
+    inner_->Decode(slab, 0, bt, dec.data());
+    uint8_t* side = slab + inner_->slab_bytes();
+    for (int64_t c = 0; c < d; ++c) {
+      double sum = 0;
+      int64_t n = 0;
+      for (int64_t t = 0; t < bt; ++t) {
+        const double e = double{x[t * d + c]} - dec[t * d + c];
+        if (std::isfinite(e)) {
+          sum += e;
+          ++n;
+        }
+      }
+      internal::StoreU16(side + 2 * c, Fp32ToFp16(n > 0 ? static_cast<float>(sum / n) : 0.0f));
+    }
+  }
+
+  void Decode(const uint8_t* slab, int64_t t0, int64_t t1, float* out) const override {
+    if (t1 <= t0) return;
+    const int64_t d = head_dim();
+    inner_->Decode(slab, t0, t1, out);
+    const uint8_t* side = slab + inner_->slab_bytes();
+    float mean[kMaxHeadDim];
+    for (int64_t c = 0; c < d && c < kMaxHeadDim; ++c) {
+      mean[c] = Fp16ToFp32(internal::LoadU16(side + 2 * c));
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = out + (t - t0) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        o[c] += c < kMaxHeadDim ? mean[c] : Fp16ToFp32(internal::LoadU16(side + 2 * c));
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kMaxHeadDim = 512;
+  std::unique_ptr<KvCodec> inner_;
+};
+
 }  // namespace
+
+std::unique_ptr<KvCodec> MakeMeanResidualCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                               int64_t block_tokens,
+                                               std::unique_ptr<KvCodec> inner) {
+  return std::make_unique<MeanResidualCodec>(spec, head_dim, block_tokens, std::move(inner));
+}
 
 std::unique_ptr<KvCodec> MakeLowRankCodec(const KvCodecSpec& spec, int64_t head_dim,
                                           int64_t block_tokens, std::unique_ptr<KvCodec> inner) {

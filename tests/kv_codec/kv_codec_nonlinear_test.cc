@@ -394,6 +394,11 @@ TEST(KvLowRankTest, SpecSizesAndErrors) {
   std::unique_ptr<KvCodec> lr = Make("int2:g64:rank2", 64, 128);
   ASSERT_TRUE(plain && lr);
   EXPECT_EQ(lr->slab_bytes(), plain->slab_bytes() + 2 * 2 * (128 + 64));
+  // meanres: one fp16 mean per channel.
+  EXPECT_EQ(Make("int2:g64:meanres", 64, 128)->slab_bytes(), plain->slab_bytes() + 2 * 64);
+  EXPECT_EQ(ParseKvCodecSpec("nl3:meanres")->ToString(), "nl3:g64:asym:nf:meanres");
+  EXPECT_FALSE(ParseKvCodecSpec("fp8:meanres").ok());
+  EXPECT_FALSE(KvCodec::Create(*ParseKvCodecSpec("int2:rank1:meanres"), 64, 32).ok());
 }
 
 // Keys-like slabs: outlier channels with a per-channel offset, which per-token 2-bit groups
@@ -405,7 +410,7 @@ TEST(KvLowRankTest, ResidualLowersTheError) {
   const int64_t d = 64, bt = 64;
   for (const char* inner : {"int2:g64", "nl2:g64:asym:nf", "int4:g64"}) {
     SCOPED_TRACE(inner);
-    double e0 = 0, e1 = 0, e4 = 0;
+    double e0 = 0, e1 = 0, e4 = 0, em = 0;
     for (int trial = 0; trial < 6; ++trial) {
       std::vector<float> offset(d);
       for (float& o : offset) o = 2.0f * nd(rng);
@@ -421,14 +426,16 @@ TEST(KvLowRankTest, ResidualLowersTheError) {
       const std::vector<float> y1 = RoundTrip(*c1, x);
       e1 += Mse(y1, x);
       e4 += Mse(RoundTrip(*c4, x), x);
+      em += Mse(RoundTrip(*Make(std::string(inner) + ":meanres", d, bt), x), x);
       std::vector<uint8_t> slab(static_cast<size_t>(c1->slab_bytes()));
       c1->Encode(x.data(), slab.data());
       std::vector<float> part(static_cast<size_t>(10 * d));
       c1->Decode(slab.data(), 20, 30, part.data());
       for (int64_t i = 0; i < 10 * d; ++i) ASSERT_EQ(part[i], y1[20 * d + i]);
     }
-    std::printf("[ info ] %s MSE: plain %.5f rank1 %.5f rank4 %.5f\n", inner, e0 / 6, e1 / 6,
-                e4 / 6);
+    std::printf("[ info ] %s MSE: plain %.5f meanres %.5f rank1 %.5f rank4 %.5f\n", inner, e0 / 6,
+                em / 6, e1 / 6, e4 / 6);
+    EXPECT_LT(em, e0);
     // At 4 bits the residual is mostly white rounding noise: less for a low rank to take.
     EXPECT_LT(e1, (std::string(inner) == "int4:g64" ? 0.99 : 0.9) * e0);
     EXPECT_LT(e4, e1);
