@@ -496,7 +496,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.n_q = n;
       aq.n_heads = n_heads;
       aq.positions = positions.data() + input_rows[i];
-      aq.scale = scale;
+      aq.scale = scale * kv_[seq.cache]->policy().ScoreScale(li);  // temp= of the KV policy
       aq.fused_decode = config_.fused_decode_attention;
       aq.split_threads = pool->size();
       kernels::Attention(aq, kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n),

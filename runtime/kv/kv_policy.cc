@@ -86,6 +86,31 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, const Limits& lim,
     p.pre_rope_keys = value == "pre";
     return absl::OkStatus();
   }
+  const auto parse_temp = [&](std::string_view v) -> absl::StatusOr<float> {
+    float t = 0;
+    const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), t);
+    if (ec != std::errc() || end != v.data() + v.size() || !(t >= 0.5f && t <= 2.0f)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KV spec: %s=%s is not a temperature in [0.5, 2]", std::string(key), std::string(v)));
+    }
+    return t;
+  };
+  if (key == "temp") {
+    absl::StatusOr<float> t = parse_temp(value);
+    if (!t.ok()) return t.status();
+    p.temperature = *t;
+    p.layer_temperature.clear();
+    return absl::OkStatus();
+  }
+  if (key.size() > 5 && key.substr(key.size() - 5) == ".temp") {
+    absl::StatusOr<int64_t> layer = ParseCount("layer", key.substr(0, key.size() - 5), 0,
+                                               lim.n_layers > 0 ? lim.n_layers - 1 : 1 << 20);
+    if (!layer.ok()) return layer.status();
+    absl::StatusOr<float> t = parse_temp(value);
+    if (!t.ok()) return t.status();
+    p.layer_temperature[*layer] = *t;
+    return absl::OkStatus();
+  }
   if (key == "rotate") {
     if (value != "none" && value != "k" && value != "v" && value != "kv") {
       return absl::InvalidArgumentError(
@@ -133,7 +158,7 @@ absl::Status ApplyItem(KvPolicy& p, std::string_view item, const Limits& lim,
   }
   return absl::InvalidArgumentError(absl::StrFormat(
       "KV spec: unknown key '%s' (expected k, v, kv, L.k, L.v, L.hH.k, L.hH.v, sink, window, "
-      "block, rope, rotate)",
+      "block, rope, rotate, temp, L.temp)",
       std::string(key)));
 }
 
@@ -369,7 +394,23 @@ std::string KvPolicy::ToSpec() const {
   if (pre_rope_keys) s += ",rope=pre";
   if (rotate_k || rotate_v)
     s += rotate_k && rotate_v ? ",rotate=kv" : rotate_k ? ",rotate=k" : ",rotate=v";
+  auto temp = [](float t) {
+    char buf[32];
+    const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), t);
+    return std::string(buf, ec == std::errc() ? end : buf);
+  };
+  if (temperature != 1.0f) s += ",temp=" + temp(temperature);
+  std::vector<int64_t> temp_layers;
+  for (const auto& [l, t] : layer_temperature) temp_layers.push_back(l);
+  std::sort(temp_layers.begin(), temp_layers.end());
+  for (int64_t l : temp_layers)
+    s += absl::StrFormat(",%d.temp=", l) + temp(layer_temperature.at(l));
   return s;
+}
+
+float KvPolicy::ScoreScale(int64_t layer) const {
+  auto it = layer_temperature.find(layer);
+  return 1.0f / (it == layer_temperature.end() ? temperature : it->second);
 }
 
 bool KvPolicy::protected_fp32() const {
@@ -397,6 +438,12 @@ const std::vector<KvPreset>& KvPresets() {
       {"int2", "int2:g64:asym", "2-bit per-token min-max, no compensation (baseline)"},
       {"int4-comp", "k=int4:chan,v=int4:g64:asym,sink=4,window=8,block=128",
        "<= 4.5 bits/element at 2048 tokens: per-channel keys (KIVI), fp16 sinks + window"},
+      // Non-uniform 3-bit levels (NormalFloat) with the int4-comp layout: per-channel keys,
+      // Hadamard-rotated values (rotation makes each token's values near-Gaussian, what NF
+      // levels are made for); chosen from bench/results/kv_table_ctx512.md.
+      {"int3-comp", "k=nl3:chan:asym:nf,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128",
+       "<= 3.5 bits/element at 2048 tokens: per-channel NF3 keys, rotated NF3 values, fp16 "
+       "sinks + window"},
       // Clip ratios from a grid search on GPL-3 text (not WikiText): K 0.6-1.0, V 0.8-1.0.
       {"int2-comp", "k=int2:chan:clip0.7,v=int2:g64:asym:clip0.9,sink=4,window=8,block=128",
        "<= 2.5 bits/element at 2048 tokens: per-channel keys, clipped scales, fp16 sinks + "

@@ -13,6 +13,7 @@
 //   block=N                tokens per cache block (default 32)
 //   rope=pre|post          keys encoded before or after the rotary embedding (default post)
 //   rotate=none|k|v|kv     Hadamard-rotate K and/or V rows before encoding (QuaRot)
+//   temp=X | L.temp=X      softmax temperature of attention (0.5 <= X <= 2; default 1)
 // A policy file holds {"spec": "..."} or {"block":32,"sink":4,"window":32,"rope":"pre",
 //   "k":"int4:chan","v":"int4","layers":{"0":{"k":"int8","v":"int8","heads":{"1":{"k":"int2"}}}}},
 //   and for codecs
@@ -72,6 +73,11 @@ struct KvPolicy {
   // Encoded K / V rows are stored randomized-Hadamard rotated (kernels/hadamard.h).
   bool rotate_k = false;
   bool rotate_v = false;
+  // Softmax temperature of attention over this cache (scores divided by it): quantization
+  // noise in keys widens the spread of scores, and a temperature slightly above 1 takes that
+  // back. Per-layer values override the global one.
+  float temperature = 1.0f;
+  absl::flat_hash_map<int64_t, float> layer_temperature;
   absl::flat_hash_map<int64_t, LayerStaticScales> static_scales;  // by layer
   absl::flat_hash_map<int64_t, LayerKvVectors> codebooks;         // by layer
   absl::flat_hash_map<int64_t, LayerKvVectors> clip_models;       // by layer
@@ -85,6 +91,8 @@ struct KvPolicy {
   // Codebooks of `layer`, or nullptr when the file gave none.
   const LayerKvVectors* CodebooksFor(int64_t layer) const;
   const LayerKvVectors* ClipModelsFor(int64_t layer) const;
+  // 1 / temperature of `layer`: the factor on its attention scores.
+  float ScoreScale(int64_t layer) const;
   // The spec grammar for everything but static scales ("k=...,v=...,L.k=...,sink=..").
   std::string ToSpec() const;
   // Protected tokens live in fp32 when the whole cache is fp32, else fp16.

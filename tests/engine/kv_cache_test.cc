@@ -93,6 +93,9 @@ TEST(KvPolicyTest, PresetsParseAndMeetTheirBudgets) {
     if (p.name == "int4-comp") {
       EXPECT_LE(bits, 4.5) << p.name;
     }
+    if (p.name == "int3-comp") {
+      EXPECT_LE(bits, 3.5) << p.name;
+    }
     if (p.name == "int2-comp") {
       EXPECT_LE(bits, 2.5) << p.name;
     }
@@ -131,6 +134,18 @@ TEST(KvPolicyTest, GrammarAndErrors) {
   }
   // A group that does not divide head_dim is caught when the cache is built.
   EXPECT_FALSE(KvCache::Create(Smol("int4:g48")).ok());
+}
+
+TEST(KvPolicyTest, Temperature) {
+  auto p = ParseKvPolicy("int4,temp=1.05,3.temp=0.9", 30);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_FLOAT_EQ(p->ScoreScale(0), 1.0f / 1.05f);
+  EXPECT_FLOAT_EQ(p->ScoreScale(3), 1.0f / 0.9f);
+  EXPECT_EQ(ParseKvPolicy(p->ToSpec(), 30)->ToSpec(), p->ToSpec());
+  EXPECT_FLOAT_EQ(ParseKvPolicy("int4", 30)->ScoreScale(7), 1.0f);
+  for (const char* bad : {"temp=0", "temp=3", "temp=x", "30.temp=1", "x.temp=1"}) {
+    EXPECT_EQ(ParseKvPolicy(bad, 30).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
 }
 
 TEST(KvPolicyTest, PerHeadOverrides) {
