@@ -102,7 +102,7 @@ int Main(int argc, char** argv) {
       c.n_layers = 1;
       c.n_kv_heads = n_kv;
       c.head_dim = d;
-      absl::StatusOr<KvPolicy> policy = ParseKvPolicy(preset, 1);
+      absl::StatusOr<KvPolicy> policy = ParseKvPolicy(preset);
       if (!policy.ok()) {
         std::cerr << "attention_bench: --presets " << preset << ": " << policy.status() << "\n";
         return 2;

@@ -45,7 +45,9 @@ CALIBRATIONS = {
                        "block=128", []),
     "nl2-lloyd-comp": ("k=nl2:chan:asym:lloyd,v=nl2:g64:sym:lloyd,rotate=v,sink=4,window=8,"
                        "block=128", []),
-    "pq2x6-rot": ("k=pq2x6,v=pq2x6,rotate=kv", []),
+    "pq2x6-rot-comp": ("k=pq2x6,v=pq2x6,rotate=kv,sink=4,window=8,block=128", []),
+    "int2-comp-learnclip": ("k=int2:chan:clip0.7,v=int2:g64:asym:learnclip,sink=4,window=8,"
+                            "block=128", []),
     "pq4x8-rot": ("k=pq4x8,v=pq4x8,rotate=kv", []),
 }
 
@@ -86,29 +88,26 @@ CONFIGS = [
     # llama.cpp's cache types, the exact block formats, for comparison at equal bits.
     ("llama.cpp q8_0", "q8_0"),
     ("llama.cpp q4_0", "q4_0"),
-    ("llama.cpp q4_1", "q4_1"),
-    ("llama.cpp iq4_nl", "iq4_nl"),
     ("llama.cpp iq4_nl + Hadamard rotation of K and V", "iq4_nl,rotate=kv"),
     # Non-linear codebooks (per-token g64 absmax scales).
-    ("nl4 normal-float levels", "nl4:g64:sym:nf"),
     ("nl4 normal-float + Hadamard rotation", "nl4:g64:sym:nf,rotate=kv"),
     ("nl3 normal-float + Hadamard rotation", "nl3:g64:sym:nf,rotate=kv"),
     ("nl3 power-transform levels (p=0.5) + rotation", "nl3:g64:sym:pow0.5,rotate=kv"),
     ("nl3 log levels + rotation", "nl3:g64:sym:log,rotate=kv"),
     ("int3 g64 sym + rotation (uniform, same bits as nl3)", "int3:g64:sym,rotate=kv"),
-    ("nl2 normal-float + rotation", "nl2:g64:sym:nf,rotate=kv"),
     ("int3 per-channel keys, nl3 rotated values, sink4 + window8",
      "k=int3:chan,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128"),
     ("nl3 per-channel keys (NF), nl3 rotated values, sink4 + window8",
      "k=nl3:chan:asym:nf,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128"),
     ("... with Lloyd-Max levels fitted per layer", "cal:nl3-lloyd-comp"),
-    ("nl2 per-channel keys (NF), nl2 rotated values, sink4 + window8",
-     "k=nl2:chan:asym:nf,v=nl2:g64:sym:nf,rotate=v,sink=4,window=8,block=128"),
     ("... with Lloyd-Max levels fitted per layer", "cal:nl2-lloyd-comp"),
     # Product quantization (shared k-means centroids per layer, keys scored by lookup).
-    ("PQ 2 channels x 6 bits + rotation", "cal:pq2x6-rot"),
+    ("PQ 2 channels x 6 bits + rotation + sink4 + window8", "cal:pq2x6-rot-comp"),
     ("PQ 4 channels x 8 bits + rotation", "cal:pq4x8-rot"),
-    # Low-rank residual (GEAR) on top of int2-comp.
+    # Learned per-group clipping, score correction and low-rank residual on top of int2-comp.
+    ("int2-comp with learned per-group clips for V", "cal:int2-comp-learnclip"),
+    ("int2-comp + mean-residual score correction for V",
+     "k=int2:chan:clip0.7,v=int2:g64:asym:clip0.9:meanres,sink=4,window=8,block=128"),
     ("int2-comp + rank-1 residual (GEAR)",
      "k=int2:chan:clip0.7:rank1,v=int2:g64:asym:clip0.9:rank1,sink=4,window=8,block=128"),
 ]
@@ -150,6 +149,11 @@ def decode_attention(kv, threads):
                    check=True, capture_output=True, cwd=ROOT)
     rows = json.load(open(os.path.join(tmp, "row.json")))["rows"]
     return rows[1]["us_per_token"], rows[0]["us_per_token"]
+
+
+def partial_path(out, ctx, chunks):
+    """Rows finished so far, so an interrupted run resumes instead of starting over."""
+    return os.path.join(out, f".kv_table_partial_ctx{ctx}_{chunks}.json")
 
 
 def plot(rows, ctx, chunks, path):
@@ -211,12 +215,28 @@ def main():
         kept = {r["spec"]: r for r in old["rows"] if r["spec"] not in redo}
     rows = [dict(label="fp16 (baseline)", spec="fp16", **base, kl_mean=0.0, top1_agreement=1.0)]
     rows[0]["attn_us"], rows[0]["attn_fp16_us"] = decode_attention("fp16", a.threads)
+    part = partial_path(a.out, a.ctx, a.chunks)
+    done = {}
+    if os.path.exists(part):
+        p = json.load(open(part))
+        if abs(p["base_ppl"] / base["ppl"] - 1) < 1e-12:
+            done = {r["spec"]: r for r in p["rows"]}
     for label, spec in configs:
+        if spec in done:
+            print(f"{label} (from {part})", file=sys.stderr)
+            rows.append(done[spec])
+            continue
         print(f"{label} ...", file=sys.stderr)
         r = run(spec, a.ctx, a.chunks, a.threads, ["--kl-base", base_file])
-        r["attn_us"], r["attn_fp16_us"] = decode_attention(spec, a.threads)
+        try:
+            r["attn_us"], r["attn_fp16_us"] = decode_attention(spec, a.threads)
+        except subprocess.CalledProcessError as e:
+            print(f"  decode attention bench failed: {e.stderr}", file=sys.stderr)
         rows.append(dict(label=label, spec=spec, **r))
+        json.dump({"base_ppl": base["ppl"], "rows": rows[1:]}, open(part, "w"))
     os.remove(base_file)
+    if os.path.exists(part):
+        os.remove(part)
     if kept is not None:
         order = ["fp16"] + [spec for _, spec in CONFIGS]
         rows = sorted(rows + list(kept.values()),
