@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -136,23 +137,63 @@ class CodebookCodec final : public KvCodec {
 
   void Decode(const uint8_t* slab, int64_t t0, int64_t t1, float* out) const override {
     const KvCodecSpec& s = spec();
-    const int64_t d = head_dim(), bits = s.bits;
-    const uint32_t mask = (1u << bits) - 1;
+    const int64_t d = head_dim(), bits = s.bits, n_levels = int64_t{1} << bits;
     const uint8_t* codes = slab + meta_bytes();
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t c = 0; c < d; ++c) {
-        const uint8_t* meta = slab + 2 * meta_per_scale_ * ScaleIndex(t, c);
-        const float mid = s.symmetric ? 0.0f : Fp16ToFp32(LoadU16(meta));
-        const float half = Fp16ToFp32(LoadU16(meta + (s.symmetric ? 0 : 2)));
+    // Codes of one token as indices (3-bit codes may straddle bytes; 2 and 4 never do).
+    uint8_t idx[kMaxHeadDim];
+    auto unpack = [&](int64_t t, int64_t c0, int64_t n) {
+      for (int64_t c = c0; c < c0 + n; ++c) {
         const int64_t bit = (t * d + c) * bits;
         uint32_t v = codes[bit >> 3];
         if ((bit & 7) + bits > 8) v |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
-        out[(t - t0) * d + c] = mid + half * levels_[(v >> (bit & 7)) & mask];
+        idx[c - c0] = static_cast<uint8_t>((v >> (bit & 7)) & (n_levels - 1));
+      }
+    };
+    auto meta = [&](int64_t k, float* mid, float* half) {
+      const uint8_t* m = slab + 2 * meta_per_scale_ * k;
+      *mid = s.symmetric ? 0.0f : Fp16ToFp32(LoadU16(m));
+      *half = Fp16ToFp32(LoadU16(m + (s.symmetric ? 0 : 2)));
+    };
+    if (per_channel_) {
+      // Channel c's levels scaled once per call: out = table[c][code].
+      thread_local std::vector<float> table;
+      table.resize(static_cast<size_t>(d * n_levels));
+      for (int64_t c = 0; c < d; ++c) {
+        float mid, half;
+        meta(c, &mid, &half);
+        for (int64_t k = 0; k < n_levels; ++k) table[c * n_levels + k] = mid + half * levels_[k];
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        float* o = out + (t - t0) * d;
+        for (int64_t c0 = 0; c0 < d; c0 += kMaxHeadDim) {
+          const int64_t n = std::min(kMaxHeadDim, d - c0);
+          unpack(t, c0, n);
+          for (int64_t c = 0; c < n; ++c) o[c0 + c] = table[(c0 + c) * n_levels + idx[c]];
+        }
+      }
+      return;
+    }
+    // Per token group: that group's scaled levels (at most 16), then one lookup per value.
+    const int64_t gs = s.group_size;
+    float scaled[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t g = 0; g < d; g += gs) {
+        float mid, half;
+        meta(ScaleIndex(t, g), &mid, &half);
+        for (int64_t k = 0; k < n_levels; ++k) scaled[k] = mid + half * levels_[k];
+        float* o = out + (t - t0) * d + g;
+        for (int64_t c0 = 0; c0 < gs; c0 += kMaxHeadDim) {
+          const int64_t n = std::min(kMaxHeadDim, gs - c0);
+          unpack(t, g + c0, n);
+          for (int64_t c = 0; c < n; ++c) o[c0 + c] = scaled[idx[c]];
+        }
       }
     }
   }
 
  private:
+  static constexpr int64_t kMaxHeadDim = 256;  // channels unpacked at a time
+
   int64_t ScaleIndex(int64_t t, int64_t c) const {
     return per_channel_ ? c : t * (head_dim() / spec().group_size) + c / spec().group_size;
   }
