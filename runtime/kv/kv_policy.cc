@@ -438,11 +438,11 @@ const std::vector<KvPreset>& KvPresets() {
       {"int2", "int2:g64:asym", "2-bit per-token min-max, no compensation (baseline)"},
       {"int4-comp", "k=int4:chan,v=int4:g64:asym,sink=4,window=8,block=128",
        "<= 4.5 bits/element at 2048 tokens: per-channel keys (KIVI), fp16 sinks + window"},
-      // Non-uniform 3-bit levels (NormalFloat) with the int4-comp layout: per-channel keys,
-      // Hadamard-rotated values (rotation makes each token's values near-Gaussian, what NF
-      // levels are made for); chosen from bench/results/kv_table_ctx512.md.
-      {"int3-comp", "k=nl3:chan:asym:nf,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128",
-       "<= 3.5 bits/element at 2048 tokens: per-channel NF3 keys, rotated NF3 values, fp16 "
+      // 3-bit: per-channel uniform keys (KIVI), NormalFloat values after a Hadamard rotation
+      // (which makes each token's values near-Gaussian, what NF levels are made for). In
+      // bench/results/kv_table_ctx512.md it beat NF3 keys, Lloyd-fitted levels and PQ 2x6.
+      {"int3-comp", "k=int3:chan,v=nl3:g64:sym:nf,rotate=v,sink=4,window=8,block=128",
+       "<= 3.5 bits/element at 2048 tokens: per-channel int3 keys, rotated NF3 values, fp16 "
        "sinks + window"},
       // Clip ratios from a grid search on GPL-3 text (not WikiText): K 0.6-1.0, V 0.8-1.0.
       {"int2-comp", "k=int2:chan:clip0.7,v=int2:g64:asym:clip0.9,sink=4,window=8,block=128",
