@@ -120,6 +120,9 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"tp", o.model.tp},
                         // bytes per token above: rank 0's share of the KV heads
                         {"kv_heads_rank0", kv.config().n_kv_heads}};
+    // Adapters change the model being measured: name them beside the cache.
+    if (!o.model.kv_correction.empty()) j["kv_correction"] = o.model.kv_correction;
+    if (!o.model.lora.empty()) j["lora"] = o.model.lora;
     if (session->compressed_comm != nullptr) {
       // Rank 0's all-reduce traffic (bytes it sent to its peers), raw fp32 vs compressed.
       const CompressedCommStats& cs = session->compressed_comm->stats();

@@ -8,6 +8,9 @@ std::vector<Subcommand> BuiltinSubcommands() {
   commands.push_back(PerplexitySubcommand());
   commands.push_back(KvPresetsSubcommand());
   commands.push_back(CalibrateSubcommand());
+  commands.push_back(FitCorrectionSubcommand());
+  commands.push_back(SensitivitySubcommand());
+  commands.push_back(KvAllocateSubcommand());
   commands.push_back(FetchModelSubcommand());
   commands.push_back(ServeSubcommand());
   commands.push_back(ClientSubcommand());

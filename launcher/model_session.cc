@@ -9,11 +9,13 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "runtime/comm/mpi_communicator.h"
+#include "runtime/engine/attn_correction.h"
 #include "runtime/kv/kv_policy.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/model/hf_model.h"
@@ -272,7 +274,46 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
                 [](std::string_view v) { return ParseLayerList(v).status(); })
         .Placeholder("LIST");
   }
+  flags
+      .Path("kv-correction", &o.kv_correction, "",
+            "attention-output correction fitted by `quantkv fit-correction` for this --kv: "
+            "added to every layer's attention output before o_proj")
+      .Placeholder("FILE");
+  flags.Bool("kv-correction-force", &o.kv_correction_force,
+             "apply --kv-correction even though it was fitted for another --kv (a warning)");
+  flags
+      .Path("lora", &o.lora, "",
+            "PEFT LoRA adapter (directory with adapter_config.json and "
+            "adapter_model.safetensors, or that .safetensors file) on q/k/v/o_proj",
+            PathKind::kAny)
+      .Placeholder("DIR|FILE");
 }
+
+namespace {
+
+// --kv-correction and --lora, read and checked against the model before the engine exists.
+absl::Status LoadAdapters(const ModelFlags& flags, const ModelConfig& model, EngineConfig& cfg) {
+  if (!flags.lora.empty()) {
+    QKV_ASSIGN_OR_RETURN(LoraAdapters lora, LoadLoraAdapters(flags.lora, model));
+    cfg.lora = std::make_shared<const LoraAdapters>(std::move(lora));
+  }
+  if (flags.kv_correction.empty()) return absl::OkStatus();
+  QKV_ASSIGN_OR_RETURN(AttnCorrection corr, ReadAttnCorrection(flags.kv_correction));
+  QKV_RETURN_IF_ERROR(CheckAttnCorrectionFitsModel(corr, model));
+  if (absl::Status s = CheckAttnCorrectionKv(corr, flags.kv); !s.ok()) {
+    if (!flags.kv_correction_force) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(s.message(),
+                       " (refit it for this --kv, or pass --kv-correction-force to apply it "
+                       "anyway)"));
+    }
+    std::cerr << "warning: " << s.message() << "; applying it anyway (--kv-correction-force)\n";
+  }
+  cfg.attn_correction = std::make_shared<const AttnCorrection>(std::move(corr));
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const EngineConfig& base) {
   QKV_RETURN_IF_ERROR(CheckLaunch(flags, base));
@@ -334,6 +375,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.kv_max_bytes = flags.kv_budget_mb << 20;
   cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
+  QKV_RETURN_IF_ERROR(agree(LoadAdapters(flags, (*weights)->config(), cfg)));
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
   QKV_RETURN_IF_ERROR(agree(engine.status()));
   s.engine = std::move(*engine);

@@ -30,6 +30,12 @@ struct ModelFlags {
   std::string comm_compress = "none";
   int64_t comm_compress_min_elements = 16384;
   std::string comm_compress_exact_layers;
+  // Adapters (runtime/engine/attn_correction.h, runtime/model/lora.h): a fitted KV
+  // correction file for the --kv cache (refused for another --kv unless forced) and a PEFT
+  // LoRA adapter directory or file.
+  std::string kv_correction;
+  bool kv_correction_force = false;
+  std::string lora;
 };
 
 struct ModelFlagOptions {

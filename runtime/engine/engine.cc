@@ -1,5 +1,6 @@
 #include "runtime/engine/engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <numeric>
@@ -137,7 +138,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
   std::vector<std::string> specs = {config.kv_spec};
   specs.insert(specs.end(), config.more_kv_specs.begin(), config.more_kv_specs.end());
-  for (const std::string& spec : specs) {
+  auto make_cache = [&](const std::string& spec,
+                        int64_t max_bytes) -> absl::StatusOr<std::unique_ptr<KvCache>> {
     KvCacheConfig kv;
     kv.n_layers = c.n_layers;
     // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
@@ -149,7 +151,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
                         {e->shard_.kv_heads.begin * c.head_dim, kv.n_kv_heads * c.head_dim});
       SliceHeadOverrides(kv.policy, e->shard_.kv_heads);
     }
-    kv.max_bytes = config.kv_max_bytes / static_cast<int64_t>(specs.size());
+    kv.max_bytes = max_bytes;
     kv.max_step_tokens = config.max_chunk_tokens;
     // Pre-RoPE keys are rotated again for every decoded key row: cache cos/sin per position.
     if (kv.policy.pre_rope_keys) {
@@ -161,7 +163,29 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       return absl::Status(cache.status().code(),
                           absl::StrFormat("KV cache '%s': %s", spec, cache.status().message()));
     }
-    e->kv_.push_back(std::move(*cache));
+    return cache;
+  };
+  for (const std::string& spec : specs) {
+    QKV_ASSIGN_OR_RETURN(
+        std::unique_ptr<KvCache> cache,
+        make_cache(spec, config.kv_max_bytes / static_cast<int64_t>(specs.size())));
+    e->kv_.push_back(std::move(cache));
+  }
+  // Adapters act on whole attention outputs and projections; under tensor parallelism
+  // a rank holds only some heads, so they are refused rather than half applied.
+  if (!e->shard_.whole() && (config.attn_correction || config.lora || config.attn_observer)) {
+    return absl::UnimplementedError(
+        "engine: KV corrections, LoRA adapters and attention observers need --tp 1");
+  }
+  if (config.attn_correction) {
+    QKV_RETURN_IF_ERROR(CheckAttnCorrectionFitsModel(*config.attn_correction, c));
+  }
+  if (config.lora) QKV_RETURN_IF_ERROR(CheckLoraFitsModel(*config.lora, c));
+  if (config.attn_observer) {
+    // The shadow holds exactly what cache 0 holds, so it gets that cache's budget.
+    QKV_ASSIGN_OR_RETURN(e->shadow_kv_,
+                         make_cache(config.attn_observer_exact_kv,
+                                    config.kv_max_bytes / static_cast<int64_t>(specs.size())));
   }
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
   return e;
@@ -295,7 +319,7 @@ absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
         absl::StrFormat("engine: no KV cache %d (the engine has %d)", kv_cache, kv_cache_count()));
   }
   const SequenceId id = next_seq_++;
-  sequences_.emplace(id, Sequence{.kv = {}, .cache = kv_cache});
+  sequences_.emplace(id, Sequence{.kv = {}, .cache = kv_cache, .shadow = {}});
   return id;
 }
 
@@ -313,6 +337,7 @@ absl::Status Engine::Release(SequenceId seq) {
     return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
   }
   kv_[it->second.cache]->Free(it->second.kv);
+  if (shadow_kv_) shadow_kv_->Free(it->second.shadow);
   sequences_.erase(it);
   return absl::OkStatus();
 }
@@ -381,24 +406,32 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
     total += static_cast<int64_t>(in.tokens.size());
   }
-  // Reserve cache blocks for all inputs; undo on failure so nothing changes.
-  std::vector<size_t> had_blocks;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    Sequence& si = sequences_[inputs[i].seq];
-    SequenceKv& sb = si.kv;
-    had_blocks.push_back(sb.blocks.size());
-    absl::Status s =
-        kv_[si.cache]->Reserve(sb, sb.length + static_cast<int64_t>(inputs[i].tokens.size()));
-    if (!s.ok()) {
-      for (size_t j = 0; j < i; ++j) {
-        Sequence& seq_j = sequences_[inputs[j].seq];
-        SequenceKv& sj = seq_j.kv;
-        for (size_t b = had_blocks[j]; b < sj.blocks.size(); ++b) {
-          (void)kv_[seq_j.cache]->allocator().Release(sj.blocks[b]);
+  // Reserve cache blocks for all inputs (and their shadows); undo on failure so nothing
+  // changes.
+  struct Reserved {
+    KvCache* cache;
+    SequenceKv* kv;
+    size_t had_blocks;
+  };
+  std::vector<Reserved> reserved;
+  for (const StepInput& in : inputs) {
+    Sequence& si = sequences_[in.seq];
+    const int64_t end = si.kv.length + static_cast<int64_t>(in.tokens.size());
+    std::pair<KvCache*, SequenceKv*> targets[2] = {{kv_[si.cache].get(), &si.kv},
+                                                   {shadow_kv_.get(), &si.shadow}};
+    for (auto [cache, kv] : targets) {
+      if (cache == nullptr) continue;
+      reserved.push_back({cache, kv, kv->blocks.size()});
+      absl::Status s = cache->Reserve(*kv, end);
+      if (!s.ok()) {
+        for (Reserved& r : reserved) {
+          for (size_t b = r.had_blocks; b < r.kv->blocks.size(); ++b) {
+            (void)r.cache->allocator().Release(r.kv->blocks[b]);
+          }
+          r.kv->blocks.resize(r.had_blocks);
         }
-        sj.blocks.resize(had_blocks[j]);
+        return s;
       }
-      return s;
     }
   }
 
@@ -469,6 +502,13 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.q, xn.data(), total, q.data(), pool, mm));
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.k, xn.data(), total, k.data(), pool, mm));
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.v, xn.data(), total, v.data(), pool, mm));
+    if (config_.lora) {
+      const LoraAdapters::Layer& lora = config_.lora->layers[li];
+      std::vector<float>& scratch = buf.adapter_scratch;
+      QKV_RETURN_IF_ERROR(AddLowRank(lora.q, xn.data(), total, q.data(), pool, scratch, mm));
+      QKV_RETURN_IF_ERROR(AddLowRank(lora.k, xn.data(), total, k.data(), pool, scratch, mm));
+      QKV_RETURN_IF_ERROR(AddLowRank(lora.v, xn.data(), total, v.data(), pool, scratch, mm));
+    }
     add_bias(q, l.q_bias);
     add_bias(k, l.k_bias);
     add_bias(v, l.v_bias);
@@ -485,6 +525,10 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
       kv_[seq.cache]->Write(seq.kv, li, seq.kv.length, n, k.data() + row * kv_dim,
                             v.data() + row * kv_dim);
+      if (shadow_kv_) {
+        shadow_kv_->Write(seq.shadow, li, seq.kv.length, n, k.data() + row * kv_dim,
+                          v.data() + row * kv_dim);
+      }
       input_rows[i] = row;
       row += n;
     }
@@ -511,7 +555,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       attend(few_row_inputs[0], pool);
     }
     for (size_t i : many_row_inputs) attend(i, pool);
+    if (config_.attn_correction || shadow_kv_) {
+      QKV_RETURN_IF_ERROR(CorrectAndObserve(inputs, li, positions, input_rows));
+    }
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.o, attn.data(), total, proj.data(), pool, mm));
+    if (config_.lora) {
+      QKV_RETURN_IF_ERROR(AddLowRank(config_.lora->layers[li].o, attn.data(), total, proj.data(),
+                                     pool, buf.adapter_scratch, mm));
+    }
     QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
     add_bias(proj, l.o_bias);
     kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
@@ -562,6 +613,67 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   last_step_.forward_ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
           .count();
+  return absl::OkStatus();
+}
+
+absl::Status Engine::CorrectAndObserve(std::span<const StepInput> inputs, int64_t layer,
+                                       const std::vector<int32_t>& positions,
+                                       const std::vector<int64_t>& input_rows) {
+  const ModelConfig& c = model_config_;
+  const int64_t q_dim = shard_.heads.size * c.head_dim;
+  const int64_t total = static_cast<int64_t>(positions.size());
+  StepBuffers& buf = buffers_;
+  kernels::MatMulOptions mm;
+  mm.gemm_min_rows = config_.gemm_min_rows;
+  const LowRankAdapter* corr =
+      config_.attn_correction ? &config_.attn_correction->layers[layer] : nullptr;
+  if (corr != nullptr && corr->empty()) corr = nullptr;
+  buf.reads_encoded.assign(static_cast<size_t>(total), 0);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Sequence& seq = sequences_.at(inputs[i].seq);
+    const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
+    const int64_t row = input_rows[i];
+    // A query reads encoded blocks once they begin before its ring (RingStart), past the
+    // sinks; that never stops as the sequence grows, so the rows that do are a suffix.
+    const kernels::KvLayerView view = kv_[seq.cache]->View(seq.kv, layer, seq.kv.length + n);
+    int64_t first = n;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = positions[row + j];
+      if (kernels::RingStart(view, p) > std::min<int64_t>(view.sink_tokens, p + 1)) {
+        first = j;
+        break;
+      }
+    }
+    std::fill(buf.reads_encoded.begin() + row + first, buf.reads_encoded.begin() + row + n, 1);
+    // Rows that read only exact tokens have no quantization error to correct.
+    if (corr != nullptr && seq.cache == 0 && first < n) {
+      float* a = buf.attn.data() + (row + first) * q_dim;
+      QKV_RETURN_IF_ERROR(AddLowRank(*corr, a, n - first, a, pool_.get(), buf.adapter_scratch, mm));
+    }
+  }
+  if (!shadow_kv_) return absl::OkStatus();
+  buf.attn_exact.resize(static_cast<size_t>(total * q_dim));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Sequence& seq = sequences_.at(inputs[i].seq);
+    const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
+    kernels::AttentionQuery aq;
+    aq.q = buf.q.data() + input_rows[i] * q_dim;
+    aq.n_q = n;
+    aq.n_heads = shard_.heads.size;
+    aq.positions = positions.data() + input_rows[i];
+    aq.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    aq.fused_decode = config_.fused_decode_attention;
+    kernels::Attention(aq, shadow_kv_->View(seq.shadow, layer, seq.kv.length + n),
+                       buf.attn_exact.data() + input_rows[i] * q_dim, pool_.get());
+  }
+  AttnObservation obs;
+  obs.layer = layer;
+  obs.n = total;
+  obs.positions = positions.data();
+  obs.attn = buf.attn.data();
+  obs.attn_exact = buf.attn_exact.data();
+  obs.reads_encoded = buf.reads_encoded.data();
+  config_.attn_observer(obs);
   return absl::OkStatus();
 }
 

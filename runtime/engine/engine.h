@@ -17,10 +17,26 @@
 #include "kernels/thread_pool.h"
 #include "runtime/comm/communicator.h"
 #include "runtime/comm/tensor_shard.h"
+#include "runtime/engine/attn_correction.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/model/lora.h"
 #include "runtime/model/weight_source.h"
 
 namespace quantkv {
+
+// What EngineConfig::attn_observer sees of one layer of a step: every row's attention output
+// (concatenated heads, before o_proj; corrected when a correction applies) and the output of
+// the same queries over an exact shadow cache holding the same K/V.
+struct AttnObservation {
+  int64_t layer = 0;
+  int64_t n = 0;  // rows, in step input order
+  const int32_t* positions = nullptr;
+  const float* attn = nullptr;        // [n][n_heads * head_dim]
+  const float* attn_exact = nullptr;  // [n][n_heads * head_dim]
+  // 1 where the row's attention read encoded (quantized) blocks, 0 where everything it
+  // attended to was still in the protected fp16 tokens (sinks, window, tail).
+  const uint8_t* reads_encoded = nullptr;
+};
 
 struct EngineConfig {
   int threads = 1;
@@ -59,6 +75,18 @@ struct EngineConfig {
   std::function<void(int64_t layer, int64_t n, const int32_t* positions, const float* k,
                      const float* v)>
       kv_observer;
+  // Attention-output correction (runtime/engine/attn_correction.h) for sequences in KV
+  // cache 0 (kv_spec's; the more_kv_specs caches stay uncorrected), added to the rows whose
+  // attention read encoded blocks. Checked against the model's shape at Create.
+  std::shared_ptr<const AttnCorrection> attn_correction;
+  // LoRA adapters on q/k/v/o (runtime/model/lora.h), applied to every sequence.
+  std::shared_ptr<const LoraAdapters> lora;
+  // For fitting corrections (`quantkv fit-correction`): called per layer of every step with
+  // the attention output and that over an exact shadow cache of spec attn_observer_exact_kv,
+  // which the engine then keeps beside each sequence (it costs a second cache and a second
+  // attention per layer; nothing when unset).
+  std::function<void(const AttnObservation&)> attn_observer;
+  std::string attn_observer_exact_kv = "fp32";
   // Tensor parallelism (Megatron): with a group of N > 1 ranks this engine computes rank
   // comm->rank()'s shard (runtime/comm/tensor_shard.h) and sums partial outputs over the
   // group after the attention output and down projections. Every rank must run the same
@@ -150,14 +178,22 @@ class Engine {
   std::vector<std::unique_ptr<kernels::PackedWeights>> packed_;  // see pack_weights
   struct StepBuffers {
     std::vector<float> h, xn, q, k, v, attn, proj, gate, up;
+    std::vector<float> attn_exact, adapter_scratch;  // attn_observer, adapters
+    std::vector<uint8_t> reads_encoded;
   };
+  // Adds the attention correction and collects what attn_observer sees, for one layer.
+  absl::Status CorrectAndObserve(std::span<const StepInput> inputs, int64_t layer,
+                                 const std::vector<int32_t>& positions,
+                                 const std::vector<int64_t>& input_rows);
   StepBuffers buffers_;  // Step's activations, reused
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
   struct Sequence {
     SequenceKv kv;
-    int cache = 0;  // index into kv_
+    int cache = 0;      // index into kv_
+    SequenceKv shadow;  // in shadow_kv_, when attn_observer is set
   };
+  std::unique_ptr<KvCache> shadow_kv_;  // exact cache for attn_observer
   absl::flat_hash_map<SequenceId, Sequence> sequences_;
   SequenceId next_seq_ = 1;
   StepTimings last_step_;
