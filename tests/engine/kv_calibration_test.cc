@@ -92,6 +92,27 @@ double CodecError(const KvPolicy& p, const std::vector<float>& rows) {
   return err;
 }
 
+// Writes the calibration file of p and parses it back, as `--kv @FILE` would.
+absl::StatusOr<KvPolicy> WriteAndLoad(const KvPolicy& p, const std::string& name) {
+  const std::string path = ::testing::TempDir() + "/" + name;
+  {
+    std::ofstream out(path);
+    out << KvPolicyFileJson(p, "{}");
+  }
+  return ParseKvPolicy("@" + path, kLayers);
+}
+
+// A cache of the test's geometry for `policy`.
+KvCacheConfig CacheFor(const KvPolicy& policy) {
+  KvCacheConfig cc;
+  cc.n_layers = kLayers;
+  cc.n_kv_heads = kKv;
+  cc.head_dim = kD;
+  cc.policy = policy;
+  cc.max_bytes = 1 << 20;
+  return cc;
+}
+
 TEST(KvCalibrationTest, MinMaxPerChannelIsTheColumnRange) {
   std::mt19937_64 rng(1);
   const std::vector<float> k = Rows(rng, false), v = Rows(rng, false);
@@ -187,12 +208,7 @@ TEST(KvCalibrationTest, FileLoadsBackIntoACache) {
     EXPECT_EQ(back->StaticScalesFor(l)->k.min, p->StaticScalesFor(l)->k.min);
     EXPECT_EQ(back->ForLayer(l).v.clip, p->ForLayer(l).v.clip);
   }
-  KvCacheConfig cc;
-  cc.n_layers = kLayers;
-  cc.n_kv_heads = kKv;
-  cc.head_dim = kD;
-  cc.policy = *back;
-  cc.max_bytes = 1 << 20;
+  KvCacheConfig cc = CacheFor(*back);
   kernels::RopeSpec rs;
   rs.head_dim = kD;
   kernels::RopeTable rope(rs);
@@ -258,20 +274,10 @@ TEST(KvCalibrationTest, CodebooksAreFittedAndLoadBack) {
     EXPECT_EQ(b->v.size(), 4u);
     EXPECT_TRUE(std::is_sorted(b->k.begin(), b->k.end()));
   }
-  const std::string path = ::testing::TempDir() + "/kv_codebook_test.json";
-  {
-    std::ofstream out(path);
-    out << KvPolicyFileJson(*p, "{}");
-  }
-  auto back = ParseKvPolicy("@" + path, kLayers);
+  auto back = WriteAndLoad(*p, "kv_codebook_test.json");
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->CodebooksFor(1)->k, p->CodebooksFor(1)->k);
-  KvCacheConfig cc;
-  cc.n_layers = kLayers;
-  cc.n_kv_heads = kKv;
-  cc.head_dim = kD;
-  cc.policy = *back;
-  cc.max_bytes = 1 << 20;
+  KvCacheConfig cc = CacheFor(*back);
   ASSERT_TRUE(KvCache::Create(cc).ok()) << KvCache::Create(cc).status();
   // The same spec without the file's levels is a clear error naming calibration.
   cc.policy.codebooks.clear();
@@ -314,20 +320,10 @@ TEST(KvCalibrationTest, VectorCentroidsAreFittedAndLoadBack) {
     EXPECT_EQ(p->CodebooksFor(l)->k.size(), 64u * 2);
     EXPECT_EQ(p->CodebooksFor(l)->v.size(), 256u * 4);
   }
-  const std::string path = ::testing::TempDir() + "/kv_pq_test.json";
-  {
-    std::ofstream out(path);
-    out << KvPolicyFileJson(*p, "{}");
-  }
-  auto back = ParseKvPolicy("@" + path, kLayers);
+  auto back = WriteAndLoad(*p, "kv_pq_test.json");
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->CodebooksFor(0)->v, p->CodebooksFor(0)->v);
-  KvCacheConfig cc;
-  cc.n_layers = kLayers;
-  cc.n_kv_heads = kKv;
-  cc.head_dim = kD;
-  cc.policy = *back;
-  cc.max_bytes = 1 << 20;
+  KvCacheConfig cc = CacheFor(*back);
   auto cache = KvCache::Create(cc);
   ASSERT_TRUE(cache.ok()) << cache.status();
   // 2 heads x 16 channels: K 6 bits per 2 channels, V 8 bits per 4, plus fp16 row scales.
@@ -349,20 +345,10 @@ TEST(KvCalibrationTest, ClipModelsAreFittedAndLoadBack) {
     EXPECT_EQ(p->ClipModelsFor(l)->k.size(), 5u);
     EXPECT_EQ(p->ClipModelsFor(l)->v.size(), 5u);
   }
-  const std::string path = ::testing::TempDir() + "/kv_clip_test.json";
-  {
-    std::ofstream out(path);
-    out << KvPolicyFileJson(*p, "{}");
-  }
-  auto back = ParseKvPolicy("@" + path, kLayers);
+  auto back = WriteAndLoad(*p, "kv_clip_test.json");
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->ClipModelsFor(1)->k, p->ClipModelsFor(1)->k);
-  KvCacheConfig cc;
-  cc.n_layers = kLayers;
-  cc.n_kv_heads = kKv;
-  cc.head_dim = kD;
-  cc.policy = *back;
-  cc.max_bytes = 1 << 20;
+  KvCacheConfig cc = CacheFor(*back);
   ASSERT_TRUE(KvCache::Create(cc).ok()) << KvCache::Create(cc).status();
   cc.policy.clip_models.clear();
   EXPECT_FALSE(KvCache::Create(cc).ok());

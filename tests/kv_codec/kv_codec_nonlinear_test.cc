@@ -22,23 +22,12 @@
 #include "kernels/kv_codebook.h"
 #include "kernels/kv_codec.h"
 #include "kernels/kv_vector_quant.h"
+#include "tests/testutil/test_seed.h"
 
 namespace quantkv::kernels {
 namespace {
 
-uint64_t Seed() {
-  static const uint64_t seed = [] {
-    uint64_t s;
-    if (const char* e = std::getenv("QUANTKV_TEST_SEED")) {
-      s = std::strtoull(e, nullptr, 10);
-    } else {
-      s = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
-    }
-    std::cout << "[ seed ] " << s << " (QUANTKV_TEST_SEED=" << s << " replays)\n";
-    return s;
-  }();
-  return seed;
-}
+uint64_t Seed() { return testing::TestSeed(); }
 
 std::unique_ptr<KvCodec> Make(const std::string& text, int64_t d = 64, int64_t bt = 32,
                               std::vector<float> levels = {}) {

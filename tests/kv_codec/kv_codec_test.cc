@@ -27,23 +27,12 @@
 #include "gtest/gtest.h"
 #include "kernels/fp16.h"
 #include "kernels/kv_codec.h"
+#include "tests/testutil/test_seed.h"
 
 namespace quantkv::kernels {
 namespace {
 
-uint64_t Seed() {
-  static const uint64_t seed = [] {
-    uint64_t s;
-    if (const char* e = std::getenv("QUANTKV_TEST_SEED")) {
-      s = std::strtoull(e, nullptr, 10);
-    } else {
-      s = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
-    }
-    std::cout << "[ seed ] " << s << " (QUANTKV_TEST_SEED=" << s << " replays)\n";
-    return s;
-  }();
-  return seed;
-}
+uint64_t Seed() { return testing::TestSeed(); }
 
 bool MessageHas(const absl::Status& s, std::string_view needle) {
   return std::string(s.message()).find(needle) != std::string::npos;
@@ -899,8 +888,8 @@ TEST(KvCodecOutlierTest, ParsesAndRefuses) {
   EXPECT_FLOAT_EQ(s->outlier_pct, 1.0f);
   EXPECT_EQ(s->ToString(), "int2:g64:asym:out1");
   EXPECT_FLOAT_EQ(ParseKvCodecSpec(s->ToString())->outlier_pct, 1.0f);
-  for (const char* bad : {"int4:out0", "int4:out11", "int4:outx", "fp8:out1", "int4:out1:out2",
-                          "fp16:out1"}) {
+  for (const char* bad :
+       {"int4:out0", "int4:out11", "int4:outx", "fp8:out1", "int4:out1:out2", "fp16:out1"}) {
     EXPECT_FALSE(ParseKvCodecSpec(bad).ok()) << bad;
   }
 }
