@@ -481,8 +481,8 @@ struct RoundTripStats {
 
 void CheckRoundTrip(const std::string& text, int64_t d, int64_t bt, Data kind, std::mt19937_64& rng,
                     RoundTripStats& stats) {
-  SCOPED_TRACE(testing::Message() << text << " d=" << d << " bt=" << bt
-                                  << " data=" << DataName(kind) << " seed=" << Seed());
+  SCOPED_TRACE(::testing::Message() << text << " d=" << d << " bt=" << bt
+                                    << " data=" << DataName(kind) << " seed=" << Seed());
   std::unique_ptr<KvCodec> codec = MustCreate(text, d, bt);
   ASSERT_TRUE(codec);
   const KvCodecSpec& spec = codec->spec();
