@@ -158,13 +158,13 @@ def main():
                              gran, pol))
 
     # 3. Perplexity of everything on WikiText.
-    def perplexity(tag, kv, extra):
+    def perplexity(tag, kv, extra, reusable=True):
         out = os.path.join(OUT, "ppl_%s.json" % tag)
         cmd = [q, "perplexity", "--threads", str(a.threads), "--text", rel(EVAL_TEXT),
                "--ctx", str(a.ctx), "--chunks", str(a.chunks), "--kv", kv, "--json"] + extra
         line = cmdline(cmd) + " > " + rel(out)
         log.append(line)
-        if a.reuse and os.path.exists(out):
+        if a.reuse and reusable and os.path.exists(out):
             print("reuse", rel(out), flush=True)
         else:
             print("+", line, flush=True)
@@ -174,18 +174,32 @@ def main():
         with open(out) as f:
             return json.loads(f.read().strip().splitlines()[-1])
 
+    def uniform_tag(kv):
+        return "uniform_" + kv.replace(":", "_").replace(",", "_").replace("=", "")
+
+    def allocation(pol):
+        with open(pol) as f:
+            return json.load(f)["allocation"]
+
+    def no_choice(alloc):  # every K and V at its cheapest codec: a uniform row already
+        return alloc["bits_per_element"] <= alloc["min_bits_per_element"] + 1e-9
+
+    tags = [uniform_tag(kv) for _, kv in UNIFORM] + [
+        os.path.basename(p)[len("policy_"):-5] for *_, p in policies
+        if not no_choice(allocation(p))]
+    pending = any(not os.path.exists(os.path.join(OUT, "ppl_%s.json" % t)) for t in tags)
     logits = os.path.join(OUT, "fp16_ctx%d.logits" % a.ctx)
-    base = perplexity("fp16", "fp16", ["--save-logits", rel(logits)])
+    # The baseline's distributions are not kept (removed below): remade when rows are run.
+    base = perplexity("fp16", "fp16", ["--save-logits", rel(logits)],
+                      reusable=os.path.exists(logits) or not pending)
     rows = [("fp16 (baseline)", "fp16", base, None)]
     kl = ["--kl-base", rel(logits)]
     for label, kv in UNIFORM:
-        tag = "uniform_" + kv.replace(":", "_").replace(",", "_").replace("=", "")
-        rows.append((label, kv, perplexity(tag, kv, kl), None))
+        rows.append((label, kv, perplexity(uniform_tag(kv), kv, kl), None))
     notes = []
     for label, name, budget, gran, pol in policies:
-        with open(pol) as f:
-            alloc = json.load(f)["allocation"]
-        if alloc["bits_per_element"] <= alloc["min_bits_per_element"] + 1e-9:
+        alloc = allocation(pol)
+        if no_choice(alloc):
             # No choice left: every K and V at its cheapest codec, a uniform row above.
             notes.append("%s: the budget only fits every K and V at its cheapest codec (%.3f "
                          "bits/element), i.e. the uniform row; not run again." % (
@@ -194,7 +208,7 @@ def main():
         tag = os.path.basename(pol)[len("policy_"):-5]
         rows.append((label, "@" + rel(pol), perplexity(tag, "@" + rel(pol), kl), alloc))
     if os.path.exists(logits):
-        os.remove(logits)  # 30 MB; remade by the fp16 run
+        os.remove(logits)  # 2 MB of binary; remade by the fp16 run
 
     # 4. Table.
     def spearman(name):
