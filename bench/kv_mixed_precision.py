@@ -46,7 +46,12 @@ SWEEPS = {
 ALLOCATIONS = [(3.5, "head"), (3.0, "head"), (3.0, "layer"), (2.5, "head"), (2.5, "layer")]
 # A family with more candidates: only the extra widths are measured, then merged into a copy
 # of the family's file (same base, text and windows). name -> (family, bits, allocations)
-EXTRA = {"chan3": ("chan", "3", [(3.5, "head"), (3.0, "head"), (2.5, "head")])}
+EXTRA = {"chan3": ("chan", "3", [(3.5, "head"), (3.375, "head"), (3.0, "head"), (2.5, "head")])}
+
+
+def spell(budget):
+    """3.0 -> "3.0", 3.375 -> "3.375": one decimal unless the budget needs more."""
+    return "%.1f" % budget if round(budget, 1) == budget else "%g" % budget
 
 
 def merge_sensitivity(into, extra, out):
@@ -150,11 +155,11 @@ def main():
     for name, allocations in families:
         sens = os.path.join(OUT, "sens_%s.json" % name)
         for budget, gran in allocations:
-            pol = os.path.join(OUT, "policy_%s_%.1f_%s.json" % (name, budget, gran))
+            pol = os.path.join(OUT, "policy_%s_%s_%s.json" % (name, spell(budget), gran))
             cmd = [q, "kv-allocate", "--sensitivity", rel(sens), "--kv-budget", str(budget),
                    "--granularity", gran, "--out", rel(pol)]
             run(cmd, log, reuse(pol))
-            policies.append(("allocated %s %.1f per %s" % (name, budget, gran), name, budget,
+            policies.append(("allocated %s %s per %s" % (name, spell(budget), gran), name, budget,
                              gran, pol))
 
     # 3. Perplexity of everything on WikiText.
