@@ -11,6 +11,7 @@ std::vector<Subcommand> BuiltinSubcommands() {
   commands.push_back(FitCorrectionSubcommand());
   commands.push_back(SensitivitySubcommand());
   commands.push_back(KvAllocateSubcommand());
+  commands.push_back(MoefySubcommand());
   commands.push_back(FetchModelSubcommand());
   commands.push_back(ServeSubcommand());
   commands.push_back(ClientSubcommand());

@@ -20,6 +20,7 @@ Subcommand CalibrateSubcommand();    // launcher/cmd_calibrate.cc
 Subcommand FitCorrectionSubcommand();  // launcher/cmd_fit_correction.cc
 Subcommand SensitivitySubcommand();  // launcher/cmd_sensitivity.cc
 Subcommand KvAllocateSubcommand();   // launcher/cmd_kv_allocate.cc
+Subcommand MoefySubcommand();        // launcher/cmd_moefy.cc
 Subcommand ServeSubcommand();        // launcher/cmd_serve.cc
 Subcommand ClientSubcommand();       // launcher/cmd_client.cc
 

@@ -19,6 +19,7 @@
 #include "runtime/kv/kv_policy.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/model/hf_model.h"
+#include "runtime/model/moe_split.h"
 #include "runtime/model/rope_scaling.h"
 #include "runtime/util/model_cache.h"
 #include "runtime/util/status_macros.h"
@@ -287,6 +288,15 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
             "adapter_model.safetensors, or that .safetensors file) on q/k/v/o_proj",
             PathKind::kAny)
       .Placeholder("DIR|FILE");
+  flags
+      .Path("moe-split", &o.moe_split, "",
+            "run a dense model as a mixture of experts: its MLP neurons split into experts "
+            "with a router, as fitted by `quantkv moefy`",
+            PathKind::kFile)
+      .Placeholder("FILE");
+  flags.Int<int64_t>("moe-top-k", &o.moe_top_k, 0,
+                     "MoE models: experts per token (default: the model's, or the split's)",
+                     {.min = 0, .max = 4096});
 }
 
 namespace {
@@ -334,6 +344,11 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
     return OpenWeights(s, s.comm ? &print : nullptr);
   }();
   QKV_RETURN_IF_ERROR(agree(weights.status()));
+  if (!flags.moe_split.empty()) {
+    absl::StatusOr<MoeSplit> split = ReadMoeSplit(flags.moe_split);
+    if (split.ok()) weights = MoefiedSource(std::move(*weights), *split);
+    QKV_RETURN_IF_ERROR(agree(split.ok() ? weights.status() : split.status()));
+  }
   if (s.comm) {
     print.kv_hash = KvFingerprint(flags.kv);
     std::memcpy(print.kv, flags.kv.data(), std::min(flags.kv.size(), sizeof(print.kv) - 1));
@@ -375,6 +390,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.kv_max_bytes = flags.kv_budget_mb << 20;
   cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
+  cfg.moe_top_k = flags.moe_top_k;
   QKV_RETURN_IF_ERROR(agree(LoadAdapters(flags, (*weights)->config(), cfg)));
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
   QKV_RETURN_IF_ERROR(agree(engine.status()));

@@ -36,6 +36,10 @@ struct ModelFlags {
   std::string kv_correction;
   bool kv_correction_force = false;
   std::string lora;
+  // MoE: a dense model run as the experts of a split from `quantkv moefy`, and the number
+  // of experts each token is routed to (0: the model's or the split's).
+  std::string moe_split;
+  int64_t moe_top_k = 0;
 };
 
 struct ModelFlagOptions {

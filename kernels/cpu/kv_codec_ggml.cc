@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 
+#include "kernels/cpu/ggml_block_encode.h"
 #include "kernels/cpu/kv_codec_internal.h"
 #include "kernels/cpu/unaligned.h"
 #include "kernels/dequantize.h"
@@ -22,6 +23,9 @@
 namespace quantkv::kernels::kv_codec_internal {
 namespace {
 
+using ggml_encode::EncodeQ4_0;
+using ggml_encode::EncodeQ4_1;
+using ggml_encode::EncodeQ8_0;
 using internal::LoadU16;
 using internal::StoreU16;
 
@@ -41,53 +45,6 @@ int64_t BlockBytes(GgmlKvFormat f) {
       return 2 + kQK / 2;
   }
   return 0;
-}
-
-void EncodeQ8_0(const float* x, uint8_t* b) {
-  float amax = 0;
-  for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
-  const float d = amax / 127.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  StoreU16(b, Fp32ToFp16(d));
-  for (int j = 0; j < kQK; ++j)
-    b[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
-}
-
-void EncodeQ4_0(const float* x, uint8_t* b) {
-  // The value of largest magnitude, with its sign, maps to code 0 (-8 * d).
-  float amax = 0, max = 0;
-  for (int j = 0; j < kQK; ++j) {
-    if (amax < std::fabs(x[j])) {
-      amax = std::fabs(x[j]);
-      max = x[j];
-    }
-  }
-  const float d = max / -8.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  StoreU16(b, Fp32ToFp16(d));
-  for (int j = 0; j < kQK / 2; ++j) {
-    const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>(x[j] * id + 8.5f)));
-    const int q1 = std::min(15, static_cast<int>(static_cast<int8_t>(x[j + kQK / 2] * id + 8.5f)));
-    b[2 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
-  }
-}
-
-void EncodeQ4_1(const float* x, uint8_t* b) {
-  float lo = INFINITY, hi = -INFINITY;
-  for (int j = 0; j < kQK; ++j) {
-    lo = std::min(lo, x[j]);
-    hi = std::max(hi, x[j]);
-  }
-  const float d = (hi - lo) / 15.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  StoreU16(b, Fp32ToFp16(d));
-  StoreU16(b + 2, Fp32ToFp16(lo));
-  for (int j = 0; j < kQK / 2; ++j) {
-    const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>((x[j] - lo) * id + 0.5f)));
-    const int q1 =
-        std::min(15, static_cast<int>(static_cast<int8_t>((x[j + kQK / 2] - lo) * id + 0.5f)));
-    b[4 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
-  }
 }
 
 int NearestIq4nl(float v) {

@@ -135,6 +135,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   QKV_RETURN_IF_ERROR(e->PlanShard());
   QKV_RETURN_IF_ERROR(e->LoadWeights());
   const ModelConfig& c = e->model_config_;
+  if (c.moe.enabled()) {
+    e->router_.n_experts = static_cast<int>(c.moe.n_experts);
+    e->router_.top_k = static_cast<int>(config.moe_top_k > 0 ? config.moe_top_k : c.moe.top_k);
+    e->router_.weighting = c.moe.weighting;
+    absl::Status s = moe::CheckRouterConfig(e->router_);
+    if (!s.ok()) return absl::InvalidArgumentError(absl::StrFormat("--moe-top-k: %s", s.message()));
+  } else if (config.moe_top_k > 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--moe-top-k %d: %s is not a mixture-of-experts model", config.moe_top_k,
+                        e->weights_->origin()));
+  }
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
   std::vector<std::string> specs = {config.kv_spec};
   specs.insert(specs.end(), config.more_kv_specs.begin(), config.more_kv_specs.end());
@@ -265,9 +276,13 @@ absl::Status Engine::LoadWeights() {
     QKV_ASSIGN_OR_RETURN(l.k, rows(p + "attn_k.weight", kv_dim, c.hidden, kv_rows));
     QKV_ASSIGN_OR_RETURN(l.v, rows(p + "attn_v.weight", kv_dim, c.hidden, kv_rows));
     QKV_ASSIGN_OR_RETURN(l.o, columns(p + "attn_output.weight", c.hidden, q_dim, q_rows));
-    QKV_ASSIGN_OR_RETURN(l.gate, rows(p + "ffn_gate.weight", c.intermediate, c.hidden, ff));
-    QKV_ASSIGN_OR_RETURN(l.up, rows(p + "ffn_up.weight", c.intermediate, c.hidden, ff));
-    QKV_ASSIGN_OR_RETURN(l.down, columns(p + "ffn_down.weight", c.hidden, c.intermediate, ff));
+    if (c.moe.enabled()) {
+      QKV_RETURN_IF_ERROR(LoadMoeLayer(i, l));
+    } else {
+      QKV_ASSIGN_OR_RETURN(l.gate, rows(p + "ffn_gate.weight", c.intermediate, c.hidden, ff));
+      QKV_ASSIGN_OR_RETURN(l.up, rows(p + "ffn_up.weight", c.intermediate, c.hidden, ff));
+      QKV_ASSIGN_OR_RETURN(l.down, columns(p + "ffn_down.weight", c.hidden, c.intermediate, ff));
+    }
     QKV_ASSIGN_OR_RETURN(l.attn_norm, Vector(w, p + "attn_norm.weight", c.hidden));
     QKV_ASSIGN_OR_RETURN(l.ffn_norm, Vector(w, p + "ffn_norm.weight", c.hidden));
     if (c.attention_bias) {
@@ -289,6 +304,83 @@ absl::Status Engine::LoadWeights() {
   return absl::OkStatus();
 }
 
+// An MoE layer: the router, every expert (merged 3-D tensors "ffn_gate_exps" as llama.cpp
+// writes them, or one tensor per expert "ffn_gate.E"), and the shared expert. Under tensor
+// parallelism the experts are split over the ranks instead (expert parallelism: rank r
+// computes experts e with e % N == r, rank 0 the shared expert), with every rank holding
+// all tokens' activations, so dispatch needs no communication and the combine is the sum
+// the dense layer's down projection already ends with.
+absl::Status Engine::LoadMoeLayer(int64_t layer, Layer& l) {
+  const WeightSource& w = *weights_;
+  const ModelConfig& c = w.config();
+  const MoeConfig& m = c.moe;
+  const std::string p = absl::StrFormat("blk.%d.", layer);
+  MoeFfnWeights& f = l.moe;
+  QKV_ASSIGN_OR_RETURN(f.router, Matrix(w, p + "ffn_gate_inp.weight", m.n_experts, c.hidden));
+  if (w.Find(p + "ffn_gate_inp.bias") != nullptr) {
+    QKV_ASSIGN_OR_RETURN(f.router_bias, Vector(w, p + "ffn_gate_inp.bias", m.n_experts));
+  }
+  f.experts.resize(m.n_experts);
+  struct Part {
+    const char* name;
+    int64_t rows, cols;
+    kernels::WeightMatrix ExpertMatrices::*field;
+  };
+  const Part parts[] = {{"ffn_gate", m.expert_intermediate, c.hidden, &ExpertMatrices::gate},
+                        {"ffn_up", m.expert_intermediate, c.hidden, &ExpertMatrices::up},
+                        {"ffn_down", c.hidden, m.expert_intermediate, &ExpertMatrices::down}};
+  for (const Part& part : parts) {
+    const std::string merged = p + part.name + "_exps.weight";
+    if (const WeightTensor* t = w.Find(merged)) {
+      if (t->dims.size() != 3 || t->dims[0] != part.cols || t->dims[1] != part.rows ||
+          t->dims[2] != m.n_experts) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: tensor '%s' has dims %s, the config implies {%d, %d, %d}", w.origin(), merged,
+            DimsString(t->dims), part.cols, part.rows, m.n_experts));
+      }
+      if (!kernels::GgmlTypeInfoOf(t->type).dequantizable) {
+        return absl::UnimplementedError(
+            absl::StrFormat("%s: tensor '%s' has type %s, which QuantKV cannot compute with",
+                            w.origin(), merged, kernels::GgmlTypeInfoOf(t->type).name));
+      }
+      const int64_t expert_bytes = part.rows * *kernels::GgmlRowBytes(t->type, part.cols);
+      for (int64_t e = 0; e < m.n_experts; ++e) {
+        f.experts[e].*part.field =
+            kernels::WeightMatrix{t->type, t->data + e * expert_bytes, part.rows, part.cols};
+      }
+      continue;
+    }
+    for (int64_t e = 0; e < m.n_experts; ++e) {
+      QKV_ASSIGN_OR_RETURN(
+          f.experts[e].*part.field,
+          Matrix(w, absl::StrFormat("%s%s.%d.weight", p, part.name, e), part.rows, part.cols));
+    }
+  }
+  if (m.shared_intermediate > 0) {
+    const int64_t S = m.shared_intermediate;
+    QKV_ASSIGN_OR_RETURN(f.shared.gate, Matrix(w, p + "ffn_gate_shexp.weight", S, c.hidden));
+    QKV_ASSIGN_OR_RETURN(f.shared.up, Matrix(w, p + "ffn_up_shexp.weight", S, c.hidden));
+    QKV_ASSIGN_OR_RETURN(f.shared.down, Matrix(w, p + "ffn_down_shexp.weight", c.hidden, S));
+    // GGUF stores the gate as {hidden}, HF as [1, hidden] ({hidden, 1} here).
+    if (const WeightTensor* g = w.Find(p + "ffn_gate_inp_shexp.weight")) {
+      if (g->n_elements() != c.hidden || g->dims[0] != c.hidden) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: tensor '%sffn_gate_inp_shexp.weight' has dims %s, the config implies {%d}",
+            w.origin(), p, DimsString(g->dims), c.hidden));
+      }
+      f.shared_gate.resize(static_cast<size_t>(c.hidden));
+      QKV_RETURN_IF_ERROR(kernels::DequantizeRow(g->type, g->data, f.shared_gate.data(), c.hidden));
+    }
+  }
+  if (!shard_.whole()) {
+    const int ranks = config_.comm->size(), rank = config_.comm->rank();
+    f.owned.assign(static_cast<size_t>(m.n_experts), 0);
+    for (int64_t e = rank; e < m.n_experts; e += ranks) f.owned[e] = 1;
+    f.owns_shared = rank == 0;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Engine::PackWeights() {
   auto pack = [&](kernels::WeightMatrix& m, kernels::ActivationPrecision act) -> absl::Status {
     if (!kernels::CanPackWeights(m.type, act)) return absl::OkStatus();
@@ -301,6 +393,14 @@ absl::Status Engine::PackWeights() {
   for (Layer& l : layers_) {
     for (kernels::WeightMatrix* m : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
       QKV_RETURN_IF_ERROR(pack(*m, config_.decode_activations));
+    }
+    std::vector<ExpertMatrices*> experts;
+    for (ExpertMatrices& m : l.moe.experts) experts.push_back(&m);
+    if (l.moe.shared.present()) experts.push_back(&l.moe.shared);
+    for (ExpertMatrices* m : experts) {
+      for (kernels::WeightMatrix* w : {&m->gate, &m->up, &m->down}) {
+        QKV_RETURN_IF_ERROR(pack(*w, config_.decode_activations));
+      }
     }
   }
   // lm_head_ is its own view even when tied to the embedding, which keeps reading the file.
@@ -364,9 +464,20 @@ int64_t Engine::WeightBytesPerToken() const {
     return m.rows * *kernels::GgmlRowBytes(m.type, m.cols);
   };
   int64_t total = bytes(lm_head_) + *kernels::GgmlRowBytes(embedding_.type, embedding_.cols);
+  auto mlp = [&](const ExpertMatrices& m) {
+    return m.present() ? bytes(m.gate) + bytes(m.up) + bytes(m.down) : 0;
+  };
   for (const Layer& l : layers_) {
-    total += bytes(l.q) + bytes(l.k) + bytes(l.v) + bytes(l.o) + bytes(l.gate) + bytes(l.up) +
-             bytes(l.down);
+    total += bytes(l.q) + bytes(l.k) + bytes(l.v) + bytes(l.o);
+    if (l.moe.experts.empty()) {
+      total += bytes(l.gate) + bytes(l.up) + bytes(l.down);
+      continue;
+    }
+    // A token reads the router, the shared expert and top_k experts (their mean size).
+    int64_t experts = 0;
+    for (const ExpertMatrices& m : l.moe.experts) experts += mlp(m);
+    total += bytes(l.moe.router) + mlp(l.moe.shared) +
+             experts * router_.top_k / static_cast<int64_t>(l.moe.experts.size());
   }
   return total;
 }
@@ -566,6 +677,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
     add_bias(proj, l.o_bias);
     kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
+    if (c.moe.enabled()) {
+      QKV_RETURN_IF_ERROR(
+          MoeFfn(l.moe, router_, xn.data(), total, proj.data(), pool, mm, buf.moe, buf.routing));
+      if (config_.routing_observer) config_.routing_observer(li, buf.routing);
+      QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
+      for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];
+      continue;
+    }
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.gate, xn.data(), total, gate.data(), pool, mm));
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.up, xn.data(), total, up.data(), pool, mm));
     // Element-wise, so splitting it over the pool cannot change a value.
@@ -576,6 +695,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
                           (r1 - r0) * I);
         },
         8);
+    if (config_.mlp_observer) config_.mlp_observer(li, total, xn.data(), gate.data());
     QKV_RETURN_IF_ERROR(kernels::MatMul(l.down, gate.data(), total, proj.data(), pool, mm));
     QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
     for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];

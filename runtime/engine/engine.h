@@ -18,6 +18,7 @@
 #include "runtime/comm/communicator.h"
 #include "runtime/comm/tensor_shard.h"
 #include "runtime/engine/attn_correction.h"
+#include "runtime/engine/moe_ffn.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/lora.h"
 #include "runtime/model/weight_source.h"
@@ -93,6 +94,14 @@ struct EngineConfig {
   // Steps. nullptr (or a group of 1): the whole model. Not owned; must outlive the engine.
   // Sums go through AllReduceSumForLayer, so a compressing group can keep layers exact.
   Communicator* comm = nullptr;
+  // Sees each dense MLP layer's input (after ffn_norm) and its SwiGLU activations, n rows of
+  // hidden and of intermediate values; for splitting a dense model into experts
+  // (`quantkv moefy`). Not called for MoE layers.
+  std::function<void(int64_t layer, int64_t n, const float* x, const float* act)> mlp_observer;
+  // Sees each MoE layer's routing of every step's rows (stats, precision policies).
+  std::function<void(int64_t layer, const moe::Routing& routing)> routing_observer;
+  // MoE models: route to this many experts instead of the model's top_k (0: the model's).
+  int64_t moe_top_k = 0;
 };
 
 using SequenceId = int64_t;
@@ -123,6 +132,8 @@ class Engine {
   int kv_cache_count() const { return static_cast<int>(kv_.size()); }
   const KvCache& kv_cache(int index = 0) const { return *kv_[index]; }
   const kernels::RopeTable& rope() const { return *rope_; }
+  // MoE models: the router as this engine runs it (top_k may be EngineConfig::moe_top_k).
+  const moe::RouterConfig& router() const { return router_; }
   // The heads and MLP columns this engine computes (everything without tensor parallelism).
   const TensorShard& shard() const { return shard_; }
 
@@ -153,12 +164,14 @@ class Engine {
  private:
   struct Layer {
     kernels::WeightMatrix q, k, v, o, gate, up, down;
+    MoeFfnWeights moe;  // MoE models: the FFN (gate/up/down unused)
     std::vector<float> attn_norm, ffn_norm, q_bias, k_bias, v_bias, o_bias;
   };
   Engine() = default;
   absl::Status PlanShard();
   absl::Status LoadWeights();
   absl::Status PackWeights();  // config_.pack_weights
+  absl::Status LoadMoeLayer(int64_t layer, Layer& l);
   // Sums a row-parallel layer's partial output over the tensor-parallel group; `layer`
   // lets a compressing group keep that layer's sums exact.
   absl::Status ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) const;
@@ -180,6 +193,8 @@ class Engine {
     std::vector<float> h, xn, q, k, v, attn, proj, gate, up;
     std::vector<float> attn_exact, adapter_scratch;  // attn_observer, adapters
     std::vector<uint8_t> reads_encoded;
+    MoeFfnScratch moe;
+    moe::Routing routing;
   };
   // Adds the attention correction and collects what attn_observer sees, for one layer.
   absl::Status CorrectAndObserve(std::span<const StepInput> inputs, int64_t layer,
@@ -188,6 +203,7 @@ class Engine {
   StepBuffers buffers_;  // Step's activations, reused
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
+  moe::RouterConfig router_;  // MoE models
   struct Sequence {
     SequenceKv kv;
     int cache = 0;      // index into kv_

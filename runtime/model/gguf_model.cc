@@ -6,13 +6,52 @@
 
 namespace quantkv {
 
+namespace {
+
+// llama.cpp's MoE keys: Mixtral is arch "llama" with expert_count (its feed_forward_length is
+// the expert's); qwen2moe has expert_feed_forward_length and a shared expert. Top-k weights
+// are renormalised for llama and not for qwen2moe (llama.cpp's defaults), unless the file
+// says expert_weights_norm.
+absl::Status MoeConfigFromGguf(const GgufFile& f, const std::string& a, ModelConfig& c) {
+  QKV_ASSIGN_OR_RETURN(c.moe.n_experts, f.GetIntOr(a + "expert_count", 0));
+  if (c.moe.n_experts == 0) {
+    if (c.architecture == "qwen2moe") {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: %sexpert_count is missing", f.name(), a));
+    }
+    return absl::OkStatus();
+  }
+  QKV_ASSIGN_OR_RETURN(c.moe.top_k, f.GetInt(a + "expert_used_count"));
+  QKV_ASSIGN_OR_RETURN(c.moe.expert_intermediate,
+                       f.GetIntOr(a + "expert_feed_forward_length", c.intermediate));
+  QKV_ASSIGN_OR_RETURN(c.moe.shared_intermediate,
+                       f.GetIntOr(a + "expert_shared_feed_forward_length", 0));
+  QKV_ASSIGN_OR_RETURN(bool norm,
+                       f.GetBoolOr(a + "expert_weights_norm", c.architecture != "qwen2moe"));
+  c.moe.weighting =
+      norm ? moe::RouterWeighting::kSoftmaxTopKNormalized : moe::RouterWeighting::kSoftmaxTopK;
+  if (c.moe.n_experts < 0 || c.moe.n_experts > 4096 || c.moe.top_k < 1 ||
+      c.moe.top_k > c.moe.n_experts || c.moe.expert_intermediate <= 0 ||
+      c.moe.shared_intermediate < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: inconsistent MoE metadata: %sexpert_count %d, expert_used_count %d, "
+                        "expert_feed_forward_length %d, expert_shared_feed_forward_length %d",
+                        f.name(), a, c.moe.n_experts, c.moe.top_k, c.moe.expert_intermediate,
+                        c.moe.shared_intermediate));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
   ModelConfig c;
   QKV_ASSIGN_OR_RETURN(c.architecture, f.GetString("general.architecture"));
-  if (c.architecture != "llama" && c.architecture != "mistral" && c.architecture != "qwen2") {
+  if (c.architecture != "llama" && c.architecture != "mistral" && c.architecture != "qwen2" &&
+      c.architecture != "qwen2moe") {
     return absl::UnimplementedError(absl::StrFormat(
-        "%s: general.architecture '%s' is not supported (llama, mistral, qwen2)", f.name(),
-        c.architecture));
+        "%s: general.architecture '%s' is not supported (llama, mistral, qwen2, qwen2moe)",
+        f.name(), c.architecture));
   }
   const std::string a = c.architecture + ".";
   QKV_ASSIGN_OR_RETURN(c.name, f.GetStringOr("general.name", ""));
@@ -35,8 +74,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
   QKV_ASSIGN_OR_RETURN(int64_t rot, f.GetIntOr(a + "rope.dimension_count", c.head_dim));
   if (rot != c.head_dim || c.head_dim % 2 != 0) {
     return absl::UnimplementedError(absl::StrFormat(
-        "%s: %srope.dimension_count %d != head dim %d (partial rotary is not supported)",
-        f.name(), a, rot, c.head_dim));
+        "%s: %srope.dimension_count %d != head dim %d (partial rotary is not supported)", f.name(),
+        a, rot, c.head_dim));
   }
   QKV_ASSIGN_OR_RETURN(double theta, f.GetFloatOr(a + "rope.freq_base", 10000.0));
   c.rope.theta = static_cast<float>(theta);
@@ -66,7 +105,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
         f.name()));
   }
   // Qwen2 keeps HF's rotate-half layout in GGUF (llama.cpp runs it with NeoX RoPE).
-  c.rope_neox = c.architecture == "qwen2";
+  c.rope_neox = c.architecture == "qwen2" || c.architecture == "qwen2moe";
+  QKV_RETURN_IF_ERROR(MoeConfigFromGguf(f, a, c));
   c.attention_bias = f.FindTensor("blk.0.attn_q.bias") != nullptr;
   c.tied_embeddings = f.FindTensor("output.weight") == nullptr;
   QKV_ASSIGN_OR_RETURN(const GgufTensor* emb, f.GetTensor("token_embd.weight"));
@@ -79,9 +119,9 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
   if (f.Has(a + "vocab_size")) {
     QKV_ASSIGN_OR_RETURN(int64_t v, f.GetInt(a + "vocab_size"));
     if (v != c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: %svocab_size %d contradicts token_embd.weight's %d rows", f.name(), a, v,
-          c.vocab_size));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: %svocab_size %d contradicts token_embd.weight's %d rows", f.name(),
+                          a, v, c.vocab_size));
     }
   }
   return c;

@@ -156,9 +156,9 @@ struct ArchInfo {
 };
 
 constexpr ArchInfo kArchs[] = {
-    {"LlamaForCausalLM", "llama", "llama"},
-    {"MistralForCausalLM", "mistral", "mistral"},
-    {"Qwen2ForCausalLM", "qwen2", "qwen2"},
+    {"LlamaForCausalLM", "llama", "llama"},           {"MistralForCausalLM", "mistral", "mistral"},
+    {"Qwen2ForCausalLM", "qwen2", "qwen2"},           {"MixtralForCausalLM", "mixtral", "mixtral"},
+    {"Qwen2MoeForCausalLM", "qwen2_moe", "qwen2moe"},
 };
 
 absl::StatusOr<const ArchInfo*> FindArch(const Fields& f) {
@@ -175,7 +175,8 @@ absl::StatusOr<const ArchInfo*> FindArch(const Fields& f) {
     }
     return absl::UnimplementedError(
         absl::StrFormat("%s: field 'architectures' = '%s' is not supported (LlamaForCausalLM, "
-                        "MistralForCausalLM and Qwen2ForCausalLM are)",
+                        "MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM and "
+                        "Qwen2MoeForCausalLM are)",
                         f.where(), name.substr(0, 80)));
   }
   QKV_ASSIGN_OR_RETURN(std::optional<std::string> model_type, f.OptString("model_type"));
@@ -186,9 +187,58 @@ absl::StatusOr<const ArchInfo*> FindArch(const Fields& f) {
   for (const ArchInfo& a : kArchs) {
     if (a.model_type == *model_type) return &a;
   }
-  return absl::UnimplementedError(
-      absl::StrFormat("%s: field 'model_type' = '%s' is not supported (llama, mistral, qwen2 are)",
-                      f.where(), model_type->substr(0, 80)));
+  return absl::UnimplementedError(absl::StrFormat(
+      "%s: field 'model_type' = '%s' is not supported (llama, mistral, qwen2, mixtral, "
+      "qwen2_moe are)",
+      f.where(), model_type->substr(0, 80)));
+}
+
+// MoE fields as transformers' MixtralConfig / Qwen2MoeConfig name them. Qwen2-MoE layers
+// that stay dense (decoder_sparse_step > 1, mlp_only_layers) are refused rather than run
+// wrong.
+absl::Status ParseMoe(const Fields& f, ModelConfig& c) {
+  MoeConfig& m = c.moe;
+  if (c.architecture == "mixtral") {
+    QKV_ASSIGN_OR_RETURN(m.n_experts, f.Dim("num_local_experts", 8));
+    QKV_ASSIGN_OR_RETURN(m.top_k, f.Dim("num_experts_per_tok", 2));
+    m.expert_intermediate = c.intermediate;
+    m.weighting = moe::RouterWeighting::kSoftmaxTopKNormalized;
+  } else if (c.architecture == "qwen2moe") {
+    QKV_ASSIGN_OR_RETURN(m.n_experts, f.Dim("num_experts", 60));
+    QKV_ASSIGN_OR_RETURN(m.top_k, f.Dim("num_experts_per_tok", 4));
+    QKV_ASSIGN_OR_RETURN(m.expert_intermediate, f.Dim("moe_intermediate_size", 1408));
+    QKV_ASSIGN_OR_RETURN(std::optional<int64_t> shared,
+                         f.OptInt("shared_expert_intermediate_size"));
+    m.shared_intermediate = shared.value_or(5632);
+    if (m.shared_intermediate < 0 || m.shared_intermediate > kMaxDim) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: field 'shared_expert_intermediate_size' = %d is outside [0, %d]",
+                          f.where(), m.shared_intermediate, kMaxDim));
+    }
+    QKV_ASSIGN_OR_RETURN(const bool norm, f.Bool("norm_topk_prob", false));
+    m.weighting =
+        norm ? moe::RouterWeighting::kSoftmaxTopKNormalized : moe::RouterWeighting::kSoftmaxTopK;
+    QKV_ASSIGN_OR_RETURN(const int64_t step, f.Dim("decoder_sparse_step", 1));
+    if (step != 1) {
+      return absl::UnimplementedError(absl::StrFormat(
+          "%s: field 'decoder_sparse_step' = %d: only every-layer MoE (1) is supported", f.where(),
+          step));
+    }
+    if (const json* dense = f.Get("mlp_only_layers"); dense != nullptr && !dense->empty()) {
+      return absl::UnimplementedError(absl::StrFormat(
+          "%s: field 'mlp_only_layers' is not empty: dense layers inside a MoE model are not "
+          "supported",
+          f.where()));
+    }
+  } else {
+    return absl::OkStatus();
+  }
+  if (m.top_k > m.n_experts) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field 'num_experts_per_tok' = %d exceeds the %d experts", f.where(),
+                        m.top_k, m.n_experts));
+  }
+  return absl::OkStatus();
 }
 
 // YaRN's magnitude correction as transformers computes it.
@@ -329,6 +379,46 @@ constexpr LayerSuffix kLayerSuffixes[] = {
     {"post_attention_layernorm.weight", "ffn_norm.weight"},
 };
 
+// Per-expert tensors keep one GGUF-style name each, "blk.L.ffn_gate.E.weight" (llama.cpp's
+// naming before experts were merged into 3-D tensors); the engine reads either layout.
+std::optional<GgufName> MapExpertName(int64_t layer, std::string_view rest) {
+  struct Family {
+    std::string_view prefix, router, gate, up, down;
+  };
+  constexpr Family kFamilies[] = {
+      {"block_sparse_moe.", "gate.weight", "w1.weight", "w3.weight", "w2.weight"},  // Mixtral
+      {"mlp.", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"},
+  };
+  for (const Family& f : kFamilies) {
+    if (!rest.starts_with(f.prefix)) continue;
+    std::string_view r = rest.substr(f.prefix.size());
+    if (r == f.router) return GgufName{layer, "ffn_gate_inp.weight"};
+    if (f.prefix == "mlp.") {
+      if (r == "shared_expert.gate_proj.weight") return GgufName{layer, "ffn_gate_shexp.weight"};
+      if (r == "shared_expert.up_proj.weight") return GgufName{layer, "ffn_up_shexp.weight"};
+      if (r == "shared_expert.down_proj.weight") return GgufName{layer, "ffn_down_shexp.weight"};
+      if (r == "shared_expert_gate.weight") return GgufName{layer, "ffn_gate_inp_shexp.weight"};
+    }
+    constexpr std::string_view kExperts = "experts.";
+    if (!r.starts_with(kExperts)) return std::nullopt;
+    r.remove_prefix(kExperts.size());
+    const size_t dot = r.find('.');
+    if (dot == std::string_view::npos || dot == 0 || dot > 5) return std::nullopt;
+    if (dot > 1 && r[0] == '0') return std::nullopt;
+    int64_t e = 0;
+    auto [ptr, ec] = std::from_chars(r.data(), r.data() + dot, e);
+    if (ec != std::errc() || ptr != r.data() + dot) return std::nullopt;
+    const std::string_view w = r.substr(dot + 1);
+    const char* kind = w == f.gate   ? "ffn_gate"
+                       : w == f.up   ? "ffn_up"
+                       : w == f.down ? "ffn_down"
+                                     : nullptr;
+    if (kind == nullptr) return std::nullopt;
+    return GgufName{layer, absl::StrFormat("%s.%d.weight", kind, e)};
+  }
+  return std::nullopt;
+}
+
 std::optional<GgufName> MapName(std::string_view hf) {
   if (hf == "model.embed_tokens.weight") return GgufName{-1, "token_embd.weight"};
   if (hf == "model.norm.weight") return GgufName{-1, "output_norm.weight"};
@@ -347,7 +437,7 @@ std::optional<GgufName> MapName(std::string_view hf) {
   for (const LayerSuffix& s : kLayerSuffixes) {
     if (s.hf == rest) return GgufName{layer, std::string(s.gguf)};
   }
-  return std::nullopt;
+  return MapExpertName(layer, rest);
 }
 
 std::string FullName(const GgufName& n) {
@@ -384,6 +474,26 @@ std::pair<std::vector<int64_t>, std::string> ExpectedShape(const GgufName& n,
     return {{c.intermediate, c.hidden}, ff + ", " + h};
   }
   if (s == "ffn_down.weight") return {{c.hidden, c.intermediate}, h + ", " + ff};
+  const std::string e = absl::StrFormat("num_experts=%d", c.moe.n_experts);
+  const std::string eff = absl::StrFormat("expert intermediate=%d", c.moe.expert_intermediate);
+  const std::string sff =
+      absl::StrFormat("shared_expert_intermediate_size=%d", c.moe.shared_intermediate);
+  if (s == "ffn_gate_inp.weight") return {{c.moe.n_experts, c.hidden}, e + ", " + h};
+  if (s == "ffn_gate_inp_shexp.weight") return {{1, c.hidden}, "1, " + h};
+  if (s == "ffn_gate_shexp.weight" || s == "ffn_up_shexp.weight") {
+    return {{c.moe.shared_intermediate, c.hidden}, sff + ", " + h};
+  }
+  if (s == "ffn_down_shexp.weight") return {{c.hidden, c.moe.shared_intermediate}, h + ", " + sff};
+  // ffn_{gate,up,down}.E.weight: the expert index must exist.
+  for (const char* kind : {"ffn_gate.", "ffn_up.", "ffn_down."}) {
+    if (!s.starts_with(kind) || s.find(".weight") == std::string::npos) continue;
+    const int64_t idx = std::atoll(s.c_str() + std::string_view(kind).size());
+    if (idx >= c.moe.n_experts) return {{}, e + " (no such expert)"};
+    if (std::string_view(kind) == "ffn_down.") {
+      return {{c.hidden, c.moe.expert_intermediate}, h + ", " + eff};
+    }
+    return {{c.moe.expert_intermediate, c.hidden}, eff + ", " + h};
+  }
   return {{}, "unknown"};
 }
 
@@ -581,16 +691,33 @@ absl::Status HfModelSource::Load(const std::string& dir) {
   if (!config_.tied_embeddings) required.push_back("output.weight");
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     for (const char* s : {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_norm.weight",
-                          "ffn_norm.weight"}) {
+                          "attn_norm.weight", "ffn_norm.weight"}) {
       required.push_back(absl::StrFormat("blk.%d.%s", l, s));
+    }
+    if (!config_.moe.enabled()) {
+      for (const char* s : {"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"}) {
+        required.push_back(absl::StrFormat("blk.%d.%s", l, s));
+      }
+    } else {
+      required.push_back(absl::StrFormat("blk.%d.ffn_gate_inp.weight", l));
+      for (int64_t e = 0; e < config_.moe.n_experts; ++e) {
+        for (const char* s : {"ffn_gate", "ffn_up", "ffn_down"}) {
+          required.push_back(absl::StrFormat("blk.%d.%s.%d.weight", l, s, e));
+        }
+      }
+      if (config_.moe.shared_intermediate > 0) {
+        for (const char* s : {"ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+                              "ffn_down_shexp.weight", "ffn_gate_inp_shexp.weight"}) {
+          required.push_back(absl::StrFormat("blk.%d.%s", l, s));
+        }
+      }
     }
     if (config_.attention_bias) {
       for (const char* s : {"attn_q.bias", "attn_k.bias", "attn_v.bias"}) {
         required.push_back(absl::StrFormat("blk.%d.%s", l, s));
       }
       // LLaMA's attention_bias also covers o_proj; qwen2 has none there.
-      if (config_.architecture != "qwen2") {
+      if (config_.architecture != "qwen2" && config_.architecture != "qwen2moe") {
         required.push_back(absl::StrFormat("blk.%d.attn_output.bias", l));
       }
     }
@@ -623,7 +750,7 @@ absl::StatusOr<ModelConfig> ParseHfConfig(std::string_view json_text, const std:
   ModelConfig c;
   QKV_ASSIGN_OR_RETURN(const ArchInfo* arch, FindArch(f));
   c.architecture = std::string(arch->name);
-  c.rope_neox = c.architecture == "qwen2";
+  c.rope_neox = c.architecture == "qwen2" || c.architecture == "qwen2moe";
 
   QKV_ASSIGN_OR_RETURN(c.hidden, f.Dim("hidden_size", std::nullopt));
   QKV_ASSIGN_OR_RETURN(c.intermediate, f.Dim("intermediate_size", std::nullopt));
@@ -654,16 +781,18 @@ absl::StatusOr<ModelConfig> ParseHfConfig(std::string_view json_text, const std:
   }
 
   // Defaults as the transformers config classes define them.
-  const int64_t default_context = c.architecture == "qwen2"     ? 32768
-                                  : c.architecture == "mistral" ? 4096 * 32
-                                                                : 2048;
+  const int64_t default_context = c.architecture == "qwen2" || c.architecture == "qwen2moe" ? 32768
+                                  : c.architecture == "mistral" || c.architecture == "mixtral"
+                                      ? 4096 * 32
+                                      : 2048;
   QKV_ASSIGN_OR_RETURN(c.context_length, f.Dim("max_position_embeddings", default_context));
   QKV_ASSIGN_OR_RETURN(const double eps, f.Positive("rms_norm_eps", 1e-6));
   c.rms_eps = static_cast<float>(eps);
   QKV_ASSIGN_OR_RETURN(c.tied_embeddings, f.Bool("tie_word_embeddings", false));
   QKV_RETURN_IF_ERROR(ParseRope(f, c.context_length, c.rope));
 
-  if (c.architecture == "qwen2") {
+  QKV_RETURN_IF_ERROR(ParseMoe(f, c));
+  if (c.architecture == "qwen2" || c.architecture == "qwen2moe") {
     c.attention_bias = true;  // Qwen2 always has q/k/v biases
   } else {
     QKV_ASSIGN_OR_RETURN(c.attention_bias, f.Bool("attention_bias", false));

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <string>
 
+#include "moe/router.h"
+
 namespace quantkv {
 
 enum class RopeScalingType { kNone, kLinear, kYarn, kLlama3 };
@@ -11,8 +13,8 @@ enum class RopeScalingType { kNone, kLinear, kYarn, kLlama3 };
 struct RopeConfig {
   float theta = 10000.0f;
   RopeScalingType scaling = RopeScalingType::kNone;
-  float factor = 1.0f;                    // linear / yarn / llama3 scale factor
-  int64_t original_context = 0;           // yarn / llama3: pre-scaling context length
+  float factor = 1.0f;           // linear / yarn / llama3 scale factor
+  int64_t original_context = 0;  // yarn / llama3: pre-scaling context length
   float yarn_beta_fast = 32.0f;
   float yarn_beta_slow = 1.0f;
   float yarn_attn_factor = 1.0f;  // multiplies the yarn magnitude correction
@@ -20,8 +22,22 @@ struct RopeConfig {
   float llama3_high_freq_factor = 4.0f;
 };
 
+// A mixture-of-experts FFN in every layer (Mixtral, Qwen2-MoE; a dense model split into
+// experts by `quantkv moefy`): a router picks top_k of n_experts SwiGLU experts per token,
+// plus an always-on shared expert where shared_intermediate > 0 (Qwen2-MoE, whose output is
+// scaled by sigmoid(x · w) when the model has that gate).
+struct MoeConfig {
+  int64_t n_experts = 0;  // 0: a dense MLP
+  int64_t top_k = 0;
+  int64_t expert_intermediate = 0;
+  int64_t shared_intermediate = 0;
+  moe::RouterWeighting weighting = moe::RouterWeighting::kSoftmaxTopKNormalized;
+  bool enabled() const { return n_experts > 0; }
+};
+
 struct ModelConfig {
-  std::string architecture = "llama";  // llama, mistral, qwen2
+  // llama, mistral, qwen2, mixtral (llama layers with MoE FFNs), qwen2moe
+  std::string architecture = "llama";
   std::string name;
   int64_t n_layers = 0;
   int64_t hidden = 0;
@@ -39,6 +55,7 @@ struct ModelConfig {
   // pairs (2i, 2i+1). llama.cpp keeps qwen2's Q/K rows in HF order and ropes them NeoX-style;
   // llama and mistral rows are permuted into adjacent-pair order, so this stays false.
   bool rope_neox = false;
+  MoeConfig moe;
 };
 
 }  // namespace quantkv
