@@ -156,6 +156,9 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
       "at %d tokens\n",
       r->ppl, r->ppl_stderr, r->tokens_scored, r->chunks, o.ctx, r->tokens_per_s, o.model.kv,
       kv_bits, 16.0 / kv_bits, kv_bytes, o.ctx);
+  if (const std::string experts = ExpertPrecisionSummary(*session->engine); !experts.empty()) {
+    out << experts << "\n";
+  }
   if (o.model.tp > 1) {
     // The cache is sharded by KV head: the byte counts above are rank 0's share.
     out << absl::StrFormat("tensor parallel over %d ranks: rank 0 caches %d of %d KV heads\n",

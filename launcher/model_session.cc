@@ -294,6 +294,23 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
             "with a router, as fitted by `quantkv moefy`",
             PathKind::kFile)
       .Placeholder("FILE");
+  flags
+      .String("expert-levels", &o.expert_levels, "",
+              "MoE: hold every expert at these weight types, lowest precision first (e.g. "
+              "q4_0,q8_0; of f32, f16, q8_0, q4_1, q4_0), the active one chosen per expert "
+              "from its routing under --expert-budget-mb",
+              [](std::string_view v) { return ParseExpertLevels(v).status(); })
+      .Placeholder("LIST");
+  flags.Float("expert-budget-mb", &o.expert_budget_mb, 0.0,
+              "MoE: MiB of expert weights active at once (0: every expert at the first level)",
+              {.min = 0.0});
+  flags.Float("expert-half-life", &o.expert_half_life, 512.0,
+              "MoE: tokens over which routing statistics halve their weight", {.min = 1.0});
+  flags.Int<int64_t>("expert-decide-every", &o.expert_decide_every, 64,
+                     "MoE: tokens between precision decisions", {.min = 1});
+  flags.Float("expert-hysteresis", &o.expert_hysteresis, 0.2,
+              "MoE: an expert keeps its precision unless a challenger scores (1 + h) times more",
+              {.min = 0.0, .max = 100.0});
   flags.Int<int64_t>("moe-top-k", &o.moe_top_k, 0,
                      "MoE models: experts per token (default: the model's, or the split's)",
                      {.min = 0, .max = 4096});
@@ -391,6 +408,15 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
   cfg.moe_top_k = flags.moe_top_k;
+  if (!flags.expert_levels.empty()) {
+    QKV_ASSIGN_OR_RETURN(cfg.expert_levels, ParseExpertLevels(flags.expert_levels));
+    cfg.expert_budget_bytes = static_cast<int64_t>(flags.expert_budget_mb * (1 << 20));
+    cfg.expert_half_life_tokens = flags.expert_half_life;
+    cfg.expert_decide_every_tokens = flags.expert_decide_every;
+    cfg.expert_hysteresis = flags.expert_hysteresis;
+  } else if (flags.expert_budget_mb > 0) {
+    return absl::InvalidArgumentError("--expert-budget-mb needs --expert-levels");
+  }
   QKV_RETURN_IF_ERROR(agree(LoadAdapters(flags, (*weights)->config(), cfg)));
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
   QKV_RETURN_IF_ERROR(agree(engine.status()));
@@ -399,6 +425,53 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
     s.comm_report = std::make_unique<CommStatsReporter>(s.compressed_comm);
   }
   return s;
+}
+
+absl::StatusOr<std::vector<kernels::GgmlType>> ParseExpertLevels(std::string_view text) {
+  std::vector<kernels::GgmlType> levels;
+  for (absl::string_view part : absl::StrSplit(absl::string_view(text.data(), text.size()), ',')) {
+    const std::pair<const char*, kernels::GgmlType> kTypes[] = {{"f32", kernels::GgmlType::kF32},
+                                                                {"f16", kernels::GgmlType::kF16},
+                                                                {"q8_0", kernels::GgmlType::kQ8_0},
+                                                                {"q4_1", kernels::GgmlType::kQ4_1},
+                                                                {"q4_0", kernels::GgmlType::kQ4_0}};
+    bool found = false;
+    for (const auto& [name, type] : kTypes) {
+      if (part == name) {
+        levels.push_back(type);
+        found = true;
+      }
+    }
+    if (!found) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("'%s' is not an expert weight type (f32, f16, q8_0, q4_1, q4_0)", part));
+    }
+  }
+  if (levels.empty()) return absl::InvalidArgumentError("no expert weight types given");
+  return levels;
+}
+
+std::string ExpertPrecisionSummary(const Engine& engine) {
+  const ModelConfig& c = engine.model_config();
+  if (engine.config().expert_levels.empty()) return "";
+  std::vector<int64_t> per_level(engine.config().expert_levels.size(), 0);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    for (int64_t e = 0; e < c.moe.n_experts; ++e) ++per_level[engine.expert_level(l, e)];
+  }
+  std::string levels;
+  for (size_t i = 0; i < per_level.size(); ++i) {
+    levels += absl::StrFormat("%s%s x%d", i ? ", " : "",
+                              kernels::GgmlTypeInfoOf(engine.config().expert_levels[i]).name,
+                              per_level[i]);
+  }
+  std::string policy = "fixed levels";
+  if (const moe::ExpertPrecisionPolicy* p = engine.expert_policy()) {
+    const moe::ExpertPrecisionStats st = p->Stats();
+    policy = absl::StrFormat("budget %.2f MiB, %d decisions, %d level changes",
+                             st.budget_bytes / 1048576.0, st.decisions, st.changes);
+  }
+  return absl::StrFormat("experts: %.2f MiB active (%s); %s",
+                         engine.active_expert_bytes() / 1048576.0, levels, policy);
 }
 
 std::string CommStatsSummary(const CompressedCommunicator& comm) {

@@ -40,7 +40,21 @@ struct ModelFlags {
   // of experts each token is routed to (0: the model's or the split's).
   std::string moe_split;
   int64_t moe_top_k = 0;
+  // Router-aware elastic expert precision: the weight types every expert is held at
+  // ("q4_0,q8_0"), the active bytes budget in MiB (0: all at the first), the policy's
+  // EMA half-life and decision interval in tokens and its hysteresis.
+  std::string expert_levels;
+  double expert_budget_mb = 0;
+  double expert_half_life = 512;
+  int64_t expert_decide_every = 64;
+  double expert_hysteresis = 0.2;
 };
+
+// "q4_0,q8_0" -> {Q4_0, Q8_0}: the types ExpertStore can hold, lowest precision first.
+absl::StatusOr<std::vector<kernels::GgmlType>> ParseExpertLevels(std::string_view text);
+
+// One line: active expert bytes vs budget, experts per level, decisions and changes.
+std::string ExpertPrecisionSummary(const Engine& engine);
 
 struct ModelFlagOptions {
   // Defines --tp: for commands whose every rank runs the same engine Steps in the same

@@ -199,6 +199,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
                                     config.kv_max_bytes / static_cast<int64_t>(specs.size())));
   }
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
+  QKV_RETURN_IF_ERROR(e->SetUpExpertPrecision());
   return e;
 }
 
@@ -381,6 +382,89 @@ absl::Status Engine::LoadMoeLayer(int64_t layer, Layer& l) {
   return absl::OkStatus();
 }
 
+absl::Status Engine::SetUpExpertPrecision() {
+  const ModelConfig& c = model_config_;
+  if (config_.expert_levels.empty()) {
+    if (!config_.expert_fixed_levels.empty() || config_.expert_budget_bytes > 0) {
+      return absl::InvalidArgumentError(
+          "engine: an expert budget or fixed expert levels need expert precision levels");
+    }
+    return absl::OkStatus();
+  }
+  if (!c.moe.enabled()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--expert-levels: %s is not a mixture-of-experts model", weights_->origin()));
+  }
+  std::vector<std::vector<ExpertMatrices>> source;
+  for (const Layer& l : layers_) source.push_back(l.moe.experts);
+  ExpertStoreConfig sc;
+  sc.levels = config_.expert_levels;
+  sc.pack = config_.pack_weights;
+  sc.activations = config_.decode_activations;
+  QKV_ASSIGN_OR_RETURN(expert_store_, ExpertStore::Build(source, sc, pool_.get()));
+  const int64_t E = c.moe.n_experts;
+  expert_levels_.assign(static_cast<size_t>(c.n_layers * E), 0);
+  if (!config_.expert_fixed_levels.empty()) {
+    if (static_cast<int64_t>(config_.expert_fixed_levels.size()) != c.n_layers * E) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "engine: expert_fixed_levels has %d entries, the model has %d layers x %d experts",
+          config_.expert_fixed_levels.size(), c.n_layers, E));
+    }
+    for (int64_t i = 0; i < c.n_layers * E; ++i) {
+      QKV_RETURN_IF_ERROR(SetExpertLevel(i / E, i % E, config_.expert_fixed_levels[i]));
+    }
+    return absl::OkStatus();
+  }
+  moe::ExpertPrecisionConfig pc;
+  pc.n_layers = static_cast<int>(c.n_layers);
+  pc.n_experts = static_cast<int>(E);
+  pc.level_bytes = expert_store_->LevelBytes();
+  int64_t lowest = 0;
+  for (const auto& b : pc.level_bytes) lowest += b[0];
+  pc.budget_bytes = config_.expert_budget_bytes > 0 ? config_.expert_budget_bytes : lowest;
+  pc.half_life_tokens = config_.expert_half_life_tokens;
+  pc.decide_every_tokens = config_.expert_decide_every_tokens;
+  pc.hysteresis = config_.expert_hysteresis;
+  pc.min_dwell_decisions = config_.expert_min_dwell;
+  absl::StatusOr<moe::ExpertPrecisionPolicy> policy = moe::ExpertPrecisionPolicy::Create(pc);
+  if (!policy.ok()) {
+    return absl::Status(policy.status().code(),
+                        absl::StrFormat("--expert-budget: %s", policy.status().message()));
+  }
+  expert_policy_ = std::make_unique<moe::ExpertPrecisionPolicy>(std::move(*policy));
+  for (int64_t i = 0; i < c.n_layers * E; ++i) QKV_RETURN_IF_ERROR(SetExpertLevel(i / E, i % E, 0));
+  return absl::OkStatus();
+}
+
+absl::Status Engine::SetExpertLevel(int64_t layer, int64_t expert, int level) {
+  if (level < 0 || level >= expert_store_->n_levels()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("engine: expert level %d of layer %d expert %d is not in [0, %d)", level,
+                        layer, expert, expert_store_->n_levels()));
+  }
+  layers_[layer].moe.experts[expert] = expert_store_->At(layer, expert, level);
+  expert_levels_[layer * model_config_.moe.n_experts + expert] = level;
+  return absl::OkStatus();
+}
+
+int Engine::expert_level(int64_t layer, int64_t expert) const {
+  if (expert_levels_.empty()) return -1;
+  return expert_levels_[layer * model_config_.moe.n_experts + expert];
+}
+
+int64_t Engine::active_expert_bytes() const {
+  int64_t total = 0;
+  auto bytes = [](const kernels::WeightMatrix& m) {
+    return m.rows * *kernels::GgmlRowBytes(m.type, m.cols);
+  };
+  for (const Layer& l : layers_) {
+    for (const ExpertMatrices& m : l.moe.experts) {
+      total += bytes(m.gate) + bytes(m.up) + bytes(m.down);
+    }
+  }
+  return total;
+}
+
 absl::Status Engine::PackWeights() {
   auto pack = [&](kernels::WeightMatrix& m, kernels::ActivationPrecision act) -> absl::Status {
     if (!kernels::CanPackWeights(m.type, act)) return absl::OkStatus();
@@ -395,7 +479,10 @@ absl::Status Engine::PackWeights() {
       QKV_RETURN_IF_ERROR(pack(*m, config_.decode_activations));
     }
     std::vector<ExpertMatrices*> experts;
-    for (ExpertMatrices& m : l.moe.experts) experts.push_back(&m);
+    // Elastic precision computes the expert store's copies (packed there), not these.
+    if (config_.expert_levels.empty()) {
+      for (ExpertMatrices& m : l.moe.experts) experts.push_back(&m);
+    }
     if (l.moe.shared.present()) experts.push_back(&l.moe.shared);
     for (ExpertMatrices* m : experts) {
       for (kernels::WeightMatrix* w : {&m->gate, &m->up, &m->down}) {
@@ -681,6 +768,8 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       QKV_RETURN_IF_ERROR(
           MoeFfn(l.moe, router_, xn.data(), total, proj.data(), pool, mm, buf.moe, buf.routing));
       if (config_.routing_observer) config_.routing_observer(li, buf.routing);
+      if (expert_policy_)
+        QKV_RETURN_IF_ERROR(expert_policy_->Observe(static_cast<int>(li), buf.routing));
       QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
       for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];
       continue;
@@ -728,6 +817,12 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
 
   for (const StepInput& in : inputs) {
     sequences_[in.seq].kv.length += static_cast<int64_t>(in.tokens.size());
+  }
+  // Between steps, so a step runs on one set of expert weights throughout.
+  if (expert_policy_) {
+    for (const moe::ExpertLevelChange& ch : expert_policy_->MaybeDecide()) {
+      QKV_RETURN_IF_ERROR(SetExpertLevel(ch.layer, ch.expert, ch.new_level));
+    }
   }
   last_step_.tokens = total;
   last_step_.forward_ns =

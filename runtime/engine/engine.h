@@ -15,9 +15,11 @@
 #include "kernels/matmul.h"
 #include "kernels/rope.h"
 #include "kernels/thread_pool.h"
+#include "moe/expert_precision_policy.h"
 #include "runtime/comm/communicator.h"
 #include "runtime/comm/tensor_shard.h"
 #include "runtime/engine/attn_correction.h"
+#include "runtime/engine/expert_store.h"
 #include "runtime/engine/moe_ffn.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/lora.h"
@@ -102,6 +104,20 @@ struct EngineConfig {
   std::function<void(int64_t layer, const moe::Routing& routing)> routing_observer;
   // MoE models: route to this many experts instead of the model's top_k (0: the model's).
   int64_t moe_top_k = 0;
+  // MoE router-aware elastic precision: every expert held at each of these weight types
+  // (lowest precision first, e.g. {Q4_0, Q8_0}; runtime/engine/expert_store.h), and each
+  // expert's active type chosen from recent routing under expert_budget_bytes by
+  // moe/expert_precision_policy.h, re-decided every expert_decide_every_tokens tokens with
+  // hysteresis. Empty: experts computed as loaded.
+  std::vector<kernels::GgmlType> expert_levels = {};
+  int64_t expert_budget_bytes = 0;  // 0: every expert at the lowest level
+  double expert_half_life_tokens = 512;
+  int64_t expert_decide_every_tokens = 64;
+  double expert_hysteresis = 0.2;
+  int expert_min_dwell = 0;
+  // Fixed levels instead of the policy, [n_layers * n_experts] layer-major (benchmark
+  // controls: random or uniform assignments at the same bytes).
+  std::vector<int> expert_fixed_levels = {};
 };
 
 using SequenceId = int64_t;
@@ -134,6 +150,11 @@ class Engine {
   const kernels::RopeTable& rope() const { return *rope_; }
   // MoE models: the router as this engine runs it (top_k may be EngineConfig::moe_top_k).
   const moe::RouterConfig& router() const { return router_; }
+  // With EngineConfig::expert_levels: the policy (null under expert_fixed_levels) and the
+  // active level of each expert; expert bytes at the active levels.
+  const moe::ExpertPrecisionPolicy* expert_policy() const { return expert_policy_.get(); }
+  int expert_level(int64_t layer, int64_t expert) const;
+  int64_t active_expert_bytes() const;
   // The heads and MLP columns this engine computes (everything without tensor parallelism).
   const TensorShard& shard() const { return shard_; }
 
@@ -204,6 +225,11 @@ class Engine {
   std::vector<float> output_norm_;
   kernels::WeightMatrix embedding_, lm_head_;
   moe::RouterConfig router_;  // MoE models
+  absl::Status SetUpExpertPrecision();
+  absl::Status SetExpertLevel(int64_t layer, int64_t expert, int level);
+  std::unique_ptr<ExpertStore> expert_store_;
+  std::unique_ptr<moe::ExpertPrecisionPolicy> expert_policy_;
+  std::vector<int> expert_levels_;  // [n_layers * n_experts]
   struct Sequence {
     SequenceKv kv;
     int cache = 0;      // index into kv_
