@@ -13,7 +13,7 @@
 // policy against the levels it had frozen at the end of the WikiText phase.
 //
 //   moe_elastic_bench [--model PATH] [--split FILE] [--text FILE] [--shift-text FILE]
-//                     [--top-k 4] [--ctx 512] [--chunks 8] [--threads 2] [--out DIR]
+//                     [--top-k 6] [--ctx 512] [--chunks 8] [--threads 2] [--out DIR]
 // Without --split it fits one with the moefy defaults on the last 250 kB of --text (the
 // measured windows are at its start).
 #include <algorithm>
@@ -44,7 +44,7 @@ using kernels::GgmlType;
 struct Args {
   std::string model, split, text = "../shared/data/wikitext-2/test.txt",
                             shift_text = "/usr/share/common-licenses/GPL-3";
-  int64_t top_k = 4, ctx = 512, chunks = 8;
+  int64_t top_k = 6, ctx = 512, chunks = 8;
   int threads = 2;
   std::string out = "bench/results";
 };
@@ -109,13 +109,13 @@ class Bed {
     return std::unique_ptr<WeightSource>(std::move(*GgufModel::Open(args_.model)));
   }
 
-  absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(EngineConfig c) const {
+  absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(EngineConfig c, int64_t top_k = 0) const {
     auto w = MoefiedSource(Dense(), split_);
     if (!w.ok()) return w.status();
     c.threads = args_.threads;
     c.kv_spec = "fp16";
     c.kv_max_bytes = 256 << 20;
-    c.moe_top_k = args_.top_k;
+    c.moe_top_k = top_k > 0 ? top_k : args_.top_k;
     return Engine::Create(std::move(*w), c);
   }
 
@@ -148,7 +148,8 @@ absl::Status Feed(Engine& e, const std::vector<int32_t>& tokens, int64_t windows
     const int64_t step = e.config().max_chunk_tokens;
     for (int64_t p = 0; p < ctx; p += step) {
       std::vector<float> logits;
-      StepInput in{seq, std::span<const int32_t>(tokens).subspan(w * ctx + p, std::min(step, ctx - p)),
+      StepInput in{seq,
+                   std::span<const int32_t>(tokens).subspan(w * ctx + p, std::min(step, ctx - p)),
                    false};
       if (absl::Status s = e.Step({&in, 1}, &logits); !s.ok()) return s;
       if (after_step) after_step();
@@ -169,15 +170,24 @@ int Main(int argc, char** argv) {
   a.model = DefaultModel();
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
-    if (f == "--model") a.model = v;
-    else if (f == "--split") a.split = v;
-    else if (f == "--text") a.text = v;
-    else if (f == "--shift-text") a.shift_text = v;
-    else if (f == "--top-k") a.top_k = std::atoll(v.c_str());
-    else if (f == "--ctx") a.ctx = std::atoll(v.c_str());
-    else if (f == "--chunks") a.chunks = std::atoll(v.c_str());
-    else if (f == "--threads") a.threads = std::atoi(v.c_str());
-    else if (f == "--out") a.out = v;
+    if (f == "--model")
+      a.model = v;
+    else if (f == "--split")
+      a.split = v;
+    else if (f == "--text")
+      a.text = v;
+    else if (f == "--shift-text")
+      a.shift_text = v;
+    else if (f == "--top-k")
+      a.top_k = std::atoll(v.c_str());
+    else if (f == "--ctx")
+      a.ctx = std::atoll(v.c_str());
+    else if (f == "--chunks")
+      a.chunks = std::atoll(v.c_str());
+    else if (f == "--threads")
+      a.threads = std::atoi(v.c_str());
+    else if (f == "--out")
+      a.out = v;
     else {
       std::cerr << "moe_elastic_bench: unknown flag " << f << "\n";
       return 2;
@@ -196,6 +206,49 @@ int Main(int argc, char** argv) {
   PerplexityOptions po;
   po.ctx = a.ctx;
   po.max_chunks = a.chunks;
+  // Part 0: the test bed itself, the split at several top-k against the dense model.
+  std::string bed_md =
+      "## The test bed: the MoEfied model against the dense one\n\n"
+      "| model | PPL | KL vs dense | top-1 vs dense |\n|---|---|---|---|\n";
+  nlohmann::json bed_rows = nlohmann::json::array();
+  {
+    LogitsBaseline dense_base;
+    EngineConfig dc;
+    dc.threads = a.threads;
+    dc.kv_spec = "fp16";
+    auto d = Engine::Create(bed.Dense(), dc);
+    if (!d.ok()) {
+      std::cerr << d.status() << "\n";
+      return 1;
+    }
+    po.save_logits = &dense_base;
+    auto r = ComputePerplexity(**d, bed.eval(), po);
+    po.save_logits = nullptr;
+    if (!r.ok()) {
+      std::cerr << r.status() << "\n";
+      return 1;
+    }
+    bed_md += absl::StrFormat("| dense SmolLM2 | %.4f | 0 | 100%% |\n", r->ppl);
+    bed_rows.push_back({{"name", "dense"}, {"ppl", r->ppl}});
+    po.kl_base = &dense_base;
+    for (int64_t k : {8, 6, 4, 2}) {
+      auto e = bed.MakeEngine({}, k);
+      auto m = ComputePerplexity(**e, bed.eval(), po);
+      if (!m.ok()) {
+        std::cerr << m.status() << "\n";
+        return 1;
+      }
+      bed_md += absl::StrFormat("| split, top-%d of %d | %.4f | %.5f | %.2f%% |\n", k, E, m->ppl,
+                                m->kl_mean, 100 * m->top1_agreement);
+      bed_rows.push_back({{"name", absl::StrFormat("top-%d", k)},
+                          {"ppl", m->ppl},
+                          {"kl_vs_dense", m->kl_mean},
+                          {"top1_vs_dense", m->top1_agreement}});
+      std::cerr << absl::StrFormat("split top-%d: PPL %.4f KL vs dense %.5f\n", k, m->ppl,
+                                   m->kl_mean);
+    }
+    po.kl_base = nullptr;
+  }
   // Reference: the split model with its experts as loaded.
   LogitsBaseline base;
   PerplexityResult ref;
@@ -267,7 +320,8 @@ int Main(int argc, char** argv) {
       EngineConfig rc;
       rc.expert_levels = two;
       rc.expert_fixed_levels = levels;
-      absl::StatusOr<Row> r = measure(absl::StrFormat("random seed %d, f %.3f", seed, f), rc, false);
+      absl::StatusOr<Row> r =
+          measure(absl::StrFormat("random seed %d, f %.3f", seed, f), rc, false);
       if (!r.ok()) add(r);
       mean.ppl += r->ppl / 3;
       mean.kl += r->kl / 3;
@@ -281,6 +335,8 @@ int Main(int argc, char** argv) {
     pc.expert_levels = two;
     pc.expert_budget_bytes = budget;
     add(measure(absl::StrFormat("router-aware, f %.3f", f), pc, true));
+    pc.expert_weight_error_sensitivity = true;
+    add(measure(absl::StrFormat("router-aware x weight error, f %.3f", f), pc, true));
   }
 
   // Part 2: traffic shift, decisions every 64 tokens.
@@ -371,15 +427,21 @@ int Main(int argc, char** argv) {
       "# Router-aware elastic expert precision (MoEfied SmolLM2, %d experts/layer, top-%d)\n\n"
       "Reference: the split model with experts as loaded; PPL %.4f on %d WikiText-2 windows of "
       "%d (second halves, %d tokens). Budget = all Q4_0 + f x (all Q8_0 - all Q4_0).\n\n"
-      "| experts | bits/weight | MiB | PPL | ΔPPL | KL | top-1 | tok/s |\n|---|---|---|---|---|---|---|---|\n",
+      "| experts | bits/weight | MiB | PPL | ΔPPL | KL | top-1 | tok/s "
+      "|\n|---|---|---|---|---|---|---|---|\n",
       E, a.top_k, ref.ppl, ref.chunks, a.ctx, ref.tokens_scored);
   nlohmann::json jrows = nlohmann::json::array();
   for (const Row& r : rows) {
     md += absl::StrFormat("| %s | %.3f | %.2f | %.4f | %+.2f%% | %.5f | %.2f%% | %.1f |\n", r.name,
                           r.bits, r.mib, r.ppl, 100 * (r.ppl / ref.ppl - 1), r.kl, 100 * r.top1,
                           r.tok_s);
-    jrows.push_back({{"name", r.name}, {"bits_per_weight", r.bits}, {"mib", r.mib}, {"ppl", r.ppl},
-                     {"kl", r.kl}, {"top1", r.top1}, {"tokens_per_s", r.tok_s},
+    jrows.push_back({{"name", r.name},
+                     {"bits_per_weight", r.bits},
+                     {"mib", r.mib},
+                     {"ppl", r.ppl},
+                     {"kl", r.kl},
+                     {"top1", r.top1},
+                     {"tokens_per_s", r.tok_s},
                      {"changes", r.changes}});
   }
   md += absl::StrFormat(
@@ -390,11 +452,12 @@ int Main(int argc, char** argv) {
       "%d level changes in all.\n\n"
       "On GPL-3 (%d windows of %d): levels frozen after WikiText KL %.5f (PPL %.4f) vs the "
       "policy warmed on other GPL-3 text KL %.5f (PPL %.4f); reference PPL %.4f.\n",
-      shift_windows, shift_ctx, j_wiki_gpl, j_wiki_wiki,
-      (*e)->expert_policy()->Stats().changes, fr->chunks, a.ctx, fr->kl_mean, fr->ppl,
-      ar->kl_mean, ar->ppl, gpl_ref_ppl);
+      shift_windows, shift_ctx, j_wiki_gpl, j_wiki_wiki, (*e)->expert_policy()->Stats().changes,
+      fr->chunks, a.ctx, fr->kl_mean, fr->ppl, ar->kl_mean, ar->ppl, gpl_ref_ppl);
+  md += "\n" + bed_md;
   std::cout << md;
   nlohmann::json j = {{"reference_ppl", ref.ppl},
+                      {"test_bed", bed_rows},
                       {"top_k", a.top_k},
                       {"experts", E},
                       {"rows", jrows},

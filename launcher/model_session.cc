@@ -154,6 +154,12 @@ absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
         "--tp %d)",
         world, flags.tp, world, world));
   }
+  if (flags.ep != 0 && flags.ep != 1 && flags.ep != flags.tp) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--ep %d: experts are split over all --tp %d ranks (--ep %d) or split by neuron "
+        "inside each expert (--ep 1)",
+        flags.ep, flags.tp, flags.tp));
+  }
   if (flags.tp == 1 && flags.comm_compress != "none") {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--comm-compress %s needs --tp > 1 (one rank has no all-reduce to compress)",
@@ -251,6 +257,11 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
               })
       .Placeholder("KIND:F");
   if (what.tensor_parallel) {
+    flags.Int("ep", &o.ep, 0,
+              "MoE models under --tp N: --ep N (default) splits the experts over the ranks "
+              "(each rank computes whole experts; the combine is the layer's all-reduce), "
+              "--ep 1 splits every expert's neurons over the ranks",
+              {.min = 0, .max = 256});
     flags.Int("tp", &o.tp, 1,
               "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
               "N`; only rank 0 prints. Give each rank --threads cores/N",
@@ -408,6 +419,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
   cfg.moe_top_k = flags.moe_top_k;
+  cfg.moe_tensor_parallel = flags.tp > 1 && flags.ep == 1;
   if (!flags.expert_levels.empty()) {
     QKV_ASSIGN_OR_RETURN(cfg.expert_levels, ParseExpertLevels(flags.expert_levels));
     cfg.expert_budget_bytes = static_cast<int64_t>(flags.expert_budget_mb * (1 << 20));

@@ -24,6 +24,9 @@ struct ModelFlags {
   int64_t kv_budget_mb = 0;
   std::string rope_scaling;  // "" (the model's), linear:F, ntk:F, yarn:F
   int tp = 1;                // tensor-parallel ranks; > 1 only under mpirun with as many processes
+  // MoE models under --tp: experts split over the ranks whole (ep = tp, the default 0 means
+  // that) or every expert split by neuron (ep = 1, tensor parallelism inside experts).
+  int ep = 0;
   // Compressed all-reduce under --tp (runtime/comm/compressed_communicator.h): "none" or a
   // codec (int8, fp8, int4, with options like int4:g32:out2), the smallest all-reduce it
   // compresses, and layers kept exact ("0,29").

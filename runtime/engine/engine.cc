@@ -286,6 +286,10 @@ absl::Status Engine::LoadWeights() {
     }
     QKV_ASSIGN_OR_RETURN(l.attn_norm, Vector(w, p + "attn_norm.weight", c.hidden));
     QKV_ASSIGN_OR_RETURN(l.ffn_norm, Vector(w, p + "ffn_norm.weight", c.hidden));
+    if (c.qk_norm) {
+      QKV_ASSIGN_OR_RETURN(l.q_norm, Vector(w, p + "attn_q_norm.weight", c.head_dim));
+      QKV_ASSIGN_OR_RETURN(l.k_norm, Vector(w, p + "attn_k_norm.weight", c.head_dim));
+    }
     if (c.attention_bias) {
       QKV_ASSIGN_OR_RETURN(l.q_bias, Vector(w, p + "attn_q.bias", q_dim));
       QKV_ASSIGN_OR_RETURN(l.k_bias, Vector(w, p + "attn_k.bias", kv_dim));
@@ -373,11 +377,34 @@ absl::Status Engine::LoadMoeLayer(int64_t layer, Layer& l) {
       QKV_RETURN_IF_ERROR(kernels::DequantizeRow(g->type, g->data, f.shared_gate.data(), c.hidden));
     }
   }
-  if (!shard_.whole()) {
-    const int ranks = config_.comm->size(), rank = config_.comm->rank();
+  if (shard_.whole()) return absl::OkStatus();
+  // Tensor parallelism inside an expert: this rank's share of its intermediate neurons (whole
+  // blocks of the down projection's type; a rank may get none of a small expert).
+  const int ranks = config_.comm->size(), rank = config_.comm->rank();
+  auto split = [&](ExpertMatrices& e) -> absl::Status {
+    const int64_t I = e.gate.rows;
+    const int64_t align = kernels::GgmlTypeInfoOf(e.down.type).block_size;
+    const int64_t blocks = I / align;
+    const int64_t b0 = blocks * rank / ranks, b1 = blocks * (rank + 1) / ranks;
+    if (b1 == b0) {
+      e = ExpertMatrices{};
+      return absl::OkStatus();
+    }
+    QKV_ASSIGN_OR_RETURN(e.gate, kernels::SliceRows(e.gate, b0 * align, (b1 - b0) * align));
+    QKV_ASSIGN_OR_RETURN(e.up, kernels::SliceRows(e.up, b0 * align, (b1 - b0) * align));
+    sliced_.emplace_back();
+    QKV_ASSIGN_OR_RETURN(
+        e.down, kernels::SliceColumns(e.down, b0 * align, (b1 - b0) * align, &sliced_.back()));
+    return absl::OkStatus();
+  };
+  // The shared expert runs for every token: split it, so no rank carries it alone.
+  if (f.shared.present()) QKV_RETURN_IF_ERROR(split(f.shared));
+  if (config_.moe_tensor_parallel) {
+    for (ExpertMatrices& e : f.experts) QKV_RETURN_IF_ERROR(split(e));
+  } else {
+    // Expert parallelism: rank r computes experts e with e % N == r, in full.
     f.owned.assign(static_cast<size_t>(m.n_experts), 0);
     for (int64_t e = rank; e < m.n_experts; e += ranks) f.owned[e] = 1;
-    f.owns_shared = rank == 0;
   }
   return absl::OkStatus();
 }
@@ -432,6 +459,18 @@ absl::Status Engine::SetUpExpertPrecision() {
                         absl::StrFormat("--expert-budget: %s", policy.status().message()));
   }
   expert_policy_ = std::make_unique<moe::ExpertPrecisionPolicy>(std::move(*policy));
+  if (config_.expert_weight_error_sensitivity && expert_store_->n_levels() > 1) {
+    std::vector<double> err(static_cast<size_t>(c.n_layers * E));
+    double mean = 0;
+    for (int64_t i = 0; i < c.n_layers * E; ++i) {
+      err[i] = expert_store_->RelativeError(i / E, i % E, 0, expert_store_->n_levels() - 1);
+      mean += err[i] / static_cast<double>(err.size());
+    }
+    for (int64_t i = 0; i < c.n_layers * E && mean > 0; ++i) {
+      QKV_RETURN_IF_ERROR(expert_policy_->SetSensitivity(static_cast<int>(i / E),
+                                                         static_cast<int>(i % E), err[i] / mean));
+    }
+  }
   for (int64_t i = 0; i < c.n_layers * E; ++i) QKV_RETURN_IF_ERROR(SetExpertLevel(i / E, i % E, 0));
   return absl::OkStatus();
 }
@@ -710,6 +749,11 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     add_bias(q, l.q_bias);
     add_bias(k, l.k_bias);
     add_bias(v, l.v_bias);
+    if (!l.q_norm.empty()) {  // Qwen3: per-head RMSNorm of q and k, before RoPE
+      kernels::RmsNorm(q.data(), l.q_norm.data(), q.data(), total * n_heads, c.head_dim, c.rms_eps);
+      kernels::RmsNorm(k.data(), l.k_norm.data(), k.data(), total * n_kv_heads, c.head_dim,
+                       c.rms_eps);
+    }
     rope_->Apply(q.data(), total, n_heads, positions.data());
     rope_->Apply(k.data(), total, n_kv_heads, positions.data());
     if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());

@@ -104,6 +104,11 @@ struct EngineConfig {
   std::function<void(int64_t layer, const moe::Routing& routing)> routing_observer;
   // MoE models: route to this many experts instead of the model's top_k (0: the model's).
   int64_t moe_top_k = 0;
+  // Under tensor parallelism, MoE experts are split over the ranks whole (expert
+  // parallelism, the default: every rank holds all tokens' activations, so dispatch needs
+  // no communication and the combine is the layer's all-reduce) or, with this set, every
+  // expert's neurons are split over the ranks (tensor parallelism inside experts).
+  bool moe_tensor_parallel = false;
   // MoE router-aware elastic precision: every expert held at each of these weight types
   // (lowest precision first, e.g. {Q4_0, Q8_0}; runtime/engine/expert_store.h), and each
   // expert's active type chosen from recent routing under expert_budget_bytes by
@@ -115,6 +120,10 @@ struct EngineConfig {
   int64_t expert_decide_every_tokens = 64;
   double expert_hysteresis = 0.2;
   int expert_min_dwell = 0;
+  // Weigh each expert's routing score by how much its weights lose at the lowest level
+  // (relative squared error of the lowest against the highest copy, normalised to mean 1):
+  // a measured sensitivity, so the budget goes where traffic meets quantization error.
+  bool expert_weight_error_sensitivity = false;
   // Fixed levels instead of the policy, [n_layers * n_experts] layer-major (benchmark
   // controls: random or uniform assignments at the same bytes).
   std::vector<int> expert_fixed_levels = {};
@@ -187,6 +196,7 @@ class Engine {
     kernels::WeightMatrix q, k, v, o, gate, up, down;
     MoeFfnWeights moe;  // MoE models: the FFN (gate/up/down unused)
     std::vector<float> attn_norm, ffn_norm, q_bias, k_bias, v_bias, o_bias;
+    std::vector<float> q_norm, k_norm;  // [head_dim], qk_norm models
   };
   Engine() = default;
   absl::Status PlanShard();

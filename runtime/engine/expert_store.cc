@@ -86,6 +86,27 @@ int64_t ExpertStore::Bytes(int64_t layer, int64_t expert, int level) const {
   return MatrixBytes(m.gate) + MatrixBytes(m.up) + MatrixBytes(m.down);
 }
 
+double ExpertStore::RelativeError(int64_t layer, int64_t expert, int level, int reference) const {
+  const ExpertMatrices& a = At(layer, expert, level);
+  const ExpertMatrices& b = At(layer, expert, reference);
+  double err = 0, norm = 0;
+  std::vector<float> fa, fb;
+  for (auto [x, y] : {std::pair{&a.gate, &b.gate}, {&a.up, &b.up}, {&a.down, &b.down}}) {
+    const size_t n = static_cast<size_t>(x->rows * x->cols);
+    fa.resize(n);
+    fb.resize(n);
+    if (!kernels::DequantizeRows(x->type, x->data, fa.data(), x->rows, x->cols).ok() ||
+        !kernels::DequantizeRows(y->type, y->data, fb.data(), y->rows, y->cols).ok()) {
+      return 0;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      err += static_cast<double>(fa[i] - fb[i]) * (fa[i] - fb[i]);
+      norm += static_cast<double>(fb[i]) * fb[i];
+    }
+  }
+  return norm > 0 ? err / norm : 0;
+}
+
 std::vector<std::vector<int64_t>> ExpertStore::LevelBytes() const {
   std::vector<std::vector<int64_t>> out;
   for (int64_t l = 0; l < n_layers_; ++l) {

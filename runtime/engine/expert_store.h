@@ -40,6 +40,8 @@ class ExpertStore {
   int64_t Bytes(int64_t layer, int64_t expert, int level) const;
   // Per (layer, expert), the bytes of each level: the policy's level_bytes.
   std::vector<std::vector<int64_t>> LevelBytes() const;
+  // ||W_level − W_reference||² / ||W_reference||² over the expert's three matrices.
+  double RelativeError(int64_t layer, int64_t expert, int level, int reference) const;
 
  private:
   struct Copy {

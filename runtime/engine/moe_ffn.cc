@@ -44,7 +44,7 @@ absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const f
   std::memset(y, 0, static_cast<size_t>(n * H) * sizeof(float));
   for (int e = 0; e < rc.n_experts; ++e) {
     const std::vector<int32_t>& rows = s.groups.rows[e];
-    if (rows.empty() || (!w.owned.empty() && !w.owned[e])) continue;
+    if (rows.empty() || (!w.owned.empty() && !w.owned[e]) || !w.experts[e].present()) continue;
     const int64_t m = static_cast<int64_t>(rows.size());
     s.x.resize(static_cast<size_t>(m * H));
     for (int64_t i = 0; i < m; ++i) {
@@ -59,7 +59,7 @@ absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const f
       for (int64_t j = 0; j < H; ++j) yr[j] += g * o[j];
     }
   }
-  if (w.shared.present() && w.owns_shared) {
+  if (w.shared.present()) {
     s.shared_out.resize(static_cast<size_t>(n * H));
     QKV_RETURN_IF_ERROR(RunExpert(w.shared, x, n, s.shared_out.data(), pool, mm, s));
     for (int64_t r = 0; r < n; ++r) {

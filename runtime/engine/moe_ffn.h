@@ -25,10 +25,11 @@ struct MoeFfnWeights {
   std::vector<ExpertMatrices> experts;  // at their active precision
   ExpertMatrices shared;                // absent: gate.rows == 0
   std::vector<float> shared_gate;       // [hidden]: output scaled by sigmoid(x · g); empty: 1
-  // Under expert parallelism this rank computes only experts with owned[e] != 0 (and the
-  // shared expert when owns_shared); the caller sums the partial outputs over the group.
+  // Under expert parallelism this rank computes only experts with owned[e] != 0; under
+  // tensor parallelism an expert (and the shared one) holds this rank's slice of its
+  // neurons, or nothing (absent). Either way the caller sums the partial outputs over the
+  // group.
   std::vector<uint8_t> owned;  // empty: all
-  bool owns_shared = true;
 };
 
 struct MoeFfnScratch {

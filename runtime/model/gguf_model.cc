@@ -15,7 +15,7 @@ namespace {
 absl::Status MoeConfigFromGguf(const GgufFile& f, const std::string& a, ModelConfig& c) {
   QKV_ASSIGN_OR_RETURN(c.moe.n_experts, f.GetIntOr(a + "expert_count", 0));
   if (c.moe.n_experts == 0) {
-    if (c.architecture == "qwen2moe") {
+    if (c.architecture.ends_with("moe")) {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s: %sexpert_count is missing", f.name(), a));
     }
@@ -26,6 +26,7 @@ absl::Status MoeConfigFromGguf(const GgufFile& f, const std::string& a, ModelCon
                        f.GetIntOr(a + "expert_feed_forward_length", c.intermediate));
   QKV_ASSIGN_OR_RETURN(c.moe.shared_intermediate,
                        f.GetIntOr(a + "expert_shared_feed_forward_length", 0));
+  // qwen3moe renormalises (norm_topk_prob in its HF configs), qwen2moe does not.
   QKV_ASSIGN_OR_RETURN(bool norm,
                        f.GetBoolOr(a + "expert_weights_norm", c.architecture != "qwen2moe"));
   c.moe.weighting =
@@ -48,9 +49,10 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
   ModelConfig c;
   QKV_ASSIGN_OR_RETURN(c.architecture, f.GetString("general.architecture"));
   if (c.architecture != "llama" && c.architecture != "mistral" && c.architecture != "qwen2" &&
-      c.architecture != "qwen2moe") {
+      c.architecture != "qwen3" && c.architecture != "qwen2moe" && c.architecture != "qwen3moe") {
     return absl::UnimplementedError(absl::StrFormat(
-        "%s: general.architecture '%s' is not supported (llama, mistral, qwen2, qwen2moe)",
+        "%s: general.architecture '%s' is not supported (llama, mistral, qwen2, qwen3, qwen2moe, "
+        "qwen3moe)",
         f.name(), c.architecture));
   }
   const std::string a = c.architecture + ".";
@@ -105,7 +107,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
         f.name()));
   }
   // Qwen2 keeps HF's rotate-half layout in GGUF (llama.cpp runs it with NeoX RoPE).
-  c.rope_neox = c.architecture == "qwen2" || c.architecture == "qwen2moe";
+  c.rope_neox = c.architecture.starts_with("qwen");
+  c.qk_norm = f.FindTensor("blk.0.attn_q_norm.weight") != nullptr;
   QKV_RETURN_IF_ERROR(MoeConfigFromGguf(f, a, c));
   c.attention_bias = f.FindTensor("blk.0.attn_q.bias") != nullptr;
   c.tied_embeddings = f.FindTensor("output.weight") == nullptr;

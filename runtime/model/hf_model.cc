@@ -158,7 +158,8 @@ struct ArchInfo {
 constexpr ArchInfo kArchs[] = {
     {"LlamaForCausalLM", "llama", "llama"},           {"MistralForCausalLM", "mistral", "mistral"},
     {"Qwen2ForCausalLM", "qwen2", "qwen2"},           {"MixtralForCausalLM", "mixtral", "mixtral"},
-    {"Qwen2MoeForCausalLM", "qwen2_moe", "qwen2moe"},
+    {"Qwen2MoeForCausalLM", "qwen2_moe", "qwen2moe"}, {"Qwen3ForCausalLM", "qwen3", "qwen3"},
+    {"Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe"},
 };
 
 absl::StatusOr<const ArchInfo*> FindArch(const Fields& f) {
@@ -175,8 +176,8 @@ absl::StatusOr<const ArchInfo*> FindArch(const Fields& f) {
     }
     return absl::UnimplementedError(
         absl::StrFormat("%s: field 'architectures' = '%s' is not supported (LlamaForCausalLM, "
-                        "MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM and "
-                        "Qwen2MoeForCausalLM are)",
+                        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                        "MixtralForCausalLM, Qwen2MoeForCausalLM and Qwen3MoeForCausalLM are)",
                         f.where(), name.substr(0, 80)));
   }
   QKV_ASSIGN_OR_RETURN(std::optional<std::string> model_type, f.OptString("model_type"));
@@ -188,8 +189,8 @@ absl::StatusOr<const ArchInfo*> FindArch(const Fields& f) {
     if (a.model_type == *model_type) return &a;
   }
   return absl::UnimplementedError(absl::StrFormat(
-      "%s: field 'model_type' = '%s' is not supported (llama, mistral, qwen2, mixtral, "
-      "qwen2_moe are)",
+      "%s: field 'model_type' = '%s' is not supported (llama, mistral, qwen2, qwen3, mixtral, "
+      "qwen2_moe, qwen3_moe are)",
       f.where(), model_type->substr(0, 80)));
 }
 
@@ -203,13 +204,19 @@ absl::Status ParseMoe(const Fields& f, ModelConfig& c) {
     QKV_ASSIGN_OR_RETURN(m.top_k, f.Dim("num_experts_per_tok", 2));
     m.expert_intermediate = c.intermediate;
     m.weighting = moe::RouterWeighting::kSoftmaxTopKNormalized;
-  } else if (c.architecture == "qwen2moe") {
-    QKV_ASSIGN_OR_RETURN(m.n_experts, f.Dim("num_experts", 60));
-    QKV_ASSIGN_OR_RETURN(m.top_k, f.Dim("num_experts_per_tok", 4));
-    QKV_ASSIGN_OR_RETURN(m.expert_intermediate, f.Dim("moe_intermediate_size", 1408));
+  } else if (c.architecture == "qwen2moe" || c.architecture == "qwen3moe") {
+    // Defaults as Qwen2MoeConfig / Qwen3MoeConfig have them; Qwen3-MoE has no shared expert.
+    const bool q3 = c.architecture == "qwen3moe";
+    // transformers 5 writes Qwen3-MoE's count as num_local_experts; the Hub's files say
+    // num_experts.
+    const char* count =
+        !f.Has("num_experts") && f.Has("num_local_experts") ? "num_local_experts" : "num_experts";
+    QKV_ASSIGN_OR_RETURN(m.n_experts, f.Dim(count, q3 ? 128 : 60));
+    QKV_ASSIGN_OR_RETURN(m.top_k, f.Dim("num_experts_per_tok", q3 ? 8 : 4));
+    QKV_ASSIGN_OR_RETURN(m.expert_intermediate, f.Dim("moe_intermediate_size", q3 ? 768 : 1408));
     QKV_ASSIGN_OR_RETURN(std::optional<int64_t> shared,
                          f.OptInt("shared_expert_intermediate_size"));
-    m.shared_intermediate = shared.value_or(5632);
+    m.shared_intermediate = q3 ? 0 : shared.value_or(5632);
     if (m.shared_intermediate < 0 || m.shared_intermediate > kMaxDim) {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s: field 'shared_expert_intermediate_size' = %d is outside [0, %d]",
@@ -372,6 +379,8 @@ constexpr LayerSuffix kLayerSuffixes[] = {
     {"self_attn.k_proj.bias", "attn_k.bias"},
     {"self_attn.v_proj.bias", "attn_v.bias"},
     {"self_attn.o_proj.bias", "attn_output.bias"},
+    {"self_attn.q_norm.weight", "attn_q_norm.weight"},
+    {"self_attn.k_norm.weight", "attn_k_norm.weight"},
     {"mlp.gate_proj.weight", "ffn_gate.weight"},
     {"mlp.up_proj.weight", "ffn_up.weight"},
     {"mlp.down_proj.weight", "ffn_down.weight"},
@@ -470,6 +479,9 @@ std::pair<std::vector<int64_t>, std::string> ExpectedShape(const GgufName& n,
   if (s == "attn_q.bias") return {{q_rows}, q_how};
   if (s == "attn_k.bias" || s == "attn_v.bias") return {{kv_rows}, kv_how};
   if (s == "attn_output.bias") return {{c.hidden}, h};
+  if (s == "attn_q_norm.weight" || s == "attn_k_norm.weight") {
+    return {{c.head_dim}, absl::StrFormat("head_dim=%d", c.head_dim)};
+  }
   if (s == "ffn_gate.weight" || s == "ffn_up.weight") {
     return {{c.intermediate, c.hidden}, ff + ", " + h};
   }
@@ -694,6 +706,11 @@ absl::Status HfModelSource::Load(const std::string& dir) {
                           "attn_norm.weight", "ffn_norm.weight"}) {
       required.push_back(absl::StrFormat("blk.%d.%s", l, s));
     }
+    if (config_.qk_norm) {
+      for (const char* s : {"attn_q_norm.weight", "attn_k_norm.weight"}) {
+        required.push_back(absl::StrFormat("blk.%d.%s", l, s));
+      }
+    }
     if (!config_.moe.enabled()) {
       for (const char* s : {"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"}) {
         required.push_back(absl::StrFormat("blk.%d.%s", l, s));
@@ -750,7 +767,8 @@ absl::StatusOr<ModelConfig> ParseHfConfig(std::string_view json_text, const std:
   ModelConfig c;
   QKV_ASSIGN_OR_RETURN(const ArchInfo* arch, FindArch(f));
   c.architecture = std::string(arch->name);
-  c.rope_neox = c.architecture == "qwen2" || c.architecture == "qwen2moe";
+  c.rope_neox = c.architecture.starts_with("qwen");
+  c.qk_norm = c.architecture.starts_with("qwen3");
 
   QKV_ASSIGN_OR_RETURN(c.hidden, f.Dim("hidden_size", std::nullopt));
   QKV_ASSIGN_OR_RETURN(c.intermediate, f.Dim("intermediate_size", std::nullopt));
@@ -781,7 +799,7 @@ absl::StatusOr<ModelConfig> ParseHfConfig(std::string_view json_text, const std:
   }
 
   // Defaults as the transformers config classes define them.
-  const int64_t default_context = c.architecture == "qwen2" || c.architecture == "qwen2moe" ? 32768
+  const int64_t default_context = c.architecture.starts_with("qwen") ? 32768
                                   : c.architecture == "mistral" || c.architecture == "mixtral"
                                       ? 4096 * 32
                                       : 2048;
@@ -793,7 +811,7 @@ absl::StatusOr<ModelConfig> ParseHfConfig(std::string_view json_text, const std:
 
   QKV_RETURN_IF_ERROR(ParseMoe(f, c));
   if (c.architecture == "qwen2" || c.architecture == "qwen2moe") {
-    c.attention_bias = true;  // Qwen2 always has q/k/v biases
+    c.attention_bias = true;  // Qwen2 always has q/k/v biases (Qwen3 none by default)
   } else {
     QKV_ASSIGN_OR_RETURN(c.attention_bias, f.Bool("attention_bias", false));
   }

@@ -36,7 +36,7 @@ struct MoeConfig {
 };
 
 struct ModelConfig {
-  // llama, mistral, qwen2, mixtral (llama layers with MoE FFNs), qwen2moe
+  // llama, mistral, qwen2, qwen3, mixtral (llama layers with MoE FFNs), qwen2moe, qwen3moe
   std::string architecture = "llama";
   std::string name;
   int64_t n_layers = 0;
@@ -55,6 +55,9 @@ struct ModelConfig {
   // pairs (2i, 2i+1). llama.cpp keeps qwen2's Q/K rows in HF order and ropes them NeoX-style;
   // llama and mistral rows are permuted into adjacent-pair order, so this stays false.
   bool rope_neox = false;
+  // Qwen3: each head's q and k RMS-normalised over head_dim (weights attn_q_norm /
+  // attn_k_norm) after the projection, before RoPE.
+  bool qk_norm = false;
   MoeConfig moe;
 };
 

@@ -592,6 +592,25 @@ void EngineLoop::PublishStats() {
     st.pool_bytes_per_token.push_back(
         engine_->kv_cache(i).BytesPerTokenAt(model_config_.context_length));
   }
+  if (const moe::ExpertPrecisionPolicy* policy = engine_->expert_policy()) {
+    const moe::ExpertPrecisionStats ps = policy->Stats();
+    for (const moe::ExpertPrecisionStat& e : ps.experts) {
+      const int level = engine_->expert_level(e.layer, e.expert);
+      EngineLoopStats::Expert x;
+      x.layer = e.layer;
+      x.expert = e.expert;
+      x.load = e.frequency;
+      x.mean_weight = e.mean_weight;
+      x.precision =
+          std::string(kernels::GgmlTypeInfoOf(engine_->config().expert_levels[level]).name);
+      x.bytes = e.bytes;
+      x.changes = e.changes;
+      st.experts.push_back(std::move(x));
+    }
+    st.expert_bytes_active = engine_->active_expert_bytes();
+    st.expert_budget_bytes = ps.budget_bytes;
+    st.expert_changes = ps.changes;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   waiting_ = st.scheduler.queued;
   if (ServingMetrics* m = config_.metrics) {

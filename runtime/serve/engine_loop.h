@@ -129,6 +129,15 @@ struct EngineLoopStats {
   double generated_tokens_per_s = 0;         // over the last few seconds
   double kv_bytes_per_token = 0;             // the default preset's, at the full context
   std::vector<double> pool_bytes_per_token;  // per preset, at the full context
+  // MoE with elastic expert precision (EngineConfig::expert_levels), else empty.
+  struct Expert {
+    int layer = 0, expert = 0;
+    double load = 0, mean_weight = 0;
+    std::string precision;
+    int64_t bytes = 0, changes = 0;
+  };
+  std::vector<Expert> experts;
+  int64_t expert_bytes_active = 0, expert_budget_bytes = 0, expert_changes = 0;
 };
 
 class EngineLoop {

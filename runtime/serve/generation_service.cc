@@ -251,6 +251,19 @@ grpc::Status GenerationService::Stats(grpc::ServerContext* context, const v1::St
   response->set_finished(st.scheduler.finished);
   response->set_aborted(st.scheduler.cancelled);
   response->set_generated_tokens(st.generated_tokens);
+  for (const EngineLoopStats::Expert& e : st.experts) {
+    v1::ExpertStats* out = response->add_experts();
+    out->set_layer(e.layer);
+    out->set_expert(e.expert);
+    out->set_load(e.load);
+    out->set_mean_router_weight(e.mean_weight);
+    out->set_precision(e.precision);
+    out->set_bytes(e.bytes);
+    out->set_precision_changes(e.changes);
+  }
+  response->set_expert_bytes_active(st.expert_bytes_active);
+  response->set_expert_budget_bytes(st.expert_budget_bytes);
+  response->set_expert_precision_changes(st.expert_changes);
   for (size_t i = 0; i < st.scheduler.pools.size(); ++i) {
     const PoolStats& pool = st.scheduler.pools[i];
     v1::KvPoolStats* out = response->add_pools();

@@ -1,6 +1,6 @@
-// Tiny random Mixtral and Qwen2-MoE checkpoints (tools/fixtures/make_moe_fixtures.py), from
-// HF safetensors (per-expert tensors) and from GGUF (merged 3-D expert tensors), against
-// transformers' float64 logits and its router's top-k choices.
+// Tiny random Mixtral, Qwen2-MoE and Qwen3-MoE (q/k norm) checkpoints
+// (tools/fixtures/make_moe_fixtures.py), from HF safetensors (per-expert tensors) and from GGUF
+// (merged 3-D expert tensors), against transformers' float64 logits and its router's top-k choices.
 #include <cmath>
 #include <fstream>
 
@@ -135,6 +135,19 @@ TEST(MoeModelTest, TopKOverrideIsCheckedAndChangesTheOutput) {
   auto refused = Engine::Create(std::move(*dense), cfg);
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.status().message().find("not a mixture-of-experts"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace quantkv
+
+namespace quantkv {
+namespace {
+
+TEST(MoeModelTest, Qwen3MoeWithQkNormMatchesTransformers) {
+  const nlohmann::json fx = Fixture();
+  const auto tokens = fx["tokens"].get<std::vector<int32_t>>();
+  CheckModel(fx["tiny_qwen3_moe"], tokens, false);
+  CheckModel(fx["tiny_qwen3_moe"], tokens, true);
 }
 
 }  // namespace

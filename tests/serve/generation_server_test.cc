@@ -6,6 +6,8 @@
 #include <chrono>
 #include <filesystem>
 #include <limits>
+#include <numeric>
+#include <random>
 #include <thread>
 
 #include "grpcpp/create_channel.h"
@@ -14,6 +16,7 @@
 #include "quantkv/v1/generation.grpc.pb.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/gguf_model.h"
+#include "runtime/model/moe_split.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
 #include "tests/testutil/paths.h"
@@ -657,6 +660,84 @@ TEST_F(GenerationServerTest, RequestsChooseAmongSeveralKvPresets) {
   EXPECT_NE(st.error_message().find("ScoreRequest.kv_preset"), std::string::npos)
       << st.error_message();
   own.server->Shutdown(absl::Seconds(2));
+}
+
+}  // namespace
+}  // namespace quantkv
+
+namespace quantkv {
+namespace {
+
+// A MoE model with elastic expert precision behind the server: SmolLM2 split into 8 experts
+// by a synthetic split (neurons in order, a random router), experts held as Q4_0 and Q8_0
+// under a budget of all-Q4_0 plus 10 upgrades. Stats shows every expert's load and
+// precision, and the active bytes within the budget.
+TEST_F(GenerationServerTest, StatsShowsExpertLoadAndPrecision) {
+  auto dense = GgufModel::Open(testing::DefaultModelPath().string());
+  ASSERT_TRUE(dense.ok());
+  const ModelConfig& c = (*dense)->config();
+  MoeSplit split;
+  split.n_layers = c.n_layers;
+  split.hidden = c.hidden;
+  split.intermediate = c.intermediate;
+  split.n_experts = 8;
+  split.top_k = 2;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 0.1f);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    std::vector<int32_t> n(c.intermediate);
+    std::iota(n.begin(), n.end(), 0);
+    split.neurons.push_back(n);
+    std::vector<float> r(8 * c.hidden);
+    for (float& v : r) v = d(rng);
+    split.router.push_back(r);
+    split.router_bias.push_back(std::vector<float>(8, 0.0f));
+  }
+  auto moe = MoefiedSource(std::unique_ptr<WeightSource>(std::move(*dense)), split);
+  ASSERT_TRUE(moe.ok()) << moe.status();
+  EngineConfig cfg = ServingEngineConfig();
+  cfg.expert_levels = {kernels::GgmlType::kQ4_0, kernels::GgmlType::kQ8_0};
+  cfg.expert_decide_every_tokens = 8;
+  // Bytes per expert at each level: 3 matrices of 576 x 192.
+  const int64_t q4 = 3 * 576 * 192 / 32 * 18, q8 = 3 * 576 * 192 / 32 * 34;
+  cfg.expert_budget_bytes = 240 * q4 + 10 * (q8 - q4);
+  auto engine = Engine::Create(std::move(*moe), cfg);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto loop = EngineLoop::Create(
+      std::move(*engine), tokenizer_,
+      {.max_running = 4, .max_queued = 8, .max_step_tokens = 128, .kv_preset = "fp16"});
+  ASSERT_TRUE(loop.ok()) << loop.status();
+  GenerationServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.api_key = kApiKey;
+  auto server = GenerationServer::Start(loop->get(), options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials()));
+  const Collected got = Run(Greedy(kPrompt, 24), stub.get());
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  ASSERT_TRUE(WaitIdle(stub.get()));
+  const v1::StatsResponse s = GetStats(stub.get());
+  ASSERT_EQ(s.experts_size(), 240);
+  EXPECT_EQ(s.expert_budget_bytes(), cfg.expert_budget_bytes);
+  EXPECT_LE(s.expert_bytes_active(), s.expert_budget_bytes());
+  EXPECT_EQ(s.expert_bytes_active(), 240 * q4 + 10 * (q8 - q4));  // the budget is spent
+  int high = 0;
+  double layer0_load = 0;
+  for (const v1::ExpertStats& e : s.experts()) {
+    EXPECT_TRUE(e.precision() == "Q4_0" || e.precision() == "Q8_0") << e.precision();
+    EXPECT_EQ(e.bytes(), e.precision() == "Q8_0" ? q8 : q4);
+    high += e.precision() == "Q8_0";
+    if (e.layer() == 0) layer0_load += e.load();
+    EXPECT_GE(e.load(), 0.0);
+    EXPECT_LE(e.load(), 1.0);
+  }
+  EXPECT_EQ(high, 10);
+  // Every token goes to 2 experts: the loads of a layer sum to 2 x (1 - decay^tokens) > 0.
+  EXPECT_GT(layer0_load, 0.05);
+  EXPECT_LE(layer0_load, 2.0 + 1e-9);
+  EXPECT_GT(s.expert_precision_changes(), 0);
+  (*server)->Shutdown(absl::Seconds(2));
 }
 
 }  // namespace
