@@ -53,6 +53,11 @@ struct KvCodecSpec {
   // Scales cover clip * max|x| (symmetric) or clip * (max - min) around the midpoint
   // (asymmetric); values beyond saturate. 1 = plain min-max. Set by calibration searches.
   float clip = 1.0f;
+  // Promoted tokens: room in every head slab for this many token rows kept exactly (fp16)
+  // beside the codes, filled after encoding by KvCodec::KeepRow with the rows the cache
+  // is told matter most (KvCache::PromoteRows: router entropy, attention mass). 0: off;
+  // 1..32. Decode returns a kept row exactly; attention takes the tiled path for it.
+  int keep_rows = 0;
   // Dense-and-sparse: this percentage of a slab's values (largest |x|) is kept exactly in
   // fp16 beside the codes, the rest quantized without them. 0: off.
   float outlier_pct = 0.0f;
@@ -77,6 +82,8 @@ struct KvCodecSpec {
   std::string ToString() const;
 };
 
+// Any integer, fp8 or codebook codec also takes keepN (1 <= N <= 32 promoted token rows per
+// slab, see KvCodecSpec::keep_rows), written last.
 // Grammar: NAME[:OPTION]* with NAME in fp32|fp16|bf16|fp8|int8|int4|int3|int2 and options
 // gN (per-token groups of N channels), chan (per-channel over the block), block (one scale
 // per head slab), static (calibrated per-channel scales, see KvCodecConfig), sym|asym,
@@ -141,6 +148,13 @@ class KvCodec {
   virtual void Encode(const float* x, uint8_t* slab) const = 0;
   // Decodes tokens [t0, t1) of the slab into out[(t - t0) * head_dim + e].
   virtual void Decode(const uint8_t* slab, int64_t t0, int64_t t1, float* out) const = 0;
+  // keep_rows codecs: stores token t's row (head_dim values, in the encoded domain) exactly
+  // in a free slot of the encoded slab, or in place of the kept row of lowest priority when
+  // `priority` exceeds it; a row kept already only has its priority raised. True when the
+  // row is kept. Other codecs keep nothing.
+  virtual bool KeepRow(uint8_t* slab, int64_t t, const float* row, float priority) const {
+    return false;
+  }
 
  protected:
   KvCodec(const KvCodecSpec& spec, int64_t head_dim, int64_t block_tokens)

@@ -23,6 +23,7 @@ struct PerplexityFlags {
   int64_t position_buckets = 0;
   std::string kl_base;
   std::string save_logits;
+  int64_t step_tokens = 0;
 };
 
 void Define(FlagSet& f, PerplexityFlags& o) {
@@ -40,6 +41,11 @@ void Define(FlagSet& f, PerplexityFlags& o) {
       .Placeholder("FILE");
   f.String("save-logits", &o.save_logits, "", "record this run's distributions as a baseline")
       .Placeholder("FILE");
+  f.Int<int64_t>("step-tokens", &o.step_tokens, 0,
+                 "run each window in engine steps of this many tokens (chunked prefill, as a "
+                 "server does; what --kv-promote decides at the end of a step reaches the "
+                 "steps after it); 0: the whole window in one step",
+                 {.min = 0, .max = 1 << 20});
 }
 
 int Run(const PerplexityFlags& o, CommandContext& ctx) {
@@ -57,7 +63,7 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
     opt.kl_base = &base;
   }
   EngineConfig ecfg;
-  ecfg.max_chunk_tokens = o.ctx;  // one window per forward step
+  ecfg.max_chunk_tokens = o.step_tokens > 0 ? std::min(o.step_tokens, o.ctx) : o.ctx;
   auto session = OpenModelSession(o.model, ecfg);
   if (!session.ok()) return ReportFailure(ctx, session.status());
   // Under --tp every rank scores the same windows; only rank 0 prints and writes files.
@@ -114,6 +120,7 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"tokens_per_s", r->tokens_per_s},
                         {"seconds", r->seconds},
                         {"kv_policy", kv.policy().name},
+                        {"step_tokens", o.step_tokens},
                         {"kv_bits_per_element", kv_bits},
                         {"kv_bytes_per_token", kv_bytes},
                         {"kv_compression_vs_fp16", 16.0 / kv_bits},

@@ -305,6 +305,10 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
             "with a router, as fitted by `quantkv moefy`",
             PathKind::kFile)
       .Placeholder("FILE");
+  flags.Choice("kv-promote", &o.kv_promote, "none", {"none", "key-norm", "router-entropy"},
+               "with a --kv codec that keeps rows (:keepN), which tokens of each block are "
+               "kept exactly: key-norm (largest ||k|| per layer) or router-entropy (MoE: the "
+               "tokens whose routing is most uncertain across layers)");
   flags
       .String("expert-levels", &o.expert_levels, "",
               "MoE: hold every expert at these weight types, lowest precision first (e.g. "
@@ -419,6 +423,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
   cfg.moe_top_k = flags.moe_top_k;
+  cfg.kv_promote = flags.kv_promote == "none" ? "" : flags.kv_promote;
   cfg.moe_tensor_parallel = flags.tp > 1 && flags.ep == 1;
   if (!flags.expert_levels.empty()) {
     QKV_ASSIGN_OR_RETURN(cfg.expert_levels, ParseExpertLevels(flags.expert_levels));

@@ -46,6 +46,8 @@ struct ModelFlags {
   // Router-aware elastic expert precision: the weight types every expert is held at
   // ("q4_0,q8_0"), the active bytes budget in MiB (0: all at the first), the policy's
   // EMA half-life and decision interval in tokens and its hysteresis.
+  // Promoted tokens for a --kv codec with :keepN: key-norm or router-entropy (MoE).
+  std::string kv_promote = "none";
   std::string expert_levels;
   double expert_budget_mb = 0;
   double expert_half_life = 512;

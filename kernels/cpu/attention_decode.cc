@@ -62,7 +62,7 @@ Uniform ReadableLayout(const KvCodec& c, bool values) {
   const KvCodecSpec& s = c.spec();
   const int64_t d = c.head_dim();
   if (s.type != KvCodecType::kUniform || s.granularity != KvGranularity::kPerTokenGroup ||
-      s.outlier_pct > 0.0f || s.rank > 0 || s.mean_residual) {
+      s.outlier_pct > 0.0f || s.rank > 0 || s.mean_residual || s.keep_rows > 0) {
     return u;
   }
   if (s.bits != 8 && s.bits != 4 && s.bits != 2) return u;

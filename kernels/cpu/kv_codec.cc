@@ -140,6 +140,7 @@ std::string KvCodecSpec::ToString() const {
       }
       if (rank > 0) s += absl::StrFormat(":rank%d", rank);
       if (mean_residual) s += ":meanres";
+      if (keep_rows > 0) s += absl::StrFormat(":keep%d", keep_rows);
       return s;
     }
     case KvCodecType::kFp8E4M3:
@@ -161,6 +162,7 @@ std::string KvCodecSpec::ToString() const {
   if (learned_clip) s += ":learnclip";
   if (rank > 0) s += absl::StrFormat(":rank%d", rank);
   if (mean_residual) s += ":meanres";
+  if (keep_rows > 0) s += absl::StrFormat(":keep%d", keep_rows);
   return s;
 }
 
@@ -331,6 +333,17 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       }
       if (spec.mean_residual) return SpecError(trimmed, "option 'meanres' repeats");
       spec.mean_residual = true;
+    } else if (opt.size() > 4 && opt.substr(0, 4) == "keep") {
+      const std::string_view num = opt.substr(4);
+      int v = 0;
+      const auto [end, ec] = std::from_chars(num.data(), num.data() + num.size(), v);
+      if (ec != std::errc() || end != num.data() + num.size() || v < 1 || v > 32) {
+        return SpecError(trimmed, absl::StrFormat("bad promoted-row count '%s' (want keepN with "
+                                                  "1 <= N <= 32)",
+                                                  opt));
+      }
+      if (spec.keep_rows > 0) return SpecError(trimmed, "option 'keep' repeats");
+      spec.keep_rows = v;
     } else if (opt == "learnclip") {
       if (spec.type != KvCodecType::kUniform) {
         return SpecError(trimmed, "option 'learnclip' needs an integer codec (int8..int2)");
@@ -388,14 +401,16 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
       return SpecError(trimmed, "bad group size 'g' (want gN with N >= 1)");
     } else {
       if (is_codebook) {
-        return SpecError(trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, sym, asym, "
-                                                  "clipX, rankR, meanres, nf, powX, log or lloyd)",
-                                                  opt));
+        return SpecError(trimmed,
+                         absl::StrFormat("unknown option '%s' (want gN, chan, sym, asym, "
+                                         "clipX, rankR, meanres, keepN, nf, powX, log or lloyd)",
+                                         opt));
       }
       return SpecError(
-          trimmed, absl::StrFormat("unknown option '%s' (want gN, chan, block, "
-                                   "static, sym, asym, clipX, outX, rankR, learnclip or meanres)",
-                                   opt));
+          trimmed,
+          absl::StrFormat("unknown option '%s' (want gN, chan, block, "
+                          "static, sym, asym, clipX, outX, rankR, learnclip, meanres or keepN)",
+                          opt));
     }
   }
   return spec;
@@ -414,6 +429,21 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
   }
   if (block_tokens < 1 || block_tokens > (1 << 20)) {
     return err(absl::StrFormat("block_tokens %d out of range [1, 1048576]", block_tokens));
+  }
+  if (spec.keep_rows > 0) {
+    if (spec.keep_rows > 32 || spec.keep_rows >= block_tokens || block_tokens > 65535 ||
+        IsFloatType(spec.type) || spec.type == KvCodecType::kGgml ||
+        spec.type == KvCodecType::kVector) {
+      return err(absl::StrFormat(
+          "keep%d needs an integer, fp8 or codebook codec and fewer kept rows than the %d "
+          "tokens of a block (at most 32)",
+          spec.keep_rows, block_tokens));
+    }
+    KvCodecConfig inner = config;
+    inner.spec.keep_rows = 0;
+    absl::StatusOr<std::unique_ptr<KvCodec>> in = Create(inner);
+    if (!in.ok()) return in.status();
+    return kv_codec_internal::MakeKeepRowsCodec(spec, head_dim, block_tokens, std::move(*in));
   }
   if (IsFloatType(spec.type))
     return kv_codec_internal::MakeFloatCodec(spec, head_dim, block_tokens);

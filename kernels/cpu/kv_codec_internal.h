@@ -28,6 +28,10 @@ std::unique_ptr<KvCodec> MakeFp8Codec(const KvCodecSpec& spec, int64_t head_dim,
 // Defined in kv_codec_uniform.cc.
 std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecConfig& config);
 
+// Defined in kv_codec_keep_rows.cc: `inner` (spec without keep_rows) plus the kept rows.
+std::unique_ptr<KvCodec> MakeKeepRowsCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                           int64_t block_tokens, std::unique_ptr<KvCodec> inner);
+
 // Defined in kv_codec_outliers.cc: `inner` (spec without outliers) plus the sparse list.
 std::unique_ptr<KvCodec> MakeOutlierCodec(const KvCodecSpec& spec, int64_t head_dim,
                                           int64_t block_tokens, std::unique_ptr<KvCodec> inner);

@@ -192,6 +192,28 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
     QKV_RETURN_IF_ERROR(CheckAttnCorrectionFitsModel(*config.attn_correction, c));
   }
   if (config.lora) QKV_RETURN_IF_ERROR(CheckLoraFitsModel(*config.lora, c));
+  if (!config.kv_promote.empty()) {
+    if (config.kv_promote == "key-norm") {
+      e->promote_ = Promote::kKeyNorm;
+    } else if (config.kv_promote == "router-entropy") {
+      if (!c.moe.enabled()) {
+        return absl::InvalidArgumentError(
+            "--kv-promote router-entropy: the model is not a mixture of experts");
+      }
+      e->promote_ = Promote::kRouterEntropy;
+    } else {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--kv-promote '%s' is not one of key-norm, router-entropy", config.kv_promote));
+    }
+    bool any = false;
+    for (const auto& cache : e->kv_) any = any || cache->promotes();
+    if (!any) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--kv-promote %s needs a KV codec that keeps promoted rows (add :keepN, e.g. "
+          "k=int2:chan:keep4)",
+          config.kv_promote));
+    }
+  }
   if (config.attn_observer) {
     // The shadow holds exactly what cache 0 holds, so it gets that cache's budget.
     QKV_ASSIGN_OR_RETURN(e->shadow_kv_,
@@ -756,6 +778,15 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
     rope_->Apply(q.data(), total, n_heads, positions.data());
     rope_->Apply(k.data(), total, n_kv_heads, positions.data());
+    if (promote_ == Promote::kKeyNorm) {
+      buf.promote.resize(static_cast<size_t>(c.n_layers * total));
+      for (int64_t r = 0; r < total; ++r) {
+        double s = 0;
+        for (int64_t j = 0; j < kv_dim; ++j)
+          s += static_cast<double>(k[r * kv_dim + j]) * k[r * kv_dim + j];
+        buf.promote[li * total + r] = static_cast<float>(std::sqrt(s));
+      }
+    }
     if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());
     // Write every input's K/V first, then attend: sequences are independent, so inputs of
     // few rows (decodes) attend in parallel with each other, one pool task per sequence,
@@ -812,6 +843,11 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       QKV_RETURN_IF_ERROR(
           MoeFfn(l.moe, router_, xn.data(), total, proj.data(), pool, mm, buf.moe, buf.routing));
       if (config_.routing_observer) config_.routing_observer(li, buf.routing);
+      if (promote_ == Promote::kRouterEntropy) {
+        buf.promote.resize(static_cast<size_t>(c.n_layers * total));
+        std::copy(buf.routing.entropy.begin(), buf.routing.entropy.end(),
+                  buf.promote.begin() + li * total);
+      }
       if (expert_policy_)
         QKV_RETURN_IF_ERROR(expert_policy_->Observe(static_cast<int>(li), buf.routing));
       QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
@@ -859,9 +895,12 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   QKV_RETURN_IF_ERROR(
       kernels::MatMul(lm_head_, final_h.data(), n_out, logits->data() + offset, pool, mm_head));
 
+  std::vector<int64_t> lengths_before;
   for (const StepInput& in : inputs) {
+    lengths_before.push_back(sequences_[in.seq].kv.length);
     sequences_[in.seq].kv.length += static_cast<int64_t>(in.tokens.size());
   }
+  if (promote_ != Promote::kNone) PromoteFilledBlocks(inputs, lengths_before);
   // Between steps, so a step runs on one set of expert weights throughout.
   if (expert_policy_) {
     for (const moe::ExpertLevelChange& ch : expert_policy_->MaybeDecide()) {
@@ -873,6 +912,52 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
           .count();
   return absl::OkStatus();
+}
+
+void Engine::PromoteFilledBlocks(std::span<const StepInput> inputs,
+                                 const std::vector<int64_t>& lengths_before) {
+  const int64_t L = model_config_.n_layers;
+  const int64_t total = static_cast<int64_t>(buffers_.promote.size()) / L;
+  int64_t row = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    Sequence& seq = sequences_[inputs[i].seq];
+    KvCache& cache = *kv_[seq.cache];
+    const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
+    if (!cache.promotes()) {
+      row += n;
+      continue;
+    }
+    seq.promote_pending.resize(L);
+    for (int64_t l = 0; l < L; ++l) {
+      std::vector<float>& pending = seq.promote_pending[l];
+      for (int64_t j = 0; j < n; ++j) {
+        float p = buffers_.promote[l * total + row + j];
+        if (promote_ == Promote::kRouterEntropy) {  // uncertain across layers: their mean
+          p = 0;
+          for (int64_t m = 0; m < L; ++m) p += buffers_.promote[m * total + row + j] / L;
+        }
+        pending.push_back(p);
+      }
+    }
+    row += n;
+    const int64_t bt = cache.block_tokens();
+    const int64_t full = seq.kv.length / bt;
+    for (int64_t b = lengths_before[i] / bt; b < full; ++b) {
+      for (int64_t pos = b * bt; pos < (b + 1) * bt; ++pos) {
+        for (int64_t l = 0; l < L; ++l) {
+          (void)cache.PromoteRow(seq.kv, l, pos, seq.promote_pending[l][pos - seq.promote_base]);
+        }
+      }
+    }
+    // Keep the priorities of the block not yet full.
+    const int64_t drop = full * bt - seq.promote_base;
+    if (drop > 0) {
+      for (std::vector<float>& pending : seq.promote_pending) {
+        pending.erase(pending.begin(), pending.begin() + drop);
+      }
+      seq.promote_base = full * bt;
+    }
+  }
 }
 
 absl::Status Engine::CorrectAndObserve(std::span<const StepInput> inputs, int64_t layer,

@@ -109,6 +109,12 @@ struct EngineConfig {
   // no communication and the combine is the layer's all-reduce) or, with this set, every
   // expert's neurons are split over the ranks (tensor parallelism inside experts).
   bool moe_tensor_parallel = false;
+  // Promoted tokens: with a KV codec that keeps rows (":keepN"), which tokens of each
+  // filled block get the exact slots (KvCache::PromoteRow), decided at the end of the step
+  // that fills the block: "key-norm" (per layer, the largest ||k||: the attention-sink-like
+  // tokens), "router-entropy" (MoE models: the tokens whose routing is most uncertain,
+  // mean entropy over layers, for all layers). "" promotes nothing.
+  std::string kv_promote;
   // MoE router-aware elastic precision: every expert held at each of these weight types
   // (lowest precision first, e.g. {Q4_0, Q8_0}; runtime/engine/expert_store.h), and each
   // expert's active type chosen from recent routing under expert_budget_bytes by
@@ -226,6 +232,7 @@ class Engine {
     std::vector<uint8_t> reads_encoded;
     MoeFfnScratch moe;
     moe::Routing routing;
+    std::vector<float> promote;  // [n_layers][rows], kv_promote scores
   };
   // Adds the attention correction and collects what attn_observer sees, for one layer.
   absl::Status CorrectAndObserve(std::span<const StepInput> inputs, int64_t layer,
@@ -244,7 +251,17 @@ class Engine {
     SequenceKv kv;
     int cache = 0;      // index into kv_
     SequenceKv shadow;  // in shadow_kv_, when attn_observer is set
+    // kv_promote: per layer, the priorities of positions [promote_base, length) whose block
+    // is not full yet.
+    std::vector<std::vector<float>> promote_pending;
+    int64_t promote_base = 0;
   };
+  enum class Promote { kNone, kKeyNorm, kRouterEntropy };
+  Promote promote_ = Promote::kNone;
+  // Offers the blocks `inputs` filled in this step to the promoted-row slots; `scores` is
+  // [n_layers][step rows], lengths_before each input's sequence length before the step.
+  void PromoteFilledBlocks(std::span<const StepInput> inputs,
+                           const std::vector<int64_t>& lengths_before);
   std::unique_ptr<KvCache> shadow_kv_;  // exact cache for attn_observer
   absl::flat_hash_map<SequenceId, Sequence> sequences_;
   SequenceId next_seq_ = 1;

@@ -30,6 +30,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   const int64_t per_layer = c.n_kv_heads * c.head_dim;
   std::vector<LayerCodecs> layers(c.n_layers);
   int64_t all_layers = 0;
+  bool promotes = false;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerStaticScales* scales = c.policy.StaticScalesFor(l);
     const LayerKvVectors* books = c.policy.CodebooksFor(l);
@@ -76,6 +77,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
         sc.offsets.push_back(sc.block_bytes);
         sc.block_bytes += (*codec)->slab_bytes();
         sc.ptrs.push_back(codec->get());
+        if ((*codec)->spec().keep_rows > 0) promotes = true;
         sc.heads.push_back(std::move(*codec));
       }
       all_layers += sc.block_bytes;
@@ -91,6 +93,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
     return absl::InvalidArgumentError("KV cache: budget needs more than 2^31 blocks");
   }
   std::unique_ptr<KvCache> cache(new KvCache(c, static_cast<int32_t>(n_blocks)));
+  cache->promotes_ = promotes;
   cache->pool_bytes_ = static_cast<size_t>(n_blocks * all_layers);
   // Anonymous, lazily backed memory: a large budget costs only the pages written.
   void* pool = ::mmap(nullptr, cache->pool_bytes_, PROT_READ | PROT_WRITE,
@@ -202,17 +205,49 @@ void KvCache::EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b) {
           kernels::Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(r), x.data() + t * d, d);
         }
       }
-      // Pre-RoPE keys: the ring holds keys as attention uses them (rotated); the encoded
-      // form is the un-rotated key, whose channels keep their outliers in place.
-      if (kv == 0 && config_.policy.pre_rope_keys) {
-        config_.rope->RotateRows(x.data(), bt, b * bt, /*inverse=*/true);
-      }
-      if (kv == 0 ? config_.policy.rotate_k : config_.policy.rotate_v) {
-        kernels::HadamardRotate(x.data(), bt, d, rotation_signs_.data(), /*inverse=*/false);
-      }
+      ToEncodedDomain(x.data(), bt, b * bt, kv);
       sc.heads[h]->Encode(x.data(), block + sc.offsets[h]);
     }
   }
+}
+
+void KvCache::ToEncodedDomain(float* x, int64_t n, int64_t pos, int kv) const {
+  // Pre-RoPE keys: the ring holds keys as attention uses them (rotated); the encoded
+  // form is the un-rotated key, whose channels keep their outliers in place.
+  if (kv == 0 && config_.policy.pre_rope_keys) {
+    config_.rope->RotateRows(x, n, pos, /*inverse=*/true);
+  }
+  if (kv == 0 ? config_.policy.rotate_k : config_.policy.rotate_v) {
+    kernels::HadamardRotate(x, n, config_.head_dim, rotation_signs_.data(), /*inverse=*/false);
+  }
+}
+
+int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float priority) {
+  const int64_t bt = block_tokens(), d = config_.head_dim;
+  const int64_t b = pos / bt;
+  if (!promotes_ || layer < 0 || layer >= config_.n_layers || pos < 0 ||
+      b >= static_cast<int64_t>(seq.blocks.size()) || (b + 1) * bt > seq.length ||
+      pos < seq.length - ring_tokens_) {
+    return 0;
+  }
+  int64_t kept = 0;
+  std::vector<float> x(static_cast<size_t>(d));
+  for (int kv = 0; kv < 2; ++kv) {
+    const SlabCodecs& sc = layers_[layer].kv[kv];
+    uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.block_bytes;
+    for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
+      if (sc.heads[h]->spec().keep_rows == 0) continue;
+      const uint8_t* r = RingRow(seq, layer, kv, pos) + h * d * kernels::KvStorageBytes(storage_);
+      if (storage_ == kernels::KvStorage::kF32) {
+        std::memcpy(x.data(), r, d * sizeof(float));
+      } else {
+        kernels::Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(r), x.data(), d);
+      }
+      ToEncodedDomain(x.data(), 1, pos, kv);
+      kept += sc.heads[h]->KeepRow(block + sc.offsets[h], pos - b * bt, x.data(), priority);
+    }
+  }
+  return kept;
 }
 
 kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t n_tokens) const {

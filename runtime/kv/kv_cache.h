@@ -65,6 +65,15 @@ class KvCache {
   void Write(SequenceKv& seq, int64_t layer, int64_t pos, int64_t n, const float* k,
              const float* v);
 
+  // Promoted tokens (codecs with keep_rows, kernels/kv_codec.h): offers token `pos` of
+  // `layer` to its encoded block's kept-row slots in every KV head, K and V, at `priority`
+  // (KvCodec::KeepRow: it takes a free slot or the lowest-priority one). The exact row comes
+  // from the fp16 ring, so pos must be in an encoded block and among the last ring tokens
+  // of seq.length written; others are not promoted. Returns the slabs that kept it.
+  int64_t PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float priority);
+  // True when some layer's codec keeps promoted rows.
+  bool promotes() const { return promotes_; }
+
   // The attention view of `layer` once n_tokens are written.
   kernels::KvLayerView View(const SequenceKv& seq, int64_t layer, int64_t n_tokens) const;
 
@@ -99,6 +108,10 @@ class KvCache {
   uint8_t* RingRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
   uint8_t* SinkRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
   void EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b);
+  // The transforms a row goes through before encoding (pre-RoPE keys un-rotated, Hadamard
+  // rotation), on n rows of one head starting at position pos.
+  void ToEncodedDomain(float* x, int64_t n, int64_t pos, int kv) const;
+  bool promotes_ = false;
   int64_t ProtectedTokensAt(int64_t n_tokens) const;
 
   KvCacheConfig config_;

@@ -1,0 +1,85 @@
+// Promoted tokens in the engine (--kv-promote): the rows a step's signal picks are kept
+// exactly in their blocks, so later steps attend to them at full precision; errors for a
+// cache without kept rows and for router entropy on a dense model.
+#include <cmath>
+
+#include "gtest/gtest.h"
+#include "runtime/engine/engine.h"
+#include "runtime/model/hf_model.h"
+#include "tests/testutil/paths.h"
+
+namespace quantkv {
+namespace {
+
+std::unique_ptr<WeightSource> Open(const std::string& name) {
+  auto w = OpenHfModelDir(testing::FixturePath("models/" + name).string());
+  EXPECT_TRUE(w.ok()) << w.status();
+  return std::move(*w);
+}
+
+// Logits of 48 tokens fed 4 per step, so blocks fill in early steps and later steps read
+// them (promotion happens at the end of the step that fills a block).
+std::vector<float> RunSteps(const std::string& model, const std::string& kv, const std::string& promote) {
+  EngineConfig c;
+  c.kv_spec = kv;
+  c.kv_max_bytes = 1 << 20;
+  c.max_chunk_tokens = 4;
+  c.kv_promote = promote;
+  c.decode_activations = kernels::ActivationPrecision::kFloat32;
+  c.lm_head_activations = kernels::ActivationPrecision::kFloat32;
+  auto e = Engine::Create(Open(model), c);
+  EXPECT_TRUE(e.ok()) << e.status();
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 48; ++i) tokens.push_back((i * 37 + 11) % 256);
+  std::vector<float> logits;
+  EXPECT_TRUE((*e)->Forward((*e)->NewSequence(), tokens, true, &logits).ok());
+  return logits;
+}
+
+double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err += (a[i] - b[i]) * (a[i] - b[i]);
+    norm += b[i] * b[i];
+  }
+  return std::sqrt(err / norm);
+}
+
+TEST(KvPromoteTest, PromotedRowsBringTheCacheCloserToExact) {
+  for (const char* model : {"tiny_llama_f32", "tiny_mixtral"}) {
+    SCOPED_TRACE(model);
+    const std::vector<float> exact = RunSteps(model, "fp32", "");
+    // Blocks of 16 tokens with room for 12 exact rows: most of every block once promoted.
+    const std::string kv = "int2:g16:asym:keep12,block=16";
+    const double none = RelErr(RunSteps(model, kv, ""), exact);
+    const double key_norm = RelErr(RunSteps(model, kv, "key-norm"), exact);
+    EXPECT_GT(none, 1e-3);
+    EXPECT_LT(key_norm, 0.7 * none) << "none " << none << " key-norm " << key_norm;
+    if (std::string(model) == "tiny_mixtral") {
+      const double entropy = RelErr(RunSteps(model, kv, "router-entropy"), exact);
+      EXPECT_LT(entropy, 0.7 * none) << "none " << none << " router-entropy " << entropy;
+    }
+  }
+}
+
+TEST(KvPromoteTest, MisuseIsRefusedWithTheFlagNamed) {
+  EngineConfig c;
+  c.kv_spec = "int2:g16:asym,block=16";
+  c.kv_max_bytes = 1 << 20;
+  c.kv_promote = "key-norm";
+  auto e = Engine::Create(Open("tiny_llama_f32"), c);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("keepN"), std::string::npos) << e.status();
+  c.kv_spec = "int2:g16:asym:keep4,block=16";
+  c.kv_promote = "router-entropy";
+  e = Engine::Create(Open("tiny_llama_f32"), c);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("not a mixture of experts"), std::string::npos);
+  c.kv_promote = "attention";
+  e = Engine::Create(Open("tiny_llama_f32"), c);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("'attention'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace quantkv
