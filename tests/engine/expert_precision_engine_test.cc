@@ -7,6 +7,7 @@
 #include "runtime/engine/engine.h"
 #include "runtime/model/hf_model.h"
 #include "tests/testutil/paths.h"
+#include "tests/testutil/relative_error.h"
 
 namespace quantkv {
 namespace {
@@ -36,14 +37,7 @@ std::vector<float> Logits(Engine& e, const std::vector<int32_t>& tokens) {
   return logits;
 }
 
-double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err += (a[i] - b[i]) * (a[i] - b[i]);
-    norm += b[i] * b[i];
-  }
-  return std::sqrt(err / norm);
-}
+using testing::RelativeL2Error;
 
 const std::vector<int32_t> kTokens = {1, 17, 200, 3, 99, 42, 255, 0, 5, 130, 7, 64, 128, 9};
 
@@ -58,7 +52,7 @@ TEST(ExpertPrecisionEngineTest, StoreCopiesAreTheWeightsAtEachPrecision) {
     c.expert_levels = {t};
     auto e = Engine::Create(TinyMixtral(), c);
     ASSERT_TRUE(e.ok()) << e.status();
-    const double err = RelErr(Logits(**e, kTokens), want);
+    const double err = RelativeL2Error(Logits(**e, kTokens), want);
     SCOPED_TRACE(kernels::GgmlTypeInfoOf(t).name);
     if (t == GgmlType::kF32) {
       EXPECT_EQ(err, 0.0);

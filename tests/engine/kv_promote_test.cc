@@ -7,6 +7,7 @@
 #include "runtime/engine/engine.h"
 #include "runtime/model/hf_model.h"
 #include "tests/testutil/paths.h"
+#include "tests/testutil/relative_error.h"
 
 namespace quantkv {
 namespace {
@@ -36,14 +37,7 @@ std::vector<float> RunSteps(const std::string& model, const std::string& kv, con
   return logits;
 }
 
-double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err += (a[i] - b[i]) * (a[i] - b[i]);
-    norm += b[i] * b[i];
-  }
-  return std::sqrt(err / norm);
-}
+using testing::RelativeL2Error;
 
 TEST(KvPromoteTest, PromotedRowsBringTheCacheCloserToExact) {
   for (const char* model : {"tiny_llama_f32", "tiny_mixtral"}) {
@@ -51,12 +45,12 @@ TEST(KvPromoteTest, PromotedRowsBringTheCacheCloserToExact) {
     const std::vector<float> exact = RunSteps(model, "fp32", "");
     // Blocks of 16 tokens with room for 12 exact rows: most of every block once promoted.
     const std::string kv = "int2:g16:asym:keep12,block=16";
-    const double none = RelErr(RunSteps(model, kv, ""), exact);
-    const double key_norm = RelErr(RunSteps(model, kv, "key-norm"), exact);
+    const double none = RelativeL2Error(RunSteps(model, kv, ""), exact);
+    const double key_norm = RelativeL2Error(RunSteps(model, kv, "key-norm"), exact);
     EXPECT_GT(none, 1e-3);
     EXPECT_LT(key_norm, 0.7 * none) << "none " << none << " key-norm " << key_norm;
     if (std::string(model) == "tiny_mixtral") {
-      const double entropy = RelErr(RunSteps(model, kv, "router-entropy"), exact);
+      const double entropy = RelativeL2Error(RunSteps(model, kv, "router-entropy"), exact);
       EXPECT_LT(entropy, 0.7 * none) << "none " << none << " router-entropy " << entropy;
     }
   }

@@ -13,6 +13,7 @@
 #include "runtime/model/gguf_model.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "tests/testutil/paths.h"
+#include "tests/testutil/relative_error.h"
 
 namespace quantkv {
 namespace {
@@ -67,14 +68,7 @@ class MoefyModelTest : public ::testing::Test {
   std::vector<int32_t> ids_;
 };
 
-double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err += (a[i] - b[i]) * (a[i] - b[i]);
-    norm += b[i] * b[i];
-  }
-  return std::sqrt(err / norm);
-}
+using testing::RelativeL2Error;
 
 TEST_F(MoefyModelTest, SplitReproducesTheDenseModelWithAllExpertsAndRoutesBetterThanChance) {
   MoefyOptions o;
@@ -119,9 +113,9 @@ TEST_F(MoefyModelTest, SplitReproducesTheDenseModelWithAllExpertsAndRoutesBetter
   ASSERT_TRUE(moe8.ok()) << moe8.status();
   EXPECT_EQ((*moe8)->config().moe.n_experts, 8);
   EXPECT_EQ((*moe8)->config().moe.expert_intermediate, 192);
-  const double all = RelErr(Logits(std::move(*moe8), 8), dense);
+  const double all = RelativeL2Error(Logits(std::move(*moe8), 8), dense);
   EXPECT_LT(all, 1e-5) << "k = 8 must be the dense model";
-  const double two = RelErr(Logits(*MoefiedSource(Dense(), *back), 2), dense);
+  const double two = RelativeL2Error(Logits(*MoefiedSource(Dense(), *back), 2), dense);
   EXPECT_GT(two, 1e-2) << "k = 2 of 8 drops three quarters of the MLP";
 
   // A split for another model shape is refused, naming both shapes.
