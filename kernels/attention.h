@@ -61,11 +61,24 @@ struct KvLayerView {
   const uint8_t* v_sinks = nullptr;
   int64_t sink_tokens = 0;
   int64_t window_tokens = 0;
+  // Page selection (Quest): [n_kv_heads][n_blocks], nonzero where that KV head's queries
+  // skip the encoded tokens of logical block b (sinks and ring tokens are always read).
+  // nullptr: every block is read.
+  const uint8_t* skip_blocks = nullptr;
 };
+
+// True when the query at position p skips token t of KV head h: t is read from an encoded
+// block (not a sink, before RingStart(p)) that skip_blocks marks.
+inline bool SkipsToken(const KvLayerView& v, int64_t h, int64_t p, int64_t t);
 
 // Where the query at position p reads token t from: sinks for t < min(sink_tokens, p+1);
 // the ring for t >= RingStart(view, p); encoded blocks in between.
 int64_t RingStart(const KvLayerView& view, int64_t p);
+
+inline bool SkipsToken(const KvLayerView& v, int64_t h, int64_t p, int64_t t) {
+  return v.skip_blocks != nullptr && t >= v.sink_tokens && t < RingStart(v, p) &&
+         v.skip_blocks[h * v.n_blocks + t / v.block_tokens] != 0;
+}
 
 struct AttentionQuery {
   const float* q = nullptr;  // [n_q][n_heads][head_dim], RoPE already applied

@@ -309,6 +309,13 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
                "with a --kv codec that keeps rows (:keepN), which tokens of each block are "
                "kept exactly: key-norm (largest ||k|| per layer) or router-entropy (MoE: the "
                "tokens whose routing is most uncertain across layers)");
+  flags.Float("page-fraction", &o.page_fraction, 1.0,
+              "decode attends, per KV head, only to this share of the encoded blocks whose key "
+              "min/max bound q.k highest (Quest; sinks and the window always); 1: all",
+              {.min = 0.001, .max = 1.0});
+  flags.Int<int64_t>("page-min-blocks", &o.page_min_blocks, 2,
+                     "with --page-fraction: attend to at least this many encoded blocks",
+                     {.min = 1});
   flags
       .String("expert-levels", &o.expert_levels, "",
               "MoE: hold every expert at these weight types, lowest precision first (e.g. "
@@ -423,6 +430,8 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.rope_scaling = flags.rope_scaling;
   cfg.comm = s.comm.get();
   cfg.moe_top_k = flags.moe_top_k;
+  cfg.page_fraction = flags.page_fraction;
+  cfg.page_min_blocks = flags.page_min_blocks;
   cfg.kv_promote = flags.kv_promote == "none" ? "" : flags.kv_promote;
   cfg.moe_tensor_parallel = flags.tp > 1 && flags.ep == 1;
   if (!flags.expert_levels.empty()) {

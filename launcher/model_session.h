@@ -48,6 +48,9 @@ struct ModelFlags {
   // EMA half-life and decision interval in tokens and its hysteresis.
   // Promoted tokens for a --kv codec with :keepN: key-norm or router-entropy (MoE).
   std::string kv_promote = "none";
+  // Page selection (Quest) for decode: the share of encoded blocks attended, and a floor.
+  double page_fraction = 1.0;
+  int64_t page_min_blocks = 2;
   std::string expert_levels;
   double expert_budget_mb = 0;
   double expert_half_life = 512;

@@ -91,12 +91,26 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
       const bool lut = query.fused_decode && query.n_q <= attention_internal::kDecodeMaxQueries &&
                        attention_internal::KeyLookup::Usable(kv, g);
       if (decode && !lut) {
-        // Few queries: each runs its GQA rows through the decode kernels on its own.
+        // Few queries: each runs its GQA rows through the decode kernels on its own, over
+        // the runs of tokens page selection keeps (online softmax carries across runs).
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = (i - i0) * group;
-          attention_internal::DecodeRange(kv, g, query.q + (i * query.n_heads + g * group) * d,
-                                          group, query.scale, query.positions[i], s_begin, s_end,
-                                          m + r, l + r, acc + r * d);
+          const int64_t p = query.positions[i];
+          const float* qi = query.q + (i * query.n_heads + g * group) * d;
+          int64_t t = s_begin;
+          while (t < s_end) {
+            if (SkipsToken(kv, g, p, t)) {  // (a skipped block's last tokens may be in the ring)
+              ++t;
+              continue;
+            }
+            int64_t e = t + 1;
+            while (e < s_end && !SkipsToken(kv, g, p, e)) {
+              e = kv.skip_blocks == nullptr ? s_end : e + 1;
+            }
+            attention_internal::DecodeRange(kv, g, qi, group, query.scale, p, t, e, m + r, l + r,
+                                            acc + r * d);
+            t = e;
+          }
         }
         continue;
       }
@@ -146,6 +160,10 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
             float tile_max = -INFINITY;
             const float* table = lut ? tables.data() + r * lookup->table_size() : nullptr;
             for (int64_t t = s; t < te; ++t) {
+              if (SkipsToken(kv, g, p, t)) {  // page selection: not attended
+                sc[t - s] = -INFINITY;
+                continue;
+              }
               const bool exact = t < sk || t >= ring;
               const float dot =
                   exact || !lut ? internal::DotF32(
@@ -154,6 +172,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
               sc[t - s] = dot * query.scale;
               tile_max = std::max(tile_max, sc[t - s]);
             }
+            if (tile_max == -INFINITY) continue;  // every token of the tile skipped
             const float m_new = std::max(m[r], tile_max);
             const float correction = std::exp(m[r] - m_new);
             float* a = acc + r * d;
@@ -163,6 +182,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
             float lsum = l[r] * correction;
             for (int64_t t = s; t < te; ++t) {
               const float pr = std::exp(sc[t - s] - m_new);
+              if (pr == 0.0f) continue;  // a skipped token (or one that underflows)
               lsum += pr;
               const bool exact = t < sk || t >= ring;
               const float* vrow = (exact ? vt.exact : vt.encoded).data() + (t - s) * d;

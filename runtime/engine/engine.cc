@@ -122,6 +122,11 @@ Engine::~Engine() = default;
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSource> weights,
                                                        const EngineConfig& config) {
+  if (!(config.page_fraction > 0.0 && config.page_fraction <= 1.0) || config.page_min_blocks < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--page-fraction %g must be in (0, 1] and --page-min-blocks %d at least 1",
+                        config.page_fraction, config.page_min_blocks));
+  }
   if (config.threads < 1 || config.max_chunk_tokens < 1) {
     return absl::InvalidArgumentError(
         absl::StrFormat("engine: threads (%d) and max_chunk_tokens (%d) must be positive",
@@ -169,6 +174,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       e->rope_->Precompute(std::min<int64_t>(c.context_length, 1 << 17));
     }
     kv.rope = e->rope_.get();
+    kv.page_summaries = config.page_fraction < 1.0;
     absl::StatusOr<std::unique_ptr<KvCache>> cache = KvCache::Create(kv);
     if (!cache.ok()) {
       return absl::Status(cache.status().code(),
@@ -816,8 +822,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.scale = scale * kv_[seq.cache]->policy().ScoreScale(li);  // temp= of the KV policy
       aq.fused_decode = config_.fused_decode_attention;
       aq.split_threads = pool->size();
-      kernels::Attention(aq, kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n),
-                         attn.data() + input_rows[i] * q_dim, attention_pool);
+      kernels::KvLayerView view = kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n);
+      std::vector<uint8_t> skip;  // page selection for decode inputs
+      if (config_.page_fraction < 1.0 && n <= kFewRows &&
+          kv_[seq.cache]->SelectPages(seq.kv, li, seq.kv.length + n, aq.q, n, n_heads,
+                                      config_.page_fraction, config_.page_min_blocks, &skip)) {
+        view.skip_blocks = skip.data();
+      }
+      kernels::Attention(aq, view, attn.data() + input_rows[i] * q_dim, attention_pool);
     };
     if (few_row_inputs.size() > 1) {
       pool->ParallelFor(static_cast<int64_t>(few_row_inputs.size()),

@@ -115,6 +115,12 @@ struct EngineConfig {
   // tokens), "router-entropy" (MoE models: the tokens whose routing is most uncertain,
   // mean entropy over layers, for all layers). "" promotes nothing.
   std::string kv_promote;
+  // Page selection (Quest): decode steps (a sequence's input of at most 4 tokens) attend,
+  // per KV head, only to this fraction of the encoded blocks (at least page_min_blocks),
+  // those whose key min/max bound q·k highest; sinks and the recent window are always
+  // read. 1: every block (and no summaries are kept).
+  double page_fraction = 1.0;
+  int64_t page_min_blocks = 2;
   // MoE router-aware elastic precision: every expert held at each of these weight types
   // (lowest precision first, e.g. {Q4_0, Q8_0}; runtime/engine/expert_store.h), and each
   // expert's active type chosen from recent routing under expert_budget_bytes by

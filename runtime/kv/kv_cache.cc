@@ -3,14 +3,33 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "absl/strings/str_format.h"
 #include "kernels/dequantize.h"
+#include "kernels/fp16.h"
 #include "kernels/hadamard.h"
 
 namespace quantkv {
+namespace {
+
+// The largest fp16 value <= v, and the smallest >= v (finite v inside the fp16 range).
+uint16_t HalfAtMost(float v) {
+  const uint16_t h = kernels::Fp32ToFp16(v);
+  if (kernels::Fp16ToFp32(h) <= v) return h;
+  if (h == 0x0000) return 0x8001;
+  return (h & 0x8000) ? h + 1 : h - 1;
+}
+uint16_t HalfAtLeast(float v) {
+  const uint16_t h = kernels::Fp32ToFp16(v);
+  if (kernels::Fp16ToFp32(h) >= v) return h;
+  if (h == 0x8000) return 0x0001;
+  return (h & 0x8000) ? h - 1 : h + 1;
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c) {
   if (c.n_layers <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.max_step_tokens <= 0) {
@@ -83,6 +102,9 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
       all_layers += sc.block_bytes;
     }
   }
+  const int64_t summary_bytes =
+      c.page_summaries ? c.n_layers * c.n_kv_heads * 2 * c.head_dim * 2 : 0;
+  all_layers += summary_bytes;
   const int64_t n_blocks = c.max_bytes / all_layers;
   if (n_blocks < 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -110,6 +132,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
       p += n_blocks * sc.block_bytes;
     }
   }
+  if (c.page_summaries) cache->summaries_ = reinterpret_cast<uint16_t*>(p);
   cache->layers_ = std::move(layers);
   cache->block_bytes_all_layers_ = all_layers;
   cache->ring_tokens_ = c.policy.window_tokens + bt + c.max_step_tokens;
@@ -205,6 +228,19 @@ void KvCache::EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b) {
           kernels::Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(r), x.data() + t * d, d);
         }
       }
+      if (kv == 0 && summaries_ != nullptr) {  // keys as attention sees them
+        uint16_t* sum = const_cast<uint16_t*>(Summary(seq.blocks[b], layer, h));
+        for (int64_t c = 0; c < d; ++c) {
+          float lo = x[c], hi = x[c];
+          for (int64_t t = 1; t < bt; ++t) {
+            lo = std::min(lo, x[t * d + c]);
+            hi = std::max(hi, x[t * d + c]);
+          }
+          // Rounded outwards, so the bound stays an upper bound.
+          sum[c] = HalfAtMost(lo);
+          sum[d + c] = HalfAtLeast(hi);
+        }
+      }
       ToEncodedDomain(x.data(), bt, b * bt, kv);
       sc.heads[h]->Encode(x.data(), block + sc.offsets[h]);
     }
@@ -220,6 +256,46 @@ void KvCache::ToEncodedDomain(float* x, int64_t n, int64_t pos, int kv) const {
   if (kv == 0 ? config_.policy.rotate_k : config_.policy.rotate_v) {
     kernels::HadamardRotate(x, n, config_.head_dim, rotation_signs_.data(), /*inverse=*/false);
   }
+}
+
+const uint16_t* KvCache::Summary(int32_t block, int64_t layer, int64_t h) const {
+  const int64_t d = config_.head_dim;
+  return summaries_ +
+         ((static_cast<int64_t>(block) * config_.n_layers + layer) * config_.n_kv_heads + h) * 2 *
+             d;
+}
+
+bool KvCache::SelectPages(const SequenceKv& seq, int64_t layer, int64_t n_tokens, const float* q,
+                          int64_t n_q, int64_t n_heads, double fraction, int64_t min_blocks,
+                          std::vector<uint8_t>* skip) const {
+  if (summaries_ == nullptr) return false;
+  const int64_t n_blocks =
+      std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), n_tokens / block_tokens());
+  const int64_t keep = std::max<int64_t>(
+      min_blocks, static_cast<int64_t>(std::ceil(fraction * static_cast<double>(n_blocks))));
+  if (keep >= n_blocks) return false;
+  const int64_t d = config_.head_dim, H = config_.n_kv_heads, group = n_heads / H;
+  skip->assign(static_cast<size_t>(H * n_blocks), 1);
+  std::vector<std::pair<float, int64_t>> score(static_cast<size_t>(n_blocks));
+  std::vector<float> lo(d), hi(d);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint16_t* s = Summary(seq.blocks[b], layer, h);
+      kernels::Fp16ToFp32Row(s, lo.data(), d);
+      kernels::Fp16ToFp32Row(s + d, hi.data(), d);
+      double ub = 0;
+      for (int64_t i = 0; i < n_q; ++i) {
+        for (int64_t j = 0; j < group; ++j) {
+          const float* qv = q + (i * n_heads + h * group + j) * d;
+          for (int64_t c = 0; c < d; ++c) ub += std::max(qv[c] * lo[c], qv[c] * hi[c]);
+        }
+      }
+      score[b] = {static_cast<float>(-ub), b};  // ascending: best first
+    }
+    std::nth_element(score.begin(), score.begin() + keep, score.end());
+    for (int64_t k = 0; k < keep; ++k) (*skip)[h * n_blocks + score[k].second] = 0;
+  }
+  return true;
 }
 
 int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float priority) {

@@ -30,6 +30,10 @@ struct KvCacheConfig {
   // The model's rotary embedding; needed when policy.pre_rope_keys (keys are un-rotated
   // before encoding and attention re-rotates them). Must outlive the cache.
   const kernels::RopeTable* rope = nullptr;
+  // Page selection (Quest): keep, per encoded block, layer and KV head, each key channel's
+  // min and max (fp16, as attention sees the keys) for SelectPages. Counted in the block's
+  // bytes (2 x head_dim x 2 bytes per head and layer).
+  bool page_summaries = false;
 };
 
 // One sequence's cache state, owned by whoever schedules the sequence.
@@ -74,6 +78,16 @@ class KvCache {
   // True when some layer's codec keeps promoted rows.
   bool promotes() const { return promotes_; }
 
+  // Page selection (Quest; needs page_summaries): for the n_q queries q ([n_q][n_heads]
+  // [head_dim], RoPE applied) attending to the first n_tokens of `layer`, an upper bound
+  // of q·k per encoded block and KV head from the blocks' key min/max, summed over the
+  // head group's queries; every block but the max(min_blocks, ceil(fraction x blocks))
+  // best of each KV head is marked in *skip ([n_kv_heads][n_blocks], for
+  // KvLayerView::skip_blocks). False (and *skip untouched) when nothing would be skipped.
+  bool SelectPages(const SequenceKv& seq, int64_t layer, int64_t n_tokens, const float* q,
+                   int64_t n_q, int64_t n_heads, double fraction, int64_t min_blocks,
+                   std::vector<uint8_t>* skip) const;
+
   // The attention view of `layer` once n_tokens are written.
   kernels::KvLayerView View(const SequenceKv& seq, int64_t layer, int64_t n_tokens) const;
 
@@ -112,6 +126,8 @@ class KvCache {
   // rotation), on n rows of one head starting at position pos.
   void ToEncodedDomain(float* x, int64_t n, int64_t pos, int kv) const;
   bool promotes_ = false;
+  uint16_t* summaries_ = nullptr;  // [block][layer][head][min|max][head_dim], page_summaries
+  const uint16_t* Summary(int32_t block, int64_t layer, int64_t h) const;
   int64_t ProtectedTokensAt(int64_t n_tokens) const;
 
   KvCacheConfig config_;
