@@ -2,7 +2,8 @@
 // depth of filler text (the Landmark-attention / LongLoRA passkey test), then "What is the
 // pass key? The pass key is" and 8 greedy tokens; a trial passes when they contain the key.
 // Prefill runs in chunks of 512 tokens through the paged cache, as a server does, so the
-// key is read back from the encoded blocks.
+// key is read back from the encoded blocks; the question's last 8 tokens and the answer
+// are decode steps (where --page-fractions < 1 selects pages).
 //
 //   passkey_bench [--model PATH] [--presets "fp16;int4-comp;int2-comp"] [--lengths 1024,3072]
 //                 [--depths 0.1,0.5,0.9] [--keys 2] [--page-fractions 1,0.25] [--threads 2]
@@ -151,7 +152,15 @@ int Main(int argc, char** argv) {
             }
             const SequenceId seq = (*engine)->NewSequence();
             std::vector<float> logits;
-            if (absl::Status s = (*engine)->Forward(seq, *ids, false, &logits); !s.ok()) {
+            // The question's last 8 tokens go in one at a time, as decode steps: page
+            // selection applies to decode, and the answer is read while decoding.
+            const std::span<const int32_t> all(*ids);
+            absl::Status s = (*engine)->Forward(seq, all.first(all.size() - 8), false, &logits);
+            for (size_t t = all.size() - 8; s.ok() && t < all.size(); ++t) {
+              logits.clear();
+              s = (*engine)->Forward(seq, all.subspan(t, 1), false, &logits);
+            }
+            if (!s.ok()) {
               std::cerr << "passkey_bench: " << s << "\n";
               return 1;
             }
