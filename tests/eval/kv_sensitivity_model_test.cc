@@ -11,6 +11,7 @@
 #include "runtime/eval/perplexity.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/tokenizer/tokenizer.h"
+#include "tests/testutil/fixture_text.h"
 #include "tests/testutil/paths.h"
 
 namespace quantkv {
@@ -32,15 +33,8 @@ class KvSensitivityModelTest : public ::testing::Test {
     path_ = testing::DefaultModelPath();
     if (!std::filesystem::exists(path_))
       GTEST_SKIP() << "default model not in the cache: " << path_;
-    std::ifstream in(testing::FixturePath("smollm2/perplexity.json"));
-    ASSERT_TRUE(in);
-    const std::string text = nlohmann::json::parse(in)["text"];
-    auto model = GgufModel::Open(path_.string());
-    ASSERT_TRUE(model.ok()) << model.status();
-    auto tokenizer = Tokenizer::FromGguf((*model)->gguf());
-    ASSERT_TRUE(tokenizer.ok());
-    auto ids = (*tokenizer)->Encode(text);
-    ASSERT_TRUE(ids.ok());
+    auto ids = testing::FixtureTextIds(path_.string());
+    ASSERT_TRUE(ids.ok()) << ids.status();
     ids_ = *ids;
   }
 

@@ -12,6 +12,7 @@
 #include "runtime/eval/moefy.h"
 #include "runtime/model/gguf_model.h"
 #include "runtime/tokenizer/tokenizer.h"
+#include "tests/testutil/fixture_text.h"
 #include "tests/testutil/paths.h"
 #include "tests/testutil/relative_error.h"
 
@@ -22,16 +23,10 @@ class MoefyModelTest : public ::testing::Test {
  protected:
   void SetUp() override {
     path_ = testing::DefaultModelPath();
-    if (!std::filesystem::exists(path_)) GTEST_SKIP() << "default model not in the cache: " << path_;
-    std::ifstream in(testing::FixturePath("smollm2/perplexity.json"));
-    ASSERT_TRUE(in);
-    const std::string text = nlohmann::json::parse(in)["text"];
-    auto model = GgufModel::Open(path_.string());
-    ASSERT_TRUE(model.ok()) << model.status();
-    auto tokenizer = Tokenizer::FromGguf((*model)->gguf());
-    ASSERT_TRUE(tokenizer.ok());
-    auto ids = (*tokenizer)->Encode(text);
-    ASSERT_TRUE(ids.ok());
+    if (!std::filesystem::exists(path_))
+      GTEST_SKIP() << "default model not in the cache: " << path_;
+    auto ids = testing::FixtureTextIds(path_.string());
+    ASSERT_TRUE(ids.ok()) << ids.status();
     ids_ = *ids;
   }
 
@@ -152,7 +147,8 @@ TEST(MoeSplitFileTest, BrokenSplitsAreRefusedWithWhatIsWrong) {
   ASSERT_TRUE(WriteMoeSplit(path, s).ok());
   ASSERT_TRUE(ReadMoeSplit(path).ok());
   // A safetensors file that is not a split.
-  const std::string lora = testing::FixturePath("models/tiny_llama_lora/adapter_model.safetensors").string();
+  const std::string lora =
+      testing::FixturePath("models/tiny_llama_lora/adapter_model.safetensors").string();
   auto bad = ReadMoeSplit(lora);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("not a MoE split file"), std::string::npos) << bad.status();
