@@ -22,6 +22,7 @@ struct MoefyFlags {
   int64_t ctx = 512;
   int64_t iterations = 15;
   int64_t seed = 1;
+  int64_t shared = 0;
 };
 
 void Define(FlagSet& f, MoefyFlags& o) {
@@ -44,6 +45,10 @@ void Define(FlagSet& f, MoefyFlags& o) {
   f.Int<int64_t>("kmeans-iterations", &o.iterations, 15, "balanced k-means rounds",
                  {.min = 1, .max = 1000});
   f.Int<int64_t>("seed", &o.seed, 1, "k-means seeding", {.min = 0});
+  f.Int<int64_t>("shared-neurons", &o.shared, 0,
+                 "neurons always computed, as a shared expert (those contributing most on "
+                 "average); the experts split the rest",
+                 {.min = 0, .max = 1 << 20});
 }
 
 int Run(const MoefyFlags& o, CommandContext& ctx) {
@@ -88,6 +93,7 @@ int Run(const MoefyFlags& o, CommandContext& ctx) {
   opt.max_tokens = o.tokens;
   opt.kmeans_iterations = static_cast<int>(o.iterations);
   opt.seed = static_cast<uint64_t>(o.seed);
+  opt.shared_neurons = o.shared;
   opt.progress = [&](int64_t layer) { ctx.err << "moefy: layer " << layer << " fitted\n"; };
   MoefyReport report;
   absl::StatusOr<MoeSplit> split = FitMoeSplit(make_engine, *ids, opt, &report);
@@ -101,10 +107,10 @@ int Run(const MoefyFlags& o, CommandContext& ctx) {
   split->notes["note.text"] = o.text;
   if (absl::Status w = WriteMoeSplit(o.out, *split); !w.ok()) return ReportFailure(ctx, w);
   ctx.out << absl::StrFormat(
-      "%d experts of %d neurons per layer, top-%d; fitted on %d tokens, report on %d held-out "
-      "tokens\n",
-      split->n_experts, split->intermediate / split->n_experts, split->top_k, report.fit_tokens,
-      report.heldout_tokens);
+      "%d shared neurons and %d experts of %d neurons per layer, top-%d; fitted on %d tokens, "
+      "report on %d held-out tokens\n",
+      split->shared, split->n_experts, (split->intermediate - split->shared) / split->n_experts,
+      split->top_k, report.fit_tokens, report.heldout_tokens);
   ctx.out << "layer  router_R2  oracle_recall  routed_rel_err  oracle_rel_err\n";
   double r2 = 0, recall = 0, err = 0, oerr = 0;
   for (size_t l = 0; l < report.layers.size(); ++l) {

@@ -154,9 +154,11 @@ absl::StatusOr<MoeSplit> FitMoeSplit(
       return absl::InvalidArgumentError(absl::StrFormat(
           "moefy: %s is already a mixture-of-experts model", engine->weights().origin()));
     }
-    if (c.intermediate % o.n_experts != 0) {
+    if (o.shared_neurons < 0 || o.shared_neurons >= c.intermediate ||
+        (c.intermediate - o.shared_neurons) % o.n_experts != 0) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "moefy: --experts %d does not divide the MLP's %d neurons", o.n_experts, c.intermediate));
+          "moefy: --experts %d does not divide the MLP's %d neurons less --shared-neurons %d",
+          o.n_experts, c.intermediate, o.shared_neurons));
     }
     H = c.hidden;
     I = c.intermediate;
@@ -171,7 +173,7 @@ absl::StatusOr<MoeSplit> FitMoeSplit(
     }
   }
   const ModelConfig& c = engine->model_config();
-  const int64_t E = o.n_experts, Ie = I / E;
+  const int64_t E = o.n_experts, S = o.shared_neurons, Ie = (I - S) / E;
   const int64_t fit = T * 3 / 4, held = T - fit;
   MoeSplit split;
   split.n_layers = c.n_layers;
@@ -179,6 +181,7 @@ absl::StatusOr<MoeSplit> FitMoeSplit(
   split.intermediate = I;
   split.n_experts = E;
   split.top_k = o.top_k;
+  split.shared = S;
   if (report != nullptr) {
     report->fit_tokens = fit;
     report->heldout_tokens = held;
@@ -190,42 +193,59 @@ absl::StatusOr<MoeSplit> FitMoeSplit(
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const std::vector<float>& X = xs[l];
     const std::vector<float>& A = acts[l];
-    // 2. Clustering on |a| over (up to 1024 of) the fit tokens, each neuron's row normalised.
-    const int64_t d = std::min<int64_t>(fit, 1024);
-    std::vector<float> feat(static_cast<size_t>(I * d));
-    for (int64_t j = 0; j < I; ++j) {
-      double norm = 0;
-      for (int64_t t = 0; t < d; ++t) {
-        const float v = std::fabs(A[t * (fit / d) * I + j]);
-        feat[j * d + t] = v;
-        norm += static_cast<double>(v) * v;
-      }
-      const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
-      for (int64_t t = 0; t < d; ++t) feat[j * d + t] *= inv;
-    }
-    const std::vector<int32_t> assign =
-        BalancedKMeans(feat, I, d, E, o.kmeans_iterations, o.seed + static_cast<uint64_t>(l));
-    std::vector<int32_t> neurons;
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t j = 0; j < I; ++j) {
-        if (assign[j] == e) neurons.push_back(static_cast<int32_t>(j));
-      }
-    }
-    // 3. Each expert's contribution for every token: out_e = A[:, S_e] · W_down[:, S_e]ᵀ.
     const WeightTensor* down = engine->weights().Find(absl::StrFormat("blk.%d.ffn_down.weight", l));
     if (down == nullptr) return absl::NotFoundError("moefy: the model has no ffn_down weights");
     std::vector<float> D(static_cast<size_t>(H * I));
     QKV_RETURN_IF_ERROR(kernels::DequantizeRows(down->type, down->data, D.data(), H, I));
+    // Shared neurons: the S that contribute most on average, mean |a_j| x ||W_down[:, j]||.
+    std::vector<int32_t> neurons, rest;
+    {
+      std::vector<std::pair<double, int32_t>> importance(static_cast<size_t>(I));
+      for (int64_t j = 0; j < I; ++j) {
+        double a = 0, w = 0;
+        for (int64_t t = 0; t < fit; ++t) a += std::fabs(A[t * I + j]);
+        for (int64_t r = 0; r < H; ++r) w += static_cast<double>(D[r * I + j]) * D[r * I + j];
+        importance[j] = {-a * std::sqrt(w), static_cast<int32_t>(j)};
+      }
+      std::sort(importance.begin(), importance.end());
+      for (int64_t i = 0; i < I; ++i) (i < S ? neurons : rest).push_back(importance[i].second);
+      std::sort(neurons.begin(), neurons.end());
+      std::sort(rest.begin(), rest.end());
+    }
+    // 2. Clustering of the other neurons on |a| over (up to 1024 of) the fit tokens, each
+    // neuron's row normalised.
+    const int64_t d = std::min<int64_t>(fit, 1024);
+    const int64_t R = static_cast<int64_t>(rest.size());
+    std::vector<float> feat(static_cast<size_t>(R * d));
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t j = rest[i];
+      double norm = 0;
+      for (int64_t t = 0; t < d; ++t) {
+        const float v = std::fabs(A[t * (fit / d) * I + j]);
+        feat[i * d + t] = v;
+        norm += static_cast<double>(v) * v;
+      }
+      const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
+      for (int64_t t = 0; t < d; ++t) feat[i * d + t] *= inv;
+    }
+    const std::vector<int32_t> assign =
+        BalancedKMeans(feat, R, d, E, o.kmeans_iterations, o.seed + static_cast<uint64_t>(l));
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t i = 0; i < R; ++i) {
+        if (assign[i] == e) neurons.push_back(rest[i]);
+      }
+    }
+    // 3. Each expert's contribution for every token: out_e = A[:, S_e] · W_down[:, S_e]ᵀ.
     std::vector<double> norms(static_cast<size_t>(T * E));
     std::vector<float> out_all(static_cast<size_t>(held * E * H));  // held-out contributions
     std::vector<float> De(static_cast<size_t>(H * Ie)), Ae(static_cast<size_t>(T * Ie)),
         out(static_cast<size_t>(T * H));
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t r = 0; r < H; ++r) {
-        for (int64_t i = 0; i < Ie; ++i) De[r * Ie + i] = D[r * I + neurons[e * Ie + i]];
+        for (int64_t i = 0; i < Ie; ++i) De[r * Ie + i] = D[r * I + neurons[S + e * Ie + i]];
       }
       for (int64_t t = 0; t < T; ++t) {
-        for (int64_t i = 0; i < Ie; ++i) Ae[t * Ie + i] = A[t * I + neurons[e * Ie + i]];
+        for (int64_t i = 0; i < Ie; ++i) Ae[t * Ie + i] = A[t * I + neurons[S + e * Ie + i]];
       }
       const kernels::WeightMatrix W{kernels::GgmlType::kF32,
                                     reinterpret_cast<const uint8_t*>(De.data()), H, Ie};
@@ -239,6 +259,21 @@ absl::StatusOr<MoeSplit> FitMoeSplit(
                     out_all.begin() + ((t - fit) * E + e) * H);
         }
       }
+    }
+    // The shared neurons' part of the held-out outputs, for the report's dense output.
+    std::vector<float> shared_out;
+    if (S > 0 && report != nullptr) {
+      std::vector<float> Ds(static_cast<size_t>(H * S)), As(static_cast<size_t>(held * S));
+      for (int64_t r = 0; r < H; ++r) {
+        for (int64_t i = 0; i < S; ++i) Ds[r * S + i] = D[r * I + neurons[i]];
+      }
+      for (int64_t t = fit; t < T; ++t) {
+        for (int64_t i = 0; i < S; ++i) As[(t - fit) * S + i] = A[t * I + neurons[i]];
+      }
+      shared_out.resize(static_cast<size_t>(held * H));
+      const kernels::WeightMatrix W{kernels::GgmlType::kF32,
+                                    reinterpret_cast<const uint8_t*>(Ds.data()), H, S};
+      QKV_RETURN_IF_ERROR(kernels::MatMul(W, As.data(), held, shared_out.data(), nullptr, sgemm));
     }
     // Ridge regression on [x, 1] over the fit tokens, all experts at once.
     const int64_t n = H + 1;
@@ -289,7 +324,8 @@ absl::StatusOr<MoeSplit> FitMoeSplit(
         for (int e : chosen) hits += std::count(oracle.begin(), oracle.end(), e);
         const float* contrib = out_all.data() + (t - fit) * E * H;
         for (int64_t j = 0; j < H; ++j) {
-          double dense = 0, routed = 0, best = 0;
+          double dense = S > 0 ? shared_out[(t - fit) * H + j] : 0.0;
+          double routed = dense, best = dense;
           for (int64_t e = 0; e < E; ++e) dense += contrib[e * H + j];
           for (int e : chosen) routed += contrib[e * H + j];
           for (int e : oracle) best += contrib[e * H + j];

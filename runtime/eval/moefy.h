@@ -27,7 +27,10 @@ namespace quantkv {
 
 struct MoefyOptions {
   int64_t n_experts = 8;
-  int64_t top_k = 2;          // the split's default top_k (`--moe-top-k` overrides it)
+  int64_t top_k = 2;  // the split's default top_k (`--moe-top-k` overrides it)
+  // Neurons always computed (a shared expert): the ones with the largest mean contribution
+  // |a_j| x ||W_down[:, j]||; the experts split the rest.
+  int64_t shared_neurons = 0;
   int64_t ctx = 512;          // window length the text is run in
   int64_t max_tokens = 4096;  // tokens of text used (fit: first 3/4, held out: the rest)
   int kmeans_iterations = 15;

@@ -19,11 +19,13 @@ namespace quantkv {
 
 absl::Status CheckMoeSplit(const MoeSplit& s) {
   if (s.n_layers < 1 || s.hidden < 1 || s.intermediate < 1 || s.n_experts < 1 || s.top_k < 1 ||
-      s.top_k > s.n_experts || s.intermediate % s.n_experts != 0) {
+      s.top_k > s.n_experts || s.shared < 0 || s.shared >= s.intermediate ||
+      (s.intermediate - s.shared) % s.n_experts != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "MoE split: n_layers %d, hidden %d, intermediate %d, n_experts %d, top_k %d are not "
-        "consistent (intermediate must be a multiple of n_experts, 1 <= top_k <= n_experts)",
-        s.n_layers, s.hidden, s.intermediate, s.n_experts, s.top_k));
+        "MoE split: n_layers %d, hidden %d, intermediate %d, shared %d, n_experts %d, top_k %d "
+        "are not consistent (intermediate - shared must be a multiple of n_experts, 1 <= top_k "
+        "<= n_experts)",
+        s.n_layers, s.hidden, s.intermediate, s.shared, s.n_experts, s.top_k));
   }
   if (static_cast<int64_t>(s.neurons.size()) != s.n_layers ||
       static_cast<int64_t>(s.router.size()) != s.n_layers ||
@@ -81,6 +83,7 @@ absl::Status WriteMoeSplit(const std::string& path, const MoeSplit& s) {
   meta["intermediate"] = absl::StrCat(s.intermediate);
   meta["n_experts"] = absl::StrCat(s.n_experts);
   meta["top_k"] = absl::StrCat(s.top_k);
+  meta["shared"] = absl::StrCat(s.shared);
   return WriteSafetensors(path, tensors, meta);
 }
 
@@ -105,6 +108,12 @@ absl::StatusOr<MoeSplit> ReadMoeSplit(const std::string& path) {
         *field > (1 << 24)) {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s: metadata '%s' is missing or not a positive integer", path, key));
+    }
+  }
+  if (auto m = meta.find("shared"); m != meta.end()) {
+    if (!absl::SimpleAtoi(m->second, &s.shared) || s.shared < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: metadata 'shared' is not a non-negative integer", path));
     }
   }
   for (const auto& [k, v] : meta) {
@@ -205,11 +214,12 @@ absl::Status MoefiedModel::Build(std::unique_ptr<WeightSource> dense, const MoeS
         c.intermediate));
   }
   config_ = c;
-  const int64_t E = split.n_experts, Ie = c.intermediate / E, H = c.hidden, I = c.intermediate;
+  const int64_t E = split.n_experts, S = split.shared, Ie = (c.intermediate - S) / E;
+  const int64_t H = c.hidden, I = c.intermediate;
   config_.moe.n_experts = E;
   config_.moe.top_k = split.top_k;
   config_.moe.expert_intermediate = Ie;
-  config_.moe.shared_intermediate = 0;
+  config_.moe.shared_intermediate = S;  // ungated: always added with weight 1
   config_.moe.weighting = moe::RouterWeighting::kOnes;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const std::string p = absl::StrFormat("blk.%d.", l);
@@ -227,28 +237,30 @@ absl::Status MoefiedModel::Build(std::unique_ptr<WeightSource> dense, const MoeS
       hidden_.insert(absl::StrFormat("%s%s.weight", p, name));
     }
     const std::vector<int32_t>& neurons = split.neurons[l];
-    for (const WeightTensor* t : {gate, up}) {
-      const int64_t rb = *kernels::GgmlRowBytes(t->type, H);
-      const std::string kind = t == gate ? "ffn_gate" : "ffn_up";
-      for (int64_t e = 0; e < E; ++e) {
-        std::vector<uint8_t> rows(static_cast<size_t>(Ie * rb));
-        for (int64_t i = 0; i < Ie; ++i) {
-          std::memcpy(rows.data() + i * rb, t->data + neurons[e * Ie + i] * rb,
-                      static_cast<size_t>(rb));
-        }
-        Add(absl::StrFormat("%s%s.%d.weight", p, kind, e), {H, Ie}, t->type, std::move(rows));
-      }
-    }
     std::vector<float> d(static_cast<size_t>(H * I));
     QKV_RETURN_IF_ERROR(kernels::DequantizeRows(down->type, down->data, d.data(), H, I));
-    for (int64_t e = 0; e < E; ++e) {
-      std::vector<float> de(static_cast<size_t>(H * Ie));
-      for (int64_t r = 0; r < H; ++r) {
-        for (int64_t i = 0; i < Ie; ++i) de[r * Ie + i] = d[r * I + neurons[e * Ie + i]];
+    // One MLP of `count` neurons from neurons[first...]: gate/up rows copied whole, down
+    // columns gathered in fp32. suffix: ".E" for expert E, "_shexp" for the shared one.
+    auto emit = [&](const std::string& suffix, int64_t first, int64_t count) {
+      for (const WeightTensor* t : {gate, up}) {
+        const int64_t rb = *kernels::GgmlRowBytes(t->type, H);
+        std::vector<uint8_t> rows(static_cast<size_t>(count * rb));
+        for (int64_t i = 0; i < count; ++i) {
+          std::memcpy(rows.data() + i * rb, t->data + neurons[first + i] * rb,
+                      static_cast<size_t>(rb));
+        }
+        Add(absl::StrFormat("%s%s%s.weight", p, t == gate ? "ffn_gate" : "ffn_up", suffix),
+            {H, count}, t->type, std::move(rows));
       }
-      Add(absl::StrFormat("%sffn_down.%d.weight", p, e), {Ie, H}, kernels::GgmlType::kF32,
+      std::vector<float> de(static_cast<size_t>(H * count));
+      for (int64_t r = 0; r < H; ++r) {
+        for (int64_t i = 0; i < count; ++i) de[r * count + i] = d[r * I + neurons[first + i]];
+      }
+      Add(absl::StrFormat("%sffn_down%s.weight", p, suffix), {count, H}, kernels::GgmlType::kF32,
           FloatBytes(de.data(), de.size()));
-    }
+    };
+    if (S > 0) emit("_shexp", 0, S);
+    for (int64_t e = 0; e < E; ++e) emit(absl::StrFormat(".%d", e), S + e * Ie, Ie);
     Add(p + "ffn_gate_inp.weight", {H, E}, kernels::GgmlType::kF32,
         FloatBytes(split.router[l].data(), split.router[l].size()));
     Add(p + "ffn_gate_inp.bias", {E}, kernels::GgmlType::kF32,

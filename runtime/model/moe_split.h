@@ -21,8 +21,11 @@ namespace quantkv {
 struct MoeSplit {
   int64_t n_layers = 0, hidden = 0, intermediate = 0;
   int64_t n_experts = 0, top_k = 0;
-  // Per layer, all `intermediate` neuron indices, expert e's being
-  // [e * intermediate / n_experts, (e + 1) * intermediate / n_experts).
+  // Neurons always computed (a shared expert, added with weight 1): the first `shared` of
+  // each layer's list; the routed experts split the rest.
+  int64_t shared = 0;
+  // Per layer, all `intermediate` neuron indices: the shared ones, then expert e's
+  // [shared + e * Ie, shared + (e + 1) * Ie) with Ie = (intermediate - shared) / n_experts.
   std::vector<std::vector<int32_t>> neurons;
   // Per layer, the router [n_experts x hidden] and its bias [n_experts].
   std::vector<std::vector<float>> router, router_bias;

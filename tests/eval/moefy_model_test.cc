@@ -123,6 +123,42 @@ TEST_F(MoefyModelTest, SplitReproducesTheDenseModelWithAllExpertsAndRoutesBetter
       << refused.status();
 }
 
+TEST_F(MoefyModelTest, SharedNeuronsAreASharedExpertAndAllExpertsStillGiveTheDenseModel) {
+  MoefyOptions o;
+  o.n_experts = 6;
+  o.shared_neurons = 384;  // the 384 neurons contributing most, always on
+  o.top_k = 2;
+  o.ctx = 128;
+  o.max_tokens = 256;
+  o.kmeans_iterations = 2;
+  absl::StatusOr<MoeSplit> split = FitMoeSplit(
+      [this](const EngineConfig& c) -> absl::StatusOr<std::unique_ptr<Engine>> {
+        EngineConfig cc = c;
+        cc.threads = 2;
+        cc.pack_weights = false;
+        return Engine::Create(Dense(), cc);
+      },
+      ids_, o, nullptr);
+  ASSERT_TRUE(split.ok()) << split.status();
+  EXPECT_EQ(split->shared, 384);
+  const std::string path = ::testing::TempDir() + "/shared_split.safetensors";
+  ASSERT_TRUE(WriteMoeSplit(path, *split).ok());
+  absl::StatusOr<MoeSplit> back = ReadMoeSplit(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->shared, 384);
+  auto moe = MoefiedSource(Dense(), *back);
+  ASSERT_TRUE(moe.ok()) << moe.status();
+  EXPECT_EQ((*moe)->config().moe.shared_intermediate, 384);
+  EXPECT_EQ((*moe)->config().moe.expert_intermediate, 192);
+  const std::vector<float> dense = Logits(Dense(), 0);
+  EXPECT_LT(RelativeL2Error(Logits(std::move(*moe), 6), dense), 1e-5);
+  const double two = RelativeL2Error(Logits(*MoefiedSource(Dense(), *back), 2), dense);
+  EXPECT_GT(two, 1e-2);
+  MoeSplit bad = *back;
+  bad.shared = 100;  // 1436 neurons do not split into 6 experts
+  EXPECT_NE(CheckMoeSplit(bad).message().find("intermediate - shared"), std::string::npos);
+}
+
 TEST(MoeSplitFileTest, BrokenSplitsAreRefusedWithWhatIsWrong) {
   MoeSplit s;
   s.n_layers = 1;
