@@ -125,6 +125,7 @@ class Bed {
   const std::vector<int32_t>& gpl() const { return gpl_; }
   int64_t n_layers() const { return split_.n_layers; }
   int64_t n_experts() const { return split_.n_experts; }
+  int64_t shared() const { return split_.shared; }
 
  private:
   Args args_;
@@ -231,15 +232,21 @@ int Main(int argc, char** argv) {
     bed_md += absl::StrFormat("| dense SmolLM2 | %.4f | 0 | 100%% |\n", r->ppl);
     bed_rows.push_back({{"name", "dense"}, {"ppl", r->ppl}});
     po.kl_base = &dense_base;
-    for (int64_t k : {8, 6, 4, 2}) {
+    std::vector<int64_t> ks = {E};  // all experts (the dense model), then fewer
+    for (int64_t k : {6, 4, 2}) {
+      if (k < E) ks.push_back(k);
+    }
+    for (int64_t k : ks) {
       auto e = bed.MakeEngine({}, k);
       auto m = ComputePerplexity(**e, bed.eval(), po);
       if (!m.ok()) {
         std::cerr << m.status() << "\n";
         return 1;
       }
-      bed_md += absl::StrFormat("| split, top-%d of %d | %.4f | %.5f | %.2f%% |\n", k, E, m->ppl,
-                                m->kl_mean, 100 * m->top1_agreement);
+      bed_md += absl::StrFormat(
+          "| split%s, top-%d of %d | %.4f | %.5f | %.2f%% |\n",
+          bed.shared() > 0 ? absl::StrFormat(" (+%d shared neurons)", bed.shared()) : "", k, E,
+          m->ppl, m->kl_mean, 100 * m->top1_agreement);
       bed_rows.push_back({{"name", absl::StrFormat("top-%d", k)},
                           {"ppl", m->ppl},
                           {"kl_vs_dense", m->kl_mean},
