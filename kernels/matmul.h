@@ -83,6 +83,11 @@ absl::StatusOr<WeightMatrix> SliceRows(const WeightMatrix& w, int64_t row_begin,
 absl::StatusOr<WeightMatrix> SliceColumns(const WeightMatrix& w, int64_t col_begin, int64_t n_cols,
                                           std::vector<uint8_t>* storage);
 
+// Bytes of w's blocks (rows x the row size of its type); 0 for an empty matrix.
+inline int64_t WeightBytes(const WeightMatrix& w) {
+  return w.rows == 0 ? 0 : w.rows * GgmlRowBytes(w.type, w.cols).value_or(0);
+}
+
 struct MatMulOptions {
   ActivationPrecision activations = ActivationPrecision::kInt8;
   // From this many activation rows on, dequantize weight tiles and call SGEMM.

@@ -521,9 +521,7 @@ int Engine::expert_level(int64_t layer, int64_t expert) const {
 
 int64_t Engine::active_expert_bytes() const {
   int64_t total = 0;
-  auto bytes = [](const kernels::WeightMatrix& m) {
-    return m.rows * *kernels::GgmlRowBytes(m.type, m.cols);
-  };
+  const auto bytes = kernels::WeightBytes;
   for (const Layer& l : layers_) {
     for (const ExpertMatrices& m : l.moe.experts) {
       total += bytes(m.gate) + bytes(m.up) + bytes(m.down);
@@ -614,9 +612,7 @@ void Engine::Embed(std::span<const int32_t> tokens, float* out) const {
 }
 
 int64_t Engine::WeightBytesPerToken() const {
-  auto bytes = [](const kernels::WeightMatrix& m) {
-    return m.rows * *kernels::GgmlRowBytes(m.type, m.cols);
-  };
+  const auto bytes = kernels::WeightBytes;
   int64_t total = bytes(lm_head_) + *kernels::GgmlRowBytes(embedding_.type, embedding_.cols);
   auto mlp = [&](const ExpertMatrices& m) {
     return m.present() ? bytes(m.gate) + bytes(m.up) + bytes(m.down) : 0;

@@ -6,14 +6,6 @@
 #include "runtime/util/status_macros.h"
 
 namespace quantkv {
-namespace {
-
-int64_t MatrixBytes(const kernels::WeightMatrix& m) {
-  return m.rows * *kernels::GgmlRowBytes(m.type, m.cols);
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Build(
     const std::vector<std::vector<ExpertMatrices>>& experts, const ExpertStoreConfig& config,
     kernels::ThreadPool* pool) {
@@ -83,7 +75,7 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Build(
 
 int64_t ExpertStore::Bytes(int64_t layer, int64_t expert, int level) const {
   const ExpertMatrices& m = At(layer, expert, level);
-  return MatrixBytes(m.gate) + MatrixBytes(m.up) + MatrixBytes(m.down);
+  return kernels::WeightBytes(m.gate) + kernels::WeightBytes(m.up) + kernels::WeightBytes(m.down);
 }
 
 double ExpertStore::RelativeError(int64_t layer, int64_t expert, int level, int reference) const {

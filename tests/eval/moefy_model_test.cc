@@ -36,6 +36,16 @@ class MoefyModelTest : public ::testing::Test {
     return std::unique_ptr<WeightSource>(std::move(*m));
   }
 
+  // Dense engines for FitMoeSplit, which fills in the rest of the config.
+  std::function<absl::StatusOr<std::unique_ptr<Engine>>(const EngineConfig&)> DenseFactory() const {
+    return [this](const EngineConfig& c) -> absl::StatusOr<std::unique_ptr<Engine>> {
+      EngineConfig cc = c;
+      cc.threads = 2;
+      cc.pack_weights = false;
+      return Engine::Create(Dense(), cc);
+    };
+  }
+
   static EngineConfig Exact() {
     EngineConfig c;
     c.kv_spec = "fp32";
@@ -74,14 +84,7 @@ TEST_F(MoefyModelTest, SplitReproducesTheDenseModelWithAllExpertsAndRoutesBetter
   o.kmeans_iterations = 5;
   MoefyReport report;
   const std::string path = ::testing::TempDir() + "/split.safetensors";
-  absl::StatusOr<MoeSplit> split = FitMoeSplit(
-      [this](const EngineConfig& c) -> absl::StatusOr<std::unique_ptr<Engine>> {
-        EngineConfig cc = c;
-        cc.threads = 2;
-        cc.pack_weights = false;
-        return Engine::Create(Dense(), cc);
-      },
-      ids_, o, &report);
+  absl::StatusOr<MoeSplit> split = FitMoeSplit(DenseFactory(), ids_, o, &report);
   ASSERT_TRUE(split.ok()) << split.status();
   ASSERT_EQ(split->n_layers, 30);
   EXPECT_EQ(split->intermediate, 1536);
@@ -131,14 +134,7 @@ TEST_F(MoefyModelTest, SharedNeuronsAreASharedExpertAndAllExpertsStillGiveTheDen
   o.ctx = 128;
   o.max_tokens = 256;
   o.kmeans_iterations = 2;
-  absl::StatusOr<MoeSplit> split = FitMoeSplit(
-      [this](const EngineConfig& c) -> absl::StatusOr<std::unique_ptr<Engine>> {
-        EngineConfig cc = c;
-        cc.threads = 2;
-        cc.pack_weights = false;
-        return Engine::Create(Dense(), cc);
-      },
-      ids_, o, nullptr);
+  absl::StatusOr<MoeSplit> split = FitMoeSplit(DenseFactory(), ids_, o, nullptr);
   ASSERT_TRUE(split.ok()) << split.status();
   EXPECT_EQ(split->shared, 384);
   const std::string path = ::testing::TempDir() + "/shared_split.safetensors";
