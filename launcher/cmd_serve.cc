@@ -18,6 +18,8 @@
 #include "launcher/commands.h"
 #include "launcher/model_session.h"
 #include "launcher/read_file.h"
+#include "launcher/serve_tensor_parallel.h"
+#include "runtime/comm/communicator.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
 #include "runtime/serve/metrics_http.h"
@@ -26,6 +28,16 @@
 
 namespace quantkv::launcher {
 namespace {
+
+// --more-kv's ';'-separated presets, trimmed.
+std::vector<std::string> SplitMoreKv(const std::string& text) {
+  std::vector<std::string> out;
+  for (absl::string_view part :
+       absl::StrSplit(absl::string_view(text), ';', absl::SkipWhitespace())) {
+    out.emplace_back(absl::StripAsciiWhitespace(part));
+  }
+  return out;
+}
 
 struct ServeOptions {
   ModelFlags model;
@@ -40,10 +52,17 @@ struct ServeOptions {
   bool prefill_gemm = false;
   bool fused_decode_attention = false;
   std::string more_kv;
+  std::string worker_listen;
 };
 
 void Define(FlagSet& f, ServeOptions& o) {
-  DefineModelFlags(f, o.model);
+  DefineModelFlags(f, o.model, {.tensor_parallel = true});
+  f.String("worker-listen", &o.worker_listen, "127.0.0.1",
+           "under --tp N: the host each worker rank (1..N-1) binds its control-plane gRPC "
+           "service to, on a free port (rank 0 dials it). Loopback works on one machine; "
+           "across machines give this network's address, or 0.0.0.0 to listen everywhere "
+           "and advertise the hostname")
+      .Placeholder("HOST");
   f.String("listen", &o.listen, "127.0.0.1:50051",
            "HOST:PORT to listen on (port 0: any free one); use 0.0.0.0:PORT or [::]:PORT "
            "explicitly to serve other machines")
@@ -97,6 +116,24 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  EngineConfig base;
+  base.max_chunk_tokens = o.max_step_tokens;
+  // Per-row matmuls and one attention kernel keep a request's tokens bit-identical however
+  // it is batched, chunked or recomputed after preemption.
+  base.gemm_min_rows =
+      o.prefill_gemm ? EngineConfig{}.gemm_min_rows : std::numeric_limits<int64_t>::max();
+  base.fused_decode_attention = o.fused_decode_attention;
+
+  // Ranks 1..N-1 of `mpirun -np N quantkv serve --tp N` are workers: no front end.
+  if (o.model.tp > 1 && LauncherRank() > 0) {
+    base.more_kv_specs = SplitMoreKv(o.more_kv);
+    auto session = OpenModelSession(o.model, base);
+    if (!session.ok()) return ReportFailure(ctx, session.status());
+    const int rc = RunServeWorker(*session, o.worker_listen, stop_signals, ctx);
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+    return rc;
+  }
+
   GenerationServerOptions server_options;
   server_options.listen = o.listen;
   if (!o.api_key_file.empty()) {
@@ -134,28 +171,27 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
     metrics_server = std::move(*http);
   }
 
-  std::vector<std::string> more_kv;
-  for (absl::string_view part :
-       absl::StrSplit(absl::string_view(o.more_kv), ';', absl::SkipWhitespace())) {
-    const std::string name(absl::StripAsciiWhitespace(part));
-    if (name == o.model.kv || std::find(more_kv.begin(), more_kv.end(), name) != more_kv.end()) {
+  const std::vector<std::string> more_kv = SplitMoreKv(o.more_kv);
+  for (size_t i = 0; i < more_kv.size(); ++i) {
+    const std::string& name = more_kv[i];
+    if (name == o.model.kv ||
+        std::find(more_kv.begin(), more_kv.begin() + i, name) != more_kv.begin() + i) {
       ctx.err << ctx.command << ": --more-kv names the preset '" << name << "' twice\n";
       return kExitUsage;
     }
-    more_kv.push_back(name);
   }
-
-  EngineConfig base;
-  base.max_chunk_tokens = o.max_step_tokens;
   base.more_kv_specs = more_kv;
-  // Per-row matmuls and one attention kernel keep a request's tokens bit-identical however
-  // it is batched, chunked or recomputed after preemption.
-  base.gemm_min_rows =
-      o.prefill_gemm ? EngineConfig{}.gemm_min_rows : std::numeric_limits<int64_t>::max();
-  base.fused_decode_attention = o.fused_decode_attention;
   auto session = OpenModelSession(o.model, base);
   if (!session.ok()) return ReportFailure(ctx, session.status());
   server_options.model_path = session->path;
+  std::unique_ptr<StepExecutor> executor;
+  if (session->comm != nullptr && session->comm->size() > 1) {
+    auto group = ConnectServeWorkers(*session, o.worker_listen);
+    if (!group.ok()) return ReportSessionFailure(ctx, *session, group.status());
+    executor = std::move(*group);
+  } else {
+    executor = std::make_unique<LocalStepExecutor>(std::move(session->engine));
+  }
 
   EngineLoopConfig loop_config{.max_running = o.max_running,
                                .max_queued = o.max_queued,
@@ -163,23 +199,29 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
                                .kv_preset = o.model.kv,
                                .more_kv_presets = more_kv,
                                .metrics = metrics.get()};
-  auto loop = EngineLoop::Create(std::move(session->engine), session->tokenizer.get(), loop_config);
-  if (!loop.ok()) return ReportFailure(ctx, loop.status());
+  auto loop = EngineLoop::Create(std::move(executor), session->tokenizer.get(), loop_config);
+  if (!loop.ok()) return ReportSessionFailure(ctx, *session, loop.status());
   auto server = GenerationServer::Start(loop->get(), server_options);
-  if (!server.ok()) return ReportFailure(ctx, server.status());
+  if (!server.ok()) {
+    (*loop)->Shutdown();  // lets the workers go
+    return ReportFailure(ctx, server.status());
+  }
 
-  ctx.err << absl::StrFormat(
-                 "%s: listening on %s (%s, model %s, KV %s: %d tokens in blocks of %d%s%s%s%s)%s\n",
-                 ctx.command, (*server)->address(), o.tls_cert.empty() ? "plaintext" : "TLS",
-                 session->path, o.model.kv, (*loop)->capacity_tokens(), (*loop)->block_tokens(),
-                 more_kv.empty() ? "" : ", also KV " + absl::StrJoin(more_kv, "; "),
-                 server_options.api_key.empty() ? "" : ", API key required",
-                 o.prefill_gemm ? ", prefill GEMM" : "",
-                 o.fused_decode_attention ? ", fused decode attention" : "",
-                 metrics_server
-                     ? absl::StrFormat(", metrics on http://%s/metrics", metrics_server->address())
-                     : "")
-          << std::flush;
+  ctx.err
+      << absl::StrFormat(
+             "%s: listening on %s (%s, model %s%s, KV %s: %d tokens in blocks of %d%s%s%s%s)%s\n",
+             ctx.command, (*server)->address(), o.tls_cert.empty() ? "plaintext" : "TLS",
+             session->path,
+             (*loop)->tp_degree() > 1 ? absl::StrFormat(", --tp %d", (*loop)->tp_degree()) : "",
+             o.model.kv, (*loop)->capacity_tokens(), (*loop)->block_tokens(),
+             more_kv.empty() ? "" : ", also KV " + absl::StrJoin(more_kv, "; "),
+             server_options.api_key.empty() ? "" : ", API key required",
+             o.prefill_gemm ? ", prefill GEMM" : "",
+             o.fused_decode_attention ? ", fused decode attention" : "",
+             metrics_server
+                 ? absl::StrFormat(", metrics on http://%s/metrics", metrics_server->address())
+                 : "")
+      << std::flush;
 
   int sig = 0;
   sigwait(&stop_signals, &sig);

@@ -41,6 +41,15 @@ int LauncherWorldSize() {
   return 0;
 }
 
+int LauncherRank() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"}) {
+    const char* v = std::getenv(var);
+    int r = 0;
+    if (v != nullptr && absl::SimpleAtoi(v, &r) && r >= 0) return r;
+  }
+  return 0;
+}
+
 absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator() {
   if (LauncherWorldSize() > 0) return CreateMpiCommunicator();
   return std::make_unique<LocalCommunicator>();

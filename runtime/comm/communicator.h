@@ -60,6 +60,8 @@ class LocalCommunicator final : public Communicator {
 // OMPI_COMM_WORLD_SIZE; PMI_SIZE / PMIX_SIZE for MPICH / Slurm-style launchers); 0 when
 // this process was not started by an MPI launcher.
 int LauncherWorldSize();
+// This process's rank among them, from the same environment (0 when not launched so).
+int LauncherRank();
 
 // An MpiCommunicator over all processes when started by mpirun (LauncherWorldSize() > 0),
 // else a LocalCommunicator.

@@ -61,7 +61,7 @@ void FinalizeAtExit() {
   if (finalized) return;
   // MPI_Finalize waits for every rank (Open MPI fences through the launcher), so a peer that
   // hangs after the last collective would hold this rank here forever. A watchdog thread
-  // (no MPI calls: FUNNELED allows none) ends the process after the timeout instead; its
+  // (it makes no MPI calls) ends the process after the timeout instead; its
   // non-zero exit makes mpirun end the job, the hung peer included.
   if (const double t = finalize_timeout_s.load(); t > 0) {
     int rank = -1;
@@ -85,13 +85,15 @@ absl::Status EnsureInitialized() {
   if (initialized) return absl::OkStatus();
   int provided = 0;
   // Errors of MPI_Init itself always abort (no communicator to carry a handler yet).
-  const int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  // SERIALIZED: a server's collectives run on its engine-loop thread (rank 0) or on gRPC
+  // handler threads (workers), one at a time, not on the thread that initialised MPI.
+  const int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
   if (rc != MPI_SUCCESS) return MpiStatus(rc, "Init_thread");
   std::atexit(FinalizeAtExit);
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-  if (provided < MPI_THREAD_FUNNELED) {
+  if (provided < MPI_THREAD_SERIALIZED) {
     return absl::FailedPreconditionError(
-        absl::StrFormat("MPI provides thread level %d, below MPI_THREAD_FUNNELED", provided));
+        absl::StrFormat("MPI provides thread level %d, below MPI_THREAD_SERIALIZED", provided));
   }
   return absl::OkStatus();
 }

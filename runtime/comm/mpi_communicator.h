@@ -1,6 +1,7 @@
 // A Communicator over MPI_COMM_WORLD (a private duplicate of it). MPI is initialized on the
-// first Create (MPI_THREAD_FUNNELED: only the calling thread communicates; the engine's
-// worker threads never do) and finalized at exit. Errors return as absl::Status: the
+// first Create (MPI_THREAD_SERIALIZED: one thread at a time communicates — the engine's
+// stepping thread, which in a server is not the main thread; the engine's pool threads never
+// do) and finalized at exit. Errors return as absl::Status: the
 // communicator sets MPI_ERRORS_RETURN instead of MPI's default abort-on-error.
 //
 // Failure: every collective is bounded in time. Each one is started non-blocking and polled

@@ -559,10 +559,15 @@ absl::Status Engine::PackWeights() {
   return pack(lm_head_, config_.lm_head_activations);
 }
 
-absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) const {
+absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) {
   if (shard_.whole()) return absl::OkStatus();
+  const auto start = std::chrono::steady_clock::now();
   // The layer lets a compressing group (--comm-compress) keep chosen layers exact.
-  return config_.comm->AllReduceSumForLayer(x.data(), n, layer);
+  absl::Status s = config_.comm->AllReduceSumForLayer(x.data(), n, layer);
+  last_step_.comm_ns +=
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count();
+  return s;
 }
 
 absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
@@ -571,7 +576,9 @@ absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
         absl::StrFormat("engine: no KV cache %d (the engine has %d)", kv_cache, kv_cache_count()));
   }
   const SequenceId id = next_seq_++;
-  sequences_.emplace(id, Sequence{.kv = {}, .cache = kv_cache, .shadow = {}});
+  Sequence seq;
+  seq.cache = kv_cache;
+  sequences_.emplace(id, std::move(seq));
   return id;
 }
 
@@ -632,10 +639,8 @@ int64_t Engine::WeightBytesPerToken() const {
   return total;
 }
 
-absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
-  const auto start = std::chrono::steady_clock::now();
+absl::StatusOr<int64_t> Engine::CheckStep(std::span<const StepInput> inputs) const {
   const ModelConfig& c = model_config_;
-  // Validate everything before touching any sequence.
   int64_t total = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const StepInput& in = inputs[i];
@@ -659,7 +664,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
             absl::StrFormat("engine: token id %d outside the vocabulary [0, %d)", t, c.vocab_size));
       }
     }
-    const int64_t end = sequences_[in.seq].kv.length + static_cast<int64_t>(in.tokens.size());
+    const int64_t end = sequences_.at(in.seq).kv.length + static_cast<int64_t>(in.tokens.size());
     if (end > c.context_length * 16) {  // far past any trained/scaled window: refuse
       return absl::OutOfRangeError(absl::StrFormat(
           "engine: sequence %d would reach %d tokens, beyond 16x the context length %d", in.seq,
@@ -667,6 +672,15 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
     total += static_cast<int64_t>(in.tokens.size());
   }
+  return total;
+}
+
+absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
+  const auto start = std::chrono::steady_clock::now();
+  last_step_.comm_ns = 0;
+  const ModelConfig& c = model_config_;
+  // Validate everything before touching any sequence.
+  QKV_ASSIGN_OR_RETURN(const int64_t total, CheckStep(inputs));
   // Reserve cache blocks for all inputs (and their shadows); undo on failure so nothing
   // changes.
   struct Reserved {

@@ -152,6 +152,8 @@ struct StepInput {
 
 struct StepTimings {
   int64_t forward_ns = 0;
+  // Of forward_ns, the time in the tensor-parallel group's all-reduces (0 on one rank).
+  int64_t comm_ns = 0;
   int64_t tokens = 0;
 };
 
@@ -191,6 +193,10 @@ class Engine {
   // to `logits` in input order: every token's row for all_logits inputs, else the last one.
   // On error no sequence is changed.
   absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits);
+  // Step's checks of its inputs (known sequences, each once, token counts and ids, length),
+  // without running anything; the number of tokens. Lets a tensor-parallel coordinator
+  // refuse a step before the other ranks start its collectives.
+  absl::StatusOr<int64_t> CheckStep(std::span<const StepInput> inputs) const;
 
   // Convenience: appends `tokens` to `seq` in chunks; returns the logits of the last token,
   // or of every token when all_logits.
@@ -217,7 +223,7 @@ class Engine {
   absl::Status LoadMoeLayer(int64_t layer, Layer& l);
   // Sums a row-parallel layer's partial output over the tensor-parallel group; `layer`
   // lets a compressing group keep that layer's sums exact.
-  absl::Status ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) const;
+  absl::Status ReduceSum(std::vector<float>& x, int64_t n, int64_t layer);
   void Embed(std::span<const int32_t> tokens, float* out) const;
 
   EngineConfig config_;

@@ -151,9 +151,17 @@ void RequestStream::Push(StreamEvent event) {
 absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(std::unique_ptr<Engine> engine,
                                                                const Tokenizer* tokenizer,
                                                                const EngineLoopConfig& config) {
-  if (engine == nullptr || tokenizer == nullptr) {
+  if (engine == nullptr) return absl::InvalidArgumentError("EngineLoop needs an engine");
+  return Create(std::make_unique<LocalStepExecutor>(std::move(engine)), tokenizer, config);
+}
+
+absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(
+    std::unique_ptr<StepExecutor> executor, const Tokenizer* tokenizer,
+    const EngineLoopConfig& config) {
+  if (executor == nullptr || tokenizer == nullptr) {
     return absl::InvalidArgumentError("EngineLoop needs an engine and a tokenizer");
   }
+  const Engine* engine = &executor->engine();
   if (engine->config().max_chunk_tokens < config.max_step_tokens) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "EngineLoopConfig.max_step_tokens (%d) exceeds the engine's max_chunk_tokens (%d): a "
@@ -179,18 +187,19 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(std::unique_ptr<E
   auto scheduler = Scheduler::Create(sc);
   if (!scheduler.ok()) return scheduler.status();
   return std::unique_ptr<EngineLoop>(
-      new EngineLoop(std::move(engine), tokenizer, config, std::move(*scheduler)));
+      new EngineLoop(std::move(executor), tokenizer, config, std::move(*scheduler)));
 }
 
-EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, const Tokenizer* tokenizer,
+EngineLoop::EngineLoop(std::unique_ptr<StepExecutor> executor, const Tokenizer* tokenizer,
                        const EngineLoopConfig& config, std::unique_ptr<Scheduler> scheduler)
-    : engine_(std::move(engine)),
+    : executor_(std::move(executor)),
       tokenizer_(tokenizer),
       config_(config),
-      model_config_(engine_->model_config()),
-      block_tokens_(engine_->kv_cache().block_tokens()),
-      capacity_tokens_(engine_->kv_cache().capacity_tokens()),
-      n_blocks_(engine_->kv_cache().allocator().num_blocks()),
+      model_config_(engine().model_config()),
+      block_tokens_(engine().kv_cache().block_tokens()),
+      capacity_tokens_(engine().kv_cache().capacity_tokens()),
+      n_blocks_(engine().kv_cache().allocator().num_blocks()),
+      tp_degree_(executor_->world_size()),
       scheduler_(std::move(scheduler)) {
   kv_presets_.push_back(config_.kv_preset);
   kv_presets_.insert(kv_presets_.end(), config_.more_kv_presets.begin(),
@@ -202,7 +211,7 @@ EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, const Tokenizer* tokenize
 EngineLoop::~EngineLoop() { Shutdown(); }
 
 int64_t EngineLoop::capacity_tokens(int kv_cache) const {
-  return engine_->kv_cache(kv_cache).capacity_tokens();
+  return engine().kv_cache(kv_cache).capacity_tokens();
 }
 
 absl::StatusOr<int> EngineLoop::KvPresetIndex(const std::string& name) const {
@@ -247,7 +256,7 @@ absl::StatusOr<std::shared_ptr<RequestStream>> EngineLoop::Submit(GenerationPara
                         kv_presets_.size()));
   }
   const int64_t peak = scheduler_->BlocksFor(p.kv_cache, n + p.max_tokens - 1);
-  const int32_t pool_blocks = engine_->kv_cache(p.kv_cache).allocator().num_blocks();
+  const int32_t pool_blocks = engine().kv_cache(p.kv_cache).allocator().num_blocks();
   if (peak > pool_blocks) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "GenerationParams.prompt + max_tokens: %d tokens need %d KV blocks, the %s pool has %d",
@@ -298,6 +307,7 @@ void EngineLoop::Shutdown() {
   }
   cv_.notify_one();
   if (thread_.joinable()) thread_.join();
+  executor_->Shutdown();
 }
 
 EngineLoopStats EngineLoop::Stats() const {
@@ -372,7 +382,7 @@ void EngineLoop::AbortLive(uint64_t id) {
 
 void EngineLoop::ReleaseEngineSequence(Request& r) {
   if (r.seq != 0) {
-    (void)engine_->Release(r.seq);
+    (void)executor_->Release(r.seq);
     r.seq = 0;
   }
 }
@@ -389,7 +399,7 @@ void EngineLoop::Finish(Request& r, FinishReason reason) {
     }
   }
   const int64_t cached = std::max<int64_t>(1, static_cast<int64_t>(r.tokens.size()) - 1);
-  f.kv_bits_per_element = engine_->kv_cache(r.params.kv_cache).BitsPerElementAt(cached);
+  f.kv_bits_per_element = engine().kv_cache(r.params.kv_cache).BitsPerElementAt(cached);
   f.preemptions = r.preemptions;
   f.total_logprob = r.total_logprob;
   f.scored_tokens = r.scored;
@@ -501,7 +511,7 @@ bool EngineLoop::RunStep() {
   for (const SeqWork& w : plan.items) {
     Request& r = *requests_.at(w.id);
     // The index was checked at Submit, so this cannot fail.
-    if (r.seq == 0) r.seq = *engine_->NewSequenceIn(r.params.kv_cache);
+    if (r.seq == 0) r.seq = *executor_->NewSequenceIn(r.params.kv_cache);
     if (r.scheduled_ns == 0) {
       r.scheduled_ns = MonotonicNowNs();
       if (config_.metrics != nullptr) {
@@ -516,7 +526,7 @@ bool EngineLoop::RunStep() {
   // Reused across steps (megabytes for a batch; a fresh vector page-faults every step).
   std::vector<float>& logits = logits_;
   logits.clear();
-  absl::Status step = engine_->Step(inputs, &logits);
+  absl::Status step = executor_->Step(inputs, &logits);
   std::vector<SeqResult> results;
   std::vector<uint64_t> finished;
   int64_t sampled = 0;
@@ -587,30 +597,31 @@ void EngineLoop::PublishStats() {
   st.scheduler = scheduler_->Stats();
   st.generated_tokens = generated_total_;
   st.generated_tokens_per_s = recent / (kRateWindowNs / 1e9);
-  st.kv_bytes_per_token = engine_->kv_cache().BytesPerTokenAt(model_config_.context_length);
-  for (int i = 0; i < engine_->kv_cache_count(); ++i) {
+  st.kv_bytes_per_token = engine().kv_cache().BytesPerTokenAt(model_config_.context_length);
+  for (int i = 0; i < engine().kv_cache_count(); ++i) {
     st.pool_bytes_per_token.push_back(
-        engine_->kv_cache(i).BytesPerTokenAt(model_config_.context_length));
+        engine().kv_cache(i).BytesPerTokenAt(model_config_.context_length));
   }
-  if (const moe::ExpertPrecisionPolicy* policy = engine_->expert_policy()) {
+  if (const moe::ExpertPrecisionPolicy* policy = engine().expert_policy()) {
     const moe::ExpertPrecisionStats ps = policy->Stats();
     for (const moe::ExpertPrecisionStat& e : ps.experts) {
-      const int level = engine_->expert_level(e.layer, e.expert);
+      const int level = engine().expert_level(e.layer, e.expert);
       EngineLoopStats::Expert x;
       x.layer = e.layer;
       x.expert = e.expert;
       x.load = e.frequency;
       x.mean_weight = e.mean_weight;
       x.precision =
-          std::string(kernels::GgmlTypeInfoOf(engine_->config().expert_levels[level]).name);
+          std::string(kernels::GgmlTypeInfoOf(engine().config().expert_levels[level]).name);
       x.bytes = e.bytes;
       x.changes = e.changes;
       st.experts.push_back(std::move(x));
     }
-    st.expert_bytes_active = engine_->active_expert_bytes();
+    st.expert_bytes_active = engine().active_expert_bytes();
     st.expert_budget_bytes = ps.budget_bytes;
     st.expert_changes = ps.changes;
   }
+  st.ranks = executor_->StepTotals();
   std::lock_guard<std::mutex> lock(mu_);
   waiting_ = st.scheduler.queued;
   if (ServingMetrics* m = config_.metrics) {

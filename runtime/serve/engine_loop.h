@@ -27,6 +27,7 @@
 #include "runtime/engine/engine.h"
 #include "runtime/engine/sampler.h"
 #include "runtime/serve/scheduler.h"
+#include "runtime/serve/step_executor.h"
 #include "runtime/tokenizer/tokenizer.h"
 
 namespace quantkv {
@@ -138,13 +139,19 @@ struct EngineLoopStats {
   };
   std::vector<Expert> experts;
   int64_t expert_bytes_active = 0, expert_budget_bytes = 0, expert_changes = 0;
+  // Cumulative step times per rank (one entry without tensor parallelism).
+  std::vector<RankStepTotals> ranks;
 };
 
 class EngineLoop {
  public:
-  // Takes the engine; `tokenizer` must outlive the loop (it is only read, and is safe to
-  // share with other threads). Starts the loop thread.
+  // Takes the engine (or the group of tensor-parallel engines, step_executor.h); `tokenizer`
+  // must outlive the loop (it is only read, and is safe to share with other threads).
+  // Starts the loop thread.
   static absl::StatusOr<std::unique_ptr<EngineLoop>> Create(std::unique_ptr<Engine> engine,
+                                                            const Tokenizer* tokenizer,
+                                                            const EngineLoopConfig& config);
+  static absl::StatusOr<std::unique_ptr<EngineLoop>> Create(std::unique_ptr<StepExecutor> executor,
                                                             const Tokenizer* tokenizer,
                                                             const EngineLoopConfig& config);
   ~EngineLoop();  // Shutdown()
@@ -160,7 +167,8 @@ class EngineLoop {
   // False when no live request has the id.
   bool Abort(const std::string& request_id);
 
-  // Refuses new requests, aborts every live one and joins the loop thread. Idempotent.
+  // Refuses new requests, aborts every live one, joins the loop thread and shuts the
+  // executor down (other tensor-parallel ranks stop serving). Idempotent.
   void Shutdown();
 
   EngineLoopStats Stats() const;
@@ -179,6 +187,8 @@ class EngineLoop {
   // the served presets, for another name.
   absl::StatusOr<int> KvPresetIndex(const std::string& name) const;
   const Tokenizer& tokenizer() const { return *tokenizer_; }
+  // Ranks every step runs on (tensor parallelism); 1 for one process.
+  int tp_degree() const { return tp_degree_; }
 
  private:
   struct Request;
@@ -189,7 +199,7 @@ class EngineLoop {
     int64_t submit_ns;
   };
 
-  EngineLoop(std::unique_ptr<Engine> engine, const Tokenizer* tokenizer,
+  EngineLoop(std::unique_ptr<StepExecutor> executor, const Tokenizer* tokenizer,
              const EngineLoopConfig& config, std::unique_ptr<Scheduler> scheduler);
   void Run();
   // One Schedule/Step/Commit round; false when the plan had no items.
@@ -205,13 +215,15 @@ class EngineLoop {
   bool SampleNext(Request& r, std::span<float> row);
   void PublishStats();
 
-  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<StepExecutor> executor_;
+  const Engine& engine() const { return executor_->engine(); }
   const Tokenizer* tokenizer_;
   EngineLoopConfig config_;
   ModelConfig model_config_;
   int64_t block_tokens_ = 0;
   int64_t capacity_tokens_ = 0;
   int32_t n_blocks_ = 0;
+  int tp_degree_ = 1;
   std::vector<std::string> kv_presets_;
   std::vector<float> logits_;  // RunStep's, on the loop thread
 

@@ -226,7 +226,7 @@ grpc::Status GenerationService::ModelInfo(grpc::ServerContext* context,
   response->set_model(config_.model_path);
   response->set_context_length(loop.model_config().context_length);
   response->set_vocab_size(loop.tokenizer().vocab_size());
-  response->set_tp_degree(1);
+  response->set_tp_degree(loop.tp_degree());
   for (const std::string& preset : loop.kv_presets()) response->add_kv_presets(preset);
   response->set_block_tokens(loop.block_tokens());
   response->set_capacity_tokens(loop.capacity_tokens());
@@ -264,6 +264,14 @@ grpc::Status GenerationService::Stats(grpc::ServerContext* context, const v1::St
   response->set_expert_bytes_active(st.expert_bytes_active);
   response->set_expert_budget_bytes(st.expert_budget_bytes);
   response->set_expert_precision_changes(st.expert_changes);
+  for (const RankStepTotals& r : st.ranks) {
+    v1::RankStepStats* out = response->add_ranks();
+    out->set_rank(r.rank);
+    out->set_steps(r.steps);
+    out->set_forward_seconds(r.forward_ns * 1e-9);
+    out->set_comm_seconds(r.comm_ns * 1e-9);
+    out->set_total_seconds(r.total_ns * 1e-9);
+  }
   for (size_t i = 0; i < st.scheduler.pools.size(); ++i) {
     const PoolStats& pool = st.scheduler.pools[i];
     v1::KvPoolStats* out = response->add_pools();

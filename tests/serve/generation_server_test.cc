@@ -19,6 +19,7 @@
 #include "runtime/model/moe_split.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
+#include "tests/testutil/drain_stream.h"
 #include "tests/testutil/paths.h"
 
 namespace quantkv {
@@ -270,21 +271,7 @@ TEST_F(GenerationServerTest, BatchingDoesNotChangeGreedyOutput) {
   EXPECT_TRUE(WaitIdle());
 }
 
-// Drains a RequestStream of the engine loop into token ids; the final event too.
-std::vector<int32_t> Drain(RequestStream& stream, GenerationFinal* final) {
-  std::vector<int32_t> ids;
-  while (true) {
-    for (StreamEvent& e : stream.Wait(absl::Seconds(1))) {
-      if (e.kind == StreamEvent::Kind::kChunk) {
-        ids.insert(ids.end(), e.token_ids.begin(), e.token_ids.end());
-      } else {
-        EXPECT_EQ(e.kind, StreamEvent::Kind::kFinal) << e.error;
-        *final = e.final;
-        return ids;
-      }
-    }
-  }
-}
+using testing::Drain;
 
 // A KV pool too small for all requests at once: the scheduler preempts, the loop releases
 // and later re-prefills prompt + generated ids, and greedy output stays the same.

@@ -1,0 +1,61 @@
+// The coordinator's side of `quantkv serve --tp N` (rank 0): its own engine shard plus the
+// workers of ranks 1..N-1 (worker_server.h), driven over gRPC (proto/quantkv/v1/worker.proto).
+// Each Step is sent to every worker before rank 0 runs its own part, so all ranks enter the
+// step's collectives together; sequence creations and releases ride along with the next
+// step. Rank 0's scheduler owns the block accounting: at Create every worker must show at
+// least rank 0's blocks in each cache (ranks with fewer KV heads hold more).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "runtime/serve/step_executor.h"
+
+namespace quantkv {
+
+struct TensorParallelExecutorConfig {
+  std::vector<std::string> worker_addresses;  // HOST:PORT of ranks 1..N-1, in rank order
+  std::string token;                          // the job's worker token
+  absl::Duration connect_timeout = absl::Seconds(60);
+  // A step's RPC deadline. The collectives' own timeout (QUANTKV_COMM_TIMEOUT_S) normally
+  // ends a hung step first; this is the backstop.
+  absl::Duration step_timeout = absl::Minutes(10);
+};
+
+class TensorParallelExecutor final : public StepExecutor {
+ public:
+  // `engine` is rank 0's shard (its communicator spans the workers). Connects to every
+  // worker and checks its rank, architecture and KV capacity; then clears its cache.
+  static absl::StatusOr<std::unique_ptr<TensorParallelExecutor>> Create(
+      std::unique_ptr<Engine> engine, const TensorParallelExecutorConfig& config);
+  ~TensorParallelExecutor() override;  // Shutdown()
+
+  const Engine& engine() const override { return *engine_; }
+  int world_size() const override;
+  absl::StatusOr<SequenceId> NewSequenceIn(int kv_cache) override;
+  absl::Status Release(SequenceId seq) override;
+  absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits) override;
+  std::vector<RankStepTotals> StepTotals() const override;
+  // Tells every worker to stop serving (their processes then end). Idempotent.
+  void Shutdown() override;
+
+ private:
+  struct Worker;
+  TensorParallelExecutor() = default;
+
+  std::unique_ptr<Engine> engine_;
+  TensorParallelExecutorConfig config_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::vector<std::pair<SequenceId, int>> pending_create_;  // (sequence, KV cache)
+  std::vector<SequenceId> pending_release_;
+  uint64_t step_id_ = 0;
+  RankStepTotals local_;
+  // After a worker failed a step the ranks no longer agree: every later step fails.
+  absl::Status broken_;
+  bool shut_down_ = false;
+};
+
+}  // namespace quantkv
