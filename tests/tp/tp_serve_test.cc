@@ -67,6 +67,21 @@ std::vector<std::vector<int32_t>> Prompts(const Tokenizer& tok) {
   return out;
 }
 
+GenerationParams Greedy(const std::vector<int32_t>& prompt) {
+  GenerationParams g;
+  g.prompt = prompt;
+  g.max_tokens = kMaxTokens;
+  g.ignore_eos = true;
+  return g;
+}
+
+GenerationParams Scoring(const std::vector<int32_t>& prompt) {
+  GenerationParams g;
+  g.prompt = prompt;
+  g.score = true;
+  return g;
+}
+
 struct Outputs {
   std::vector<std::vector<int32_t>> alone;  // each prompt on its own
   std::vector<double> scores;               // score of each prompt
@@ -75,13 +90,11 @@ struct Outputs {
 Outputs RunRequests(EngineLoop& loop, const std::vector<std::vector<int32_t>>& prompts) {
   Outputs out;
   for (const auto& p : prompts) {
-    GenerationParams g{.prompt = p, .max_tokens = kMaxTokens, .ignore_eos = true};
-    auto stream = loop.Submit(g);
+    auto stream = loop.Submit(Greedy(p));
     EXPECT_TRUE(stream.ok()) << stream.status();
     GenerationFinal f;
     out.alone.push_back(stream.ok() ? Drain(**stream, &f) : std::vector<int32_t>{});
-    GenerationParams s{.prompt = p, .score = true};
-    auto scored = loop.Submit(s);
+    auto scored = loop.Submit(Scoring(p));
     EXPECT_TRUE(scored.ok()) << scored.status();
     if (scored.ok()) Drain(**scored, &f);
     out.scores.push_back(f.total_logprob);
@@ -178,7 +191,7 @@ TEST_F(TpServeTest, ServesAcrossRanksLikeOneProcess) {
   // All eight at once: the first three must come out as they did alone.
   std::vector<std::shared_ptr<RequestStream>> streams;
   for (const auto& p : prompts) {
-    auto s = (*loop)->Submit({.prompt = p, .max_tokens = kMaxTokens, .ignore_eos = true});
+    auto s = (*loop)->Submit(Greedy(p));
     ASSERT_TRUE(s.ok()) << s.status();
     streams.push_back(*s);
   }
@@ -186,7 +199,9 @@ TEST_F(TpServeTest, ServesAcrossRanksLikeOneProcess) {
     GenerationFinal f;
     const std::vector<int32_t> ids = Drain(*streams[i], &f);
     EXPECT_EQ(static_cast<int64_t>(ids.size()), kMaxTokens) << "request " << i;
-    if (i < tp.alone.size()) EXPECT_EQ(ids, tp.alone[i]) << "request " << i << " batched";
+    if (i < tp.alone.size()) {
+      EXPECT_EQ(ids, tp.alone[i]) << "request " << i << " batched";
+    }
   }
 
   const EngineLoopStats st = (*loop)->Stats();
