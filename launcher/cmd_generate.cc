@@ -132,7 +132,9 @@ int Run(const GenerateOptions& o, CommandContext& ctx) {
       ids->size(), prefill_s * 1e3, ids->size() / std::max(prefill_s, 1e-9), generated,
       decode_s * 1e3, generated / std::max(decode_s, 1e-9), stop_reason, o.model.kv,
       engine.kv_cache().BitsPerElementAt(static_cast<int64_t>(history.size())),
-      o.model.tp > 1 ? absl::StrFormat("; tensor parallel over %d ranks", o.model.tp) : "");
+      o.model.tp > 1 ? absl::StrFormat("; tensor parallel over %d ranks, %.0f ms in all-reduces",
+                                       o.model.tp, engine.comm_ns_total() * 1e-6)
+                     : "");
   return kExitOk;
 }
 

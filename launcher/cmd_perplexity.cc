@@ -125,6 +125,8 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"kv_bytes_per_token", kv_bytes},
                         {"kv_compression_vs_fp16", 16.0 / kv_bits},
                         {"tp", o.model.tp},
+                        // rank 0's time in the all-reduces, waiting for slower ranks included
+                        {"tp_comm_seconds", session->engine->comm_ns_total() * 1e-9},
                         // bytes per token above: rank 0's share of the KV heads
                         {"kv_heads_rank0", kv.config().n_kv_heads}};
     // Adapters change the model being measured: name them beside the cache.

@@ -564,9 +564,11 @@ absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) 
   const auto start = std::chrono::steady_clock::now();
   // The layer lets a compressing group (--comm-compress) keep chosen layers exact.
   absl::Status s = config_.comm->AllReduceSumForLayer(x.data(), n, layer);
-  last_step_.comm_ns +=
+  const int64_t ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
           .count();
+  last_step_.comm_ns += ns;
+  comm_ns_total_ += ns;
   return s;
 }
 

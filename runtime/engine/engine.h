@@ -204,6 +204,8 @@ class Engine {
                        std::vector<float>* logits);
 
   const StepTimings& last_step() const { return last_step_; }
+  // Time in the tensor-parallel all-reduces over the engine's life (0 on one rank).
+  int64_t comm_ns_total() const { return comm_ns_total_; }
 
   // Bytes of weights a decode step reads (all linear layers, the lm_head, one embedding row);
   // this rank's shards under tensor parallelism.
@@ -278,6 +280,7 @@ class Engine {
   absl::flat_hash_map<SequenceId, Sequence> sequences_;
   SequenceId next_seq_ = 1;
   StepTimings last_step_;
+  int64_t comm_ns_total_ = 0;
 };
 
 }  // namespace quantkv
