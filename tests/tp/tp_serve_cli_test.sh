@@ -4,7 +4,8 @@
 # the one `quantkv generate --tp 2` prints for the same prompt, ModelInfo says tp_degree 2,
 # Stats has both ranks with their steps; SIGTERM to the ranks (what mpirun forwards) ends
 # the job with exit 0 within 15 s and no rank left. Then the refusals: --tp 2 without mpirun,
-# and an unbindable --worker-listen, each a clear message and a non-zero exit.
+# and an unbindable --worker-listen, each a clear message and a non-zero exit. A worker rank
+# SIGKILLed mid-stream: the client gets UNAVAILABLE and the job ends within 15 s.
 #   tp_serve_cli_test.sh QUANTKV_BINARY [MPIEXEC]
 # Exit 77 (ctest SKIP_RETURN_CODE) without mpirun or the default model.
 set -euo pipefail
@@ -46,18 +47,22 @@ fail() {
 }
 
 PROMPT="The capital of France is"
-# timeout(1) bounds the job if this script is killed.
-timeout -s KILL 240 "${MPI[@]}" "$QUANTKV" serve --tp 2 --listen 127.0.0.1:0 --kv int4-comp \
-  --kv-budget-mb 64 >"$TMP/server.out" 2>"$TMP/server.err" &
-JOB_PID=$!
 ADDRESS=""
-for _ in $(seq 480); do
-  ADDRESS=$(sed -n 's/^.*: listening on \([^ ]*\) .*$/\1/p' "$TMP/server.err")
-  [[ -n $ADDRESS ]] && break
-  kill -0 "$JOB_PID" 2>/dev/null || fail "the job exited before listening"
-  sleep 0.25
-done
-[[ -n $ADDRESS ]] || fail "no 'listening on' line within 120 s"
+start_server() {
+  # timeout(1) bounds the job if this script is killed.
+  timeout -s KILL 240 "${MPI[@]}" "$QUANTKV" serve --tp 2 --listen 127.0.0.1:0 --kv int4-comp \
+    --kv-budget-mb 64 >"$TMP/server.out" 2>"$TMP/server.err" &
+  JOB_PID=$!
+  ADDRESS=""
+  for _ in $(seq 480); do
+    ADDRESS=$(sed -n 's/^.*: listening on \([^ ]*\) .*$/\1/p' "$TMP/server.err")
+    [[ -n $ADDRESS ]] && break
+    kill -0 "$JOB_PID" 2>/dev/null || fail "the job exited before listening"
+    sleep 0.25
+  done
+  [[ -n $ADDRESS ]] || fail "no 'listening on' line within 120 s"
+}
+start_server
 grep -q -- "--tp 2" "$TMP/server.err" || fail "the listening line does not say --tp 2"
 echo "server at $ADDRESS"
 
@@ -97,6 +102,37 @@ echo "served:    $(cat "$TMP/served.txt")"
 echo "generated: $(cat "$TMP/generated.txt")"
 [[ $(cat "$TMP/served.txt") == "$(cat "$TMP/generated.txt")" ]] ||
   fail "served text differs from generate --tp 2"
+
+# A worker rank killed while a client streams: mpirun ends the job, and the client gets an
+# error (UNAVAILABLE) within 15 s, not a hang; no rank is left.
+start_server
+"$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 4000 \
+  --ignore-eos >"$TMP/long.out" 2>"$TMP/long.err" &
+CLIENT_PID=$!
+for _ in $(seq 100); do
+  [[ -s $TMP/long.out ]] && break
+  sleep 0.1
+done
+[[ -s $TMP/long.out ]] || fail "the long stream produced nothing"
+RANK1=$(ranks | sort -n | tail -1)
+kill -KILL "$RANK1"
+for _ in $(seq 60); do
+  kill -0 "$CLIENT_PID" 2>/dev/null || break
+  sleep 0.25
+done
+kill -0 "$CLIENT_PID" 2>/dev/null && fail "the client still waits 15 s after a rank died"
+rc=0
+wait "$CLIENT_PID" || rc=$?
+[[ $rc != 0 ]] || fail "the client's stream ended without error after a rank died"
+grep -q "UNAVAILABLE" "$TMP/long.err" || fail "client error: $(cat "$TMP/long.err")"
+for _ in $(seq 60); do
+  kill -0 "$JOB_PID" 2>/dev/null || break
+  sleep 0.25
+done
+kill -0 "$JOB_PID" 2>/dev/null && fail "the job still runs 15 s after a rank died"
+wait "$JOB_PID" 2>/dev/null || true
+JOB_PID=""
+[[ -z $(ranks) ]] || fail "a rank outlived the job"
 
 # --tp 2 without mpirun: refused with how to launch it.
 rc=0
