@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Promoted KV tokens (--kv-promote with :keepN codecs) against the same cache without
 # promotion, at ctx 512 in steps of 64 tokens (promotion acts on later steps), KL and PPL
-# against the fp16 cache on the same windows: SmolLM2 (key-norm) and the MoEfied SmolLM2
-# at top-6 (key-norm, router-entropy). Writes bench/results/kv_promote.md.
+# against the fp16 cache on the same windows: SmolLM2 (key-norm, attention) and the MoEfied SmolLM2
+# at top-6 (key-norm, router-entropy, attention mass). Writes bench/results/kv_promote.md.
 #   bench/kv_promote.sh [--chunks 8]   (needs build/ and, for the MoE rows, a moefy split)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,12 +37,15 @@ PY
   $Q perplexity $COMMON --kv fp16 --save-logits "$TMP/fp16.logits" >/dev/null
   row "SmolLM2, int2-comp" "--kv int2-comp" "$TMP/fp16.logits"
   row "SmolLM2, int2-comp + keep4 K, key-norm" "--kv $KV4 --kv-promote key-norm" "$TMP/fp16.logits"
+  row "SmolLM2, int2-comp + keep4 K, attention" "--kv $KV4 --kv-promote attention" "$TMP/fp16.logits"
   row "SmolLM2, int2-comp + keep8 K,V, no promotion" "--kv $KV8" "$TMP/fp16.logits"
   row "SmolLM2, int2-comp + keep8 K,V, key-norm" "--kv $KV8 --kv-promote key-norm" "$TMP/fp16.logits"
+  row "SmolLM2, int2-comp + keep8 K,V, attention" "--kv $KV8 --kv-promote attention" "$TMP/fp16.logits"
   M="--moe-split $SPLIT --moe-top-k 6"
   $Q perplexity $COMMON $M --kv fp16 --save-logits "$TMP/moe.logits" >/dev/null
   row "MoEfied top-6, keep8 K,V, no promotion" "$M --kv $KV8" "$TMP/moe.logits"
   row "MoEfied top-6, keep8 K,V, key-norm" "$M --kv $KV8 --kv-promote key-norm" "$TMP/moe.logits"
   row "MoEfied top-6, keep8 K,V, router-entropy" "$M --kv $KV8 --kv-promote router-entropy" "$TMP/moe.logits"
+  row "MoEfied top-6, keep8 K,V, attention" "$M --kv $KV8 --kv-promote attention" "$TMP/moe.logits"
 } | tee bench/results/kv_promote.md
 rm -rf "$TMP"

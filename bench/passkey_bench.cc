@@ -8,6 +8,7 @@
 //   passkey_bench [--model PATH] [--presets "fp16;int4-comp;int2-comp"] [--lengths 1024,3072]
 //                 [--depths 0.1,0.5,0.9] [--keys 2] [--page-fractions 1,0.25] [--threads 2]
 //                 [--out DIR]
+// A preset "SPEC#MODE" runs SPEC (with :keepN codecs) under --kv-promote MODE.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -129,7 +130,10 @@ int Main(int argc, char** argv) {
     for (double page : pages) {
       EngineConfig c;
       c.threads = threads;
-      c.kv_spec = preset;
+      // "SPEC#MODE": the cache SPEC with --kv-promote MODE (a :keepN codec).
+      const std::vector<std::string> parts = absl::StrSplit(preset, '#');
+      c.kv_spec = parts[0];
+      if (parts.size() > 1) c.kv_promote = parts[1];
       c.page_fraction = page;
       c.kv_max_bytes = int64_t{512} << 20;
       auto engine =

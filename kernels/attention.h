@@ -95,6 +95,10 @@ struct AttentionQuery {
   // pool's. A caller running several Attention calls side by side without a pool passes the
   // pool size, so each call computes exactly what it would on the whole pool.
   int split_threads = 0;
+  // Optional output [n_q][n_heads]: each row's log-sum-exp of its (scaled) scores over the
+  // tokens it attended, so that exp(score - lse) is a token's attention probability
+  // (kernels/attention_mass.h). nullptr: not computed.
+  float* lse = nullptr;
 };
 
 // out: [n_q][n_heads][head_dim]. Query heads map to KV heads in contiguous groups (GQA).

@@ -305,9 +305,11 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
             "with a router, as fitted by `quantkv moefy`",
             PathKind::kFile)
       .Placeholder("FILE");
-  flags.Choice("kv-promote", &o.kv_promote, "none", {"none", "key-norm", "router-entropy"},
+  flags.Choice("kv-promote", &o.kv_promote, "none",
+               {"none", "key-norm", "attention", "router-entropy"},
                "with a --kv codec that keeps rows (:keepN), which tokens of each block are "
-               "kept exactly: key-norm (largest ||k|| per layer) or router-entropy (MoE: the "
+               "kept exactly: key-norm (largest ||k|| per layer), attention (most attention "
+               "received so far per layer, H2O's heavy hitters) or router-entropy (MoE: the "
                "tokens whose routing is most uncertain across layers)");
   flags.Float("page-fraction", &o.page_fraction, 1.0,
               "decode attends, per KV head, only to this share of the encoded blocks whose key "

@@ -227,6 +227,9 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
         }
         const float inv = static_cast<float>(1.0 / lsum);
         for (int64_t x = 0; x < d; ++x) o[x] *= inv;
+        if (query.lse != nullptr) {
+          query.lse[i * query.n_heads + g * group + j] = mx + static_cast<float>(std::log(lsum));
+        }
       }
     }
   }

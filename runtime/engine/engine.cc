@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "kernels/activation.h"
 #include "kernels/attention.h"
+#include "kernels/attention_mass.h"
 #include "kernels/dequantize.h"
 #include "kernels/rmsnorm.h"
 #include "runtime/model/rope_scaling.h"
@@ -201,6 +202,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   if (!config.kv_promote.empty()) {
     if (config.kv_promote == "key-norm") {
       e->promote_ = Promote::kKeyNorm;
+    } else if (config.kv_promote == "attention") {
+      e->promote_ = Promote::kAttention;
     } else if (config.kv_promote == "router-entropy") {
       if (!c.moe.enabled()) {
         return absl::InvalidArgumentError(
@@ -209,7 +212,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       e->promote_ = Promote::kRouterEntropy;
     } else {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "--kv-promote '%s' is not one of key-norm, router-entropy", config.kv_promote));
+          "--kv-promote '%s' is not one of key-norm, attention, router-entropy",
+          config.kv_promote));
     }
     bool any = false;
     for (const auto& cache : e->kv_) any = any || cache->promotes();
@@ -773,6 +777,21 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     (static_cast<int64_t>(inputs[i].tokens.size()) <= kFewRows ? few_row_inputs : many_row_inputs)
         .push_back(i);
   }
+  // kv_promote "attention": per input whose cache keeps rows, the attention mass this step's
+  // queries give the tokens of its sequence not yet in a full block ([layer][span]), and
+  // the rows' log-sum-exp the mass is normalised by.
+  const bool attention_mass = promote_ == Promote::kAttention;
+  if (attention_mass) {
+    buf.mass.resize(inputs.size());
+    buf.lse.resize(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const Sequence& s = sequences_.at(inputs[i].seq);
+      const int64_t n = static_cast<int64_t>(inputs[i].tokens.size());
+      const bool keeps = kv_[s.cache]->promotes();
+      buf.mass[i].assign(keeps ? c.n_layers * (s.kv.length + n - s.promote_base) : 0, 0.0f);
+      buf.lse[i].resize(keeps ? n * n_heads : 0);
+    }
+  }
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const Layer& l = layers_[li];
     kernels::RmsNorm(h.data(), l.attn_norm.data(), xn.data(), total, H, c.rms_eps);
@@ -841,7 +860,14 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
                                       config_.page_fraction, config_.page_min_blocks, &skip)) {
         view.skip_blocks = skip.data();
       }
+      const bool mass = attention_mass && !buffers_.lse[i].empty();
+      if (mass) aq.lse = buffers_.lse[i].data();
       kernels::Attention(aq, view, attn.data() + input_rows[i] * q_dim, attention_pool);
+      if (mass) {
+        const int64_t end = seq.kv.length + n;
+        kernels::AddAttentionMass(aq, aq.lse, view, seq.promote_base, end,
+                                  buffers_.mass[i].data() + li * (end - seq.promote_base));
+      }
     };
     if (few_row_inputs.size() > 1) {
       pool->ParallelFor(static_cast<int64_t>(few_row_inputs.size()),
@@ -954,6 +980,13 @@ void Engine::PromoteFilledBlocks(std::span<const StepInput> inputs,
     seq.promote_pending.resize(L);
     for (int64_t l = 0; l < L; ++l) {
       std::vector<float>& pending = seq.promote_pending[l];
+      if (promote_ == Promote::kAttention) {  // H2O: mass accumulated over the steps
+        const int64_t span = seq.kv.length - seq.promote_base;
+        pending.resize(static_cast<size_t>(span), 0.0f);
+        const float* mass = buffers_.mass[i].data() + l * span;
+        for (int64_t k = 0; k < span; ++k) pending[k] += mass[k];
+        continue;
+      }
       for (int64_t j = 0; j < n; ++j) {
         float p = buffers_.promote[l * total + row + j];
         if (promote_ == Promote::kRouterEntropy) {  // uncertain across layers: their mean

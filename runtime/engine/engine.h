@@ -112,7 +112,8 @@ struct EngineConfig {
   // Promoted tokens: with a KV codec that keeps rows (":keepN"), which tokens of each
   // filled block get the exact slots (KvCache::PromoteRow), decided at the end of the step
   // that fills the block: "key-norm" (per layer, the largest ||k||: the attention-sink-like
-  // tokens), "router-entropy" (MoE models: the tokens whose routing is most uncertain,
+  // tokens), "attention" (per layer, the most attention mass received from the queries so
+  // far, summed over heads: H2O's heavy hitters; kernels/attention_mass.h), "router-entropy" (MoE models: the tokens whose routing is most uncertain,
   // mean entropy over layers, for all layers). "" promotes nothing.
   std::string kv_promote;
   // Page selection (Quest): decode steps (a sequence's input of at most 4 tokens) attend,
@@ -247,6 +248,8 @@ class Engine {
     MoeFfnScratch moe;
     moe::Routing routing;
     std::vector<float> promote;  // [n_layers][rows], kv_promote scores
+    // kv_promote "attention", per input: mass [n_layers][span] and lse [rows][n_heads]
+    std::vector<std::vector<float>> mass, lse;
   };
   // Adds the attention correction and collects what attn_observer sees, for one layer.
   absl::Status CorrectAndObserve(std::span<const StepInput> inputs, int64_t layer,
@@ -270,7 +273,7 @@ class Engine {
     std::vector<std::vector<float>> promote_pending;
     int64_t promote_base = 0;
   };
-  enum class Promote { kNone, kKeyNorm, kRouterEntropy };
+  enum class Promote { kNone, kKeyNorm, kAttention, kRouterEntropy };
   Promote promote_ = Promote::kNone;
   // Offers the blocks `inputs` filled in this step to the promoted-row slots; `scores` is
   // [n_layers][step rows], lengths_before each input's sequence length before the step.
