@@ -28,8 +28,10 @@ struct KvSlabs {
   const uint8_t* base = nullptr;
   int64_t block_bytes = 0;  // all heads
 
+  // A negative id -1 - f is floor block f (see KvLayerView::k_floor): the same arithmetic.
   const uint8_t* Slab(int32_t block, int64_t h) const {
-    return base + static_cast<int64_t>(block) * block_bytes + slab_offsets[h];
+    const int64_t id = block >= 0 ? block : -1 - static_cast<int64_t>(block);
+    return base + id * block_bytes + slab_offsets[h];
   }
 };
 
@@ -43,6 +45,15 @@ struct KvLayerView {
   KvSlabs k, v;
   const int32_t* block_table = nullptr;
   int64_t n_blocks = 0;
+  // Blocks re-encoded to lower precision under memory pressure (KvCache::Requantize): a
+  // block_table entry -1 - f is block f of these slabs (two share one physical block of
+  // k/v). has_floor is true when some block of this view is one.
+  KvSlabs k_floor, v_floor;
+  bool has_floor = false;
+  // The slabs that hold logical block b's K (kv = 0) or V.
+  const KvSlabs& SlabsOf(int kv, int64_t b) const {
+    return block_table[b] >= 0 ? (kv ? v : k) : (kv ? v_floor : k_floor);
+  }
   // Pre-RoPE key quantization: encoded keys are stored before the rotary embedding, and a
   // key row decoded for token t is rotated to position t with this table before use.
   // nullptr: encoded keys are stored rotated, like the protected ones always are.

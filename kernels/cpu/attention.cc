@@ -25,6 +25,33 @@ struct TileRows {
   std::vector<float> encoded, exact;
 };
 
+// DecodeRange over [t0, t1), split where blocks change between the view's codecs and its
+// floor codecs (requantized blocks), each run seen through a view of one kind.
+void DecodeRuns(const KvLayerView& kv, int64_t g, const float* q, int64_t group, float scale,
+                int64_t p, int64_t t0, int64_t t1, float* m, float* l, float* acc) {
+  if (!kv.has_floor) {
+    attention_internal::DecodeRange(kv, g, q, group, scale, p, t0, t1, m, l, acc);
+    return;
+  }
+  KvLayerView floor_view = kv;
+  floor_view.k = kv.k_floor;
+  floor_view.v = kv.v_floor;
+  const int64_t bt = kv.block_tokens;
+  const int64_t encoded_end = kv.n_blocks * bt;
+  for (int64_t t = t0; t < t1;) {
+    // Tokens past the encoded blocks come from the protected copy: any view serves.
+    const bool floor = t < encoded_end && kv.block_table[t / bt] < 0;
+    int64_t e = t;
+    while (e < t1 && (e < encoded_end && kv.block_table[e / bt] < 0) == floor) {
+      e = std::min(t1, (e / bt + 1) * bt);
+    }
+    if (e == t) e = t1;  // past the encoded blocks
+    attention_internal::DecodeRange(floor ? floor_view : kv, g, q, group, scale, p, t, e, m, l,
+                                    acc);
+    t = e;
+  }
+}
+
 }  // namespace
 
 int64_t KvStorageBytes(KvStorage s) { return s == KvStorage::kF32 ? 4 : 2; }
@@ -107,8 +134,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
             while (e < s_end && !SkipsToken(kv, g, p, e)) {
               e = kv.skip_blocks == nullptr ? s_end : e + 1;
             }
-            attention_internal::DecodeRange(kv, g, qi, group, query.scale, p, t, e, m + r, l + r,
-                                            acc + r * d);
+            DecodeRuns(kv, g, qi, group, query.scale, p, t, e, m + r, l + r, acc + r * d);
             t = e;
           }
         }

@@ -6,8 +6,8 @@
 #include <cstdint>
 
 #include "kernels/attention.h"
-#include "kernels/hadamard.h"
 #include "kernels/dequantize.h"
+#include "kernels/hadamard.h"
 
 namespace quantkv::kernels::attention_internal {
 
@@ -20,13 +20,12 @@ class RowSource {
 
   // Tokens must lie in encoded blocks (t1 <= n_blocks * block_tokens).
   void Encoded(int64_t t0, int64_t t1, float* out) const {
-    const KvSlabs& slabs = kv_ ? v_.v : v_.k;
-    const KvCodec* codec = slabs.codecs[h_];
     for (int64_t t = t0; t < t1;) {
       const int64_t b = t / v_.block_tokens;
       const int64_t end = std::min(t1, (b + 1) * v_.block_tokens);
-      codec->Decode(slabs.Slab(v_.block_table[b], h_), t - b * v_.block_tokens,
-                    end - b * v_.block_tokens, out + (t - t0) * v_.head_dim);
+      const KvSlabs& slabs = v_.SlabsOf(kv_, b);
+      slabs.codecs[h_]->Decode(slabs.Slab(v_.block_table[b], h_), t - b * v_.block_tokens,
+                               end - b * v_.block_tokens, out + (t - t0) * v_.head_dim);
       t = end;
     }
     const float* rotation = kv_ ? v_.v_rotation : v_.k_rotation;

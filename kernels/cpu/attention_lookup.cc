@@ -7,7 +7,8 @@
 namespace quantkv::kernels::attention_internal {
 
 bool KeyLookup::Usable(const KvLayerView& kv, int64_t h) {
-  return kv.k_pre_rope == nullptr && KvVectorLayoutOf(*kv.k.codecs[h]).centroids != nullptr;
+  return kv.k_pre_rope == nullptr && !kv.has_floor &&
+         KvVectorLayoutOf(*kv.k.codecs[h]).centroids != nullptr;
 }
 
 KeyLookup::KeyLookup(const KvLayerView& kv, int64_t h)

@@ -211,9 +211,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       }
       e->promote_ = Promote::kRouterEntropy;
     } else {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "--kv-promote '%s' is not one of key-norm, attention, router-entropy",
-          config.kv_promote));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--kv-promote '%s' is not one of key-norm, attention, router-entropy",
+                          config.kv_promote));
     }
     bool any = false;
     for (const auto& cache : e->kv_) any = any || cache->promotes();

@@ -113,8 +113,9 @@ struct EngineConfig {
   // filled block get the exact slots (KvCache::PromoteRow), decided at the end of the step
   // that fills the block: "key-norm" (per layer, the largest ||k||: the attention-sink-like
   // tokens), "attention" (per layer, the most attention mass received from the queries so
-  // far, summed over heads: H2O's heavy hitters; kernels/attention_mass.h), "router-entropy" (MoE models: the tokens whose routing is most uncertain,
-  // mean entropy over layers, for all layers). "" promotes nothing.
+  // far, summed over heads: H2O's heavy hitters; kernels/attention_mass.h), "router-entropy" (MoE
+  // models: the tokens whose routing is most uncertain, mean entropy over layers, for all layers).
+  // "" promotes nothing.
   std::string kv_promote;
   // Page selection (Quest): decode steps (a sequence's input of at most 4 tokens) attend,
   // per KV head, only to this fraction of the encoded blocks (at least page_min_blocks),

@@ -11,6 +11,7 @@
 #include "kernels/dequantize.h"
 #include "kernels/fp16.h"
 #include "kernels/hadamard.h"
+#include "runtime/util/status_macros.h"
 
 namespace quantkv {
 namespace {
@@ -31,29 +32,16 @@ uint16_t HalfAtLeast(float v) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c) {
-  if (c.n_layers <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.max_step_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "KV cache: layers %d, kv heads %d, head_dim %d and step tokens %d must be positive",
-        c.n_layers, c.n_kv_heads, c.head_dim, c.max_step_tokens));
-  }
-  const int64_t bt = c.policy.block_tokens;
-  if (c.policy.pre_rope_keys && c.rope == nullptr) {
-    return absl::InvalidArgumentError(
-        "KV cache: rope=pre (pre-RoPE keys) needs the model's rotary embedding");
-  }
-  if ((c.policy.rotate_k || c.policy.rotate_v) && (c.head_dim & (c.head_dim - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "KV cache: rotate= needs a power-of-two head_dim (Hadamard), got %d", c.head_dim));
-  }
+absl::StatusOr<std::vector<KvCache::LayerCodecs>> KvCache::BuildCodecs(const KvCacheConfig& c,
+                                                                       const KvPolicy& policy,
+                                                                       bool* promotes) {
+  const int64_t bt = policy.block_tokens;
   const int64_t per_layer = c.n_kv_heads * c.head_dim;
   std::vector<LayerCodecs> layers(c.n_layers);
-  int64_t all_layers = 0;
-  bool promotes = false;
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    const LayerStaticScales* scales = c.policy.StaticScalesFor(l);
-    const LayerKvVectors* books = c.policy.CodebooksFor(l);
-    const LayerKvVectors* clips = c.policy.ClipModelsFor(l);
+    const LayerStaticScales* scales = policy.StaticScalesFor(l);
+    const LayerKvVectors* books = policy.CodebooksFor(l);
+    const LayerKvVectors* clips = policy.ClipModelsFor(l);
     for (int kv = 0; kv < 2; ++kv) {
       SlabCodecs& sc = layers[l].kv[kv];
       const StaticScales* st = scales == nullptr ? nullptr : kv == 0 ? &scales->k : &scales->v;
@@ -65,12 +53,12 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
             "KV policy '%s', layer %d %s: static scales hold %d scales and %d minima; this model "
             "needs %d (kv heads %d x head_dim %d): was the calibration file made for another "
             "model?",
-            c.policy.name, l, what, st->scale.size(), st->min.size(), per_layer, c.n_kv_heads,
+            policy.name, l, what, st->scale.size(), st->min.size(), per_layer, c.n_kv_heads,
             c.head_dim));
       }
       for (int64_t h = 0; h < c.n_kv_heads; ++h) {
         kernels::KvCodecConfig cc;
-        const LayerKvPolicy& hp = c.policy.ForHead(l, h);
+        const LayerKvPolicy& hp = policy.ForHead(l, h);
         cc.spec = kv == 0 ? hp.k : hp.v;
         cc.head_dim = c.head_dim;
         cc.block_tokens = bt;
@@ -90,17 +78,73 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
         absl::StatusOr<std::unique_ptr<kernels::KvCodec>> codec = kernels::KvCodec::Create(cc);
         if (!codec.ok()) {
           return absl::InvalidArgumentError(
-              absl::StrFormat("KV policy '%s', layer %d head %d %s: %s", c.policy.name, l, h, what,
+              absl::StrFormat("KV policy '%s', layer %d head %d %s: %s", policy.name, l, h, what,
                               codec.status().message()));
         }
         sc.offsets.push_back(sc.block_bytes);
         sc.block_bytes += (*codec)->slab_bytes();
         sc.ptrs.push_back(codec->get());
-        if ((*codec)->spec().keep_rows > 0) promotes = true;
+        if ((*codec)->spec().keep_rows > 0) *promotes = true;
         sc.heads.push_back(std::move(*codec));
       }
-      all_layers += sc.block_bytes;
     }
+  }
+  return layers;
+}
+
+absl::StatusOr<std::vector<KvCache::LayerCodecs>> KvCache::CheckedFloorCodecs(
+    const KvCacheConfig& c, const std::vector<LayerCodecs>& primary) {
+  const KvPolicy& f = *c.floor;
+  if (f.block_tokens != c.policy.block_tokens || f.sink_tokens != c.policy.sink_tokens ||
+      f.window_tokens != c.policy.window_tokens || f.pre_rope_keys != c.policy.pre_rope_keys ||
+      f.rotate_k != c.policy.rotate_k || f.rotate_v != c.policy.rotate_v) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV floor '%s': its block, sink, window, rope= and rotate= must be those of '%s' (a "
+        "requantized block is re-encoded in place, the rest of the cache unchanged)",
+        f.name, c.policy.name));
+  }
+  if (c.page_summaries) {
+    return absl::InvalidArgumentError("KV floor: not with page selection (--page-fraction)");
+  }
+  bool promotes = false;
+  QKV_ASSIGN_OR_RETURN(std::vector<LayerCodecs> floor, BuildCodecs(c, f, &promotes));
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t have = primary[l].kv[kv].block_bytes, need = floor[l].kv[kv].block_bytes;
+      if (have % 2 != 0 || 2 * need > have) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "KV floor '%s': layer %d %s take %d bytes per block, more than half of the %d "
+            "bytes of '%s' (two requantized blocks must share one); choose fewer bits or "
+            "fewer scales, e.g. k=int2:chan:sym,v=int2:g64:sym under int4-comp",
+            f.name, l, kv == 0 ? "keys" : "values", need, have, c.policy.name));
+      }
+    }
+  }
+  return floor;
+}
+
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c) {
+  if (c.n_layers <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.max_step_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV cache: layers %d, kv heads %d, head_dim %d and step tokens %d must be positive",
+        c.n_layers, c.n_kv_heads, c.head_dim, c.max_step_tokens));
+  }
+  const int64_t bt = c.policy.block_tokens;
+  if (c.policy.pre_rope_keys && c.rope == nullptr) {
+    return absl::InvalidArgumentError(
+        "KV cache: rope=pre (pre-RoPE keys) needs the model's rotary embedding");
+  }
+  if ((c.policy.rotate_k || c.policy.rotate_v) && (c.head_dim & (c.head_dim - 1)) != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV cache: rotate= needs a power-of-two head_dim (Hadamard), got %d", c.head_dim));
+  }
+  bool promotes = false;
+  QKV_ASSIGN_OR_RETURN(std::vector<LayerCodecs> layers, BuildCodecs(c, c.policy, &promotes));
+  int64_t all_layers = 0;
+  for (const LayerCodecs& lc : layers) all_layers += lc.kv[0].block_bytes + lc.kv[1].block_bytes;
+  std::vector<LayerCodecs> floor;
+  if (c.floor.has_value()) {
+    QKV_ASSIGN_OR_RETURN(floor, CheckedFloorCodecs(c, layers));
   }
   const int64_t summary_bytes =
       c.page_summaries ? c.n_layers * c.n_kv_heads * 2 * c.head_dim * 2 : 0;
@@ -126,12 +170,18 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   }
   cache->pool_ = static_cast<uint8_t*>(pool);
   uint8_t* p = cache->pool_;
-  for (LayerCodecs& lc : layers) {
-    for (SlabCodecs& sc : lc.kv) {
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      SlabCodecs& sc = layers[l].kv[kv];
       sc.pool = p;
+      if (!floor.empty()) {  // floor block f lives at half-block f of the same region
+        floor[l].kv[kv].pool = p;
+        floor[l].kv[kv].stride = sc.block_bytes / 2;
+      }
       p += n_blocks * sc.block_bytes;
     }
   }
+  cache->floor_ = std::move(floor);
   if (c.page_summaries) cache->summaries_ = reinterpret_cast<uint16_t*>(p);
   cache->layers_ = std::move(layers);
   cache->block_bytes_all_layers_ = all_layers;
@@ -185,8 +235,66 @@ absl::Status KvCache::Reserve(SequenceKv& seq, int64_t n_tokens) {
 }
 
 void KvCache::Free(SequenceKv& seq) {
-  for (int32_t b : seq.blocks) (void)allocator_.Release(b);
+  for (int32_t b : seq.blocks) {
+    // A floor pair -1 - 2a, -1 - (2a + 1) shares physical block a: released once.
+    if (b >= 0) {
+      (void)allocator_.Release(b);
+    } else if ((-1 - static_cast<int64_t>(b)) % 2 == 0) {
+      (void)allocator_.Release(static_cast<int32_t>((-1 - static_cast<int64_t>(b)) / 2));
+    }
+  }
   seq = SequenceKv{};
+}
+
+int64_t KvCache::RequantizablePairs(const SequenceKv& seq) const {
+  if (floor_.empty()) return 0;
+  const int64_t written =
+      std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), seq.length / block_tokens());
+  int64_t pairs = 0;
+  for (int64_t b = seq.floor_blocks; b + 1 < written; b += 2) {
+    if (allocator_.ref_count(seq.blocks[b]) != 1 || allocator_.ref_count(seq.blocks[b + 1]) != 1) {
+      break;  // shared blocks (a common prefix) stay as they are
+    }
+    ++pairs;
+  }
+  return pairs;
+}
+
+int64_t KvCache::Requantize(SequenceKv& seq, int64_t pairs) {
+  pairs = std::min(pairs, RequantizablePairs(seq));
+  const int64_t bt = block_tokens(), d = config_.head_dim, H = config_.n_kv_heads;
+  std::vector<float> rows(static_cast<size_t>(2 * H * bt * d));
+  for (int64_t k = 0; k < pairs; ++k) {
+    const int64_t b = seq.floor_blocks;
+    const int32_t first = seq.blocks[b], second = seq.blocks[b + 1];
+    for (int64_t l = 0; l < config_.n_layers; ++l) {
+      for (int kv = 0; kv < 2; ++kv) {
+        const SlabCodecs& sc = layers_[l].kv[kv];
+        const SlabCodecs& fc = floor_[l].kv[kv];
+        // Both blocks decoded (in the encoded domain) before the first is overwritten.
+        for (int half = 0; half < 2; ++half) {
+          const uint8_t* block =
+              sc.pool + static_cast<int64_t>(half == 0 ? first : second) * sc.block_bytes;
+          for (int64_t h = 0; h < H; ++h) {
+            sc.heads[h]->Decode(block + sc.offsets[h], 0, bt,
+                                rows.data() + (half * H + h) * bt * d);
+          }
+        }
+        for (int half = 0; half < 2; ++half) {
+          uint8_t* dst = fc.pool + (2 * static_cast<int64_t>(first) + half) * fc.stride;
+          for (int64_t h = 0; h < H; ++h) {
+            fc.heads[h]->Encode(rows.data() + (half * H + h) * bt * d, dst + fc.offsets[h]);
+          }
+        }
+      }
+    }
+    (void)allocator_.Release(second);
+    seq.blocks[b] = -1 - 2 * first;
+    seq.blocks[b + 1] = -1 - (2 * first + 1);
+    seq.floor_blocks += 2;
+  }
+  requantized_blocks_ += 2 * pairs;
+  return pairs;
 }
 
 void KvCache::Write(SequenceKv& seq, int64_t layer, int64_t pos, int64_t n, const float* k,
@@ -303,7 +411,7 @@ int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float p
   const int64_t b = pos / bt;
   if (!promotes_ || layer < 0 || layer >= config_.n_layers || pos < 0 ||
       b >= static_cast<int64_t>(seq.blocks.size()) || (b + 1) * bt > seq.length ||
-      pos < seq.length - ring_tokens_) {
+      pos < seq.length - ring_tokens_ || seq.blocks[b] < 0) {
     return 0;
   }
   int64_t kept = 0;
@@ -341,6 +449,17 @@ kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t
     dst[kv]->base = sc.pool;
     dst[kv]->block_bytes = sc.block_bytes;
   }
+  if (seq.floor_blocks > 0) {
+    kernels::KvSlabs* fdst[2] = {&v.k_floor, &v.v_floor};
+    for (int kv = 0; kv < 2; ++kv) {
+      const SlabCodecs& fc = floor_[layer].kv[kv];
+      fdst[kv]->codecs = fc.ptrs.data();
+      fdst[kv]->slab_offsets = fc.offsets.data();
+      fdst[kv]->base = fc.pool;
+      fdst[kv]->block_bytes = fc.stride;
+    }
+    v.has_floor = true;
+  }
   v.block_table = seq.blocks.data();
   v.n_blocks =
       std::min<int64_t>(static_cast<int64_t>(seq.blocks.size()), n_tokens / block_tokens());
@@ -372,7 +491,9 @@ int64_t KvCache::ProtectedTokensAt(int64_t n) const {
 }
 
 int64_t KvCache::SequenceBytes(const SequenceKv& seq) const {
-  return static_cast<int64_t>(seq.blocks.size()) * block_bytes_all_layers_ +
+  // A requantized pair holds one physical block.
+  return (static_cast<int64_t>(seq.blocks.size()) - seq.floor_blocks / 2) *
+             block_bytes_all_layers_ +
          ProtectedTokensAt(seq.length) * RowBytes() * 2 * config_.n_layers;
 }
 

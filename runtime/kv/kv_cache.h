@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -34,6 +35,12 @@ struct KvCacheConfig {
   // min and max (fp16, as attention sees the keys) for SelectPages. Counted in the block's
   // bytes (2 x head_dim x 2 bytes per head and layer).
   bool page_summaries = false;
+  // Elastic precision under memory pressure: the codecs Requantize re-encodes a sequence's
+  // oldest blocks to (e.g. 4 -> 2 bits). Its block size, sinks, window, rope= and rotate=
+  // must be the policy's, and each layer's K and V slabs must fit in half of the policy's,
+  // so that two requantized blocks share one physical block and the other is freed. Not
+  // with page_summaries.
+  std::optional<KvPolicy> floor;
 };
 
 // One sequence's cache state, owned by whoever schedules the sequence.
@@ -42,6 +49,9 @@ struct SequenceKv {
   int64_t length = 0;           // tokens written
   std::vector<uint8_t> ring;    // [layer][K|V][ring_tokens][n_kv_heads][head_dim]
   std::vector<uint8_t> sinks;   // [layer][K|V][sink_tokens][n_kv_heads][head_dim]
+  // Blocks [0, floor_blocks) are requantized to the floor codecs, in pairs: entries -1 - 2a
+  // and -1 - (2a + 1) of `blocks` are the two halves of physical block a.
+  int64_t floor_blocks = 0;
 };
 
 class KvCache {
@@ -62,6 +72,17 @@ class KvCache {
   absl::Status Reserve(SequenceKv& seq, int64_t n_tokens);
   // Returns the blocks and protected storage of seq and empties it.
   void Free(SequenceKv& seq);
+
+  // Elastic precision (KvCacheConfig::floor): re-encodes seq's oldest `pairs` pairs of
+  // full blocks not yet requantized to the floor codecs, each pair into the first block's
+  // storage, and frees the second: one block of the pool per pair. Blocks shared with
+  // another sequence are not touched. Returns the pairs done (at most
+  // RequantizablePairs(seq)); 0 without a floor.
+  int64_t Requantize(SequenceKv& seq, int64_t pairs);
+  int64_t RequantizablePairs(const SequenceKv& seq) const;
+  bool elastic() const { return !floor_.empty(); }
+  // Blocks requantized over the cache's life (two per freed block).
+  int64_t requantized_blocks() const { return requantized_blocks_; }
   // Drops blocks past the first `n_tokens`... not needed yet; sequences only grow.
 
   // Stores K and V rows ([n][n_kv_heads * head_dim]) for positions [pos, pos + n) of
@@ -113,11 +134,18 @@ class KvCache {
     std::vector<int64_t> offsets;
     int64_t block_bytes = 0;  // all heads
     uint8_t* pool = nullptr;
+    int64_t stride = 0;  // floor codecs: bytes between consecutive floor blocks
   };
   struct LayerCodecs {
     SlabCodecs kv[2];  // K, V
   };
   KvCache(const KvCacheConfig& config, int32_t n_blocks);
+  static absl::StatusOr<std::vector<LayerCodecs>> BuildCodecs(const KvCacheConfig& c,
+                                                              const KvPolicy& policy,
+                                                              bool* promotes);
+  // The floor's codecs, checked against the primary ones (see KvCacheConfig::floor).
+  static absl::StatusOr<std::vector<LayerCodecs>> CheckedFloorCodecs(
+      const KvCacheConfig& c, const std::vector<LayerCodecs>& primary);
   int64_t RowBytes() const;  // one protected token row (all heads) of K or V
   uint8_t* RingRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
   uint8_t* SinkRow(SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
@@ -133,6 +161,8 @@ class KvCache {
   KvCacheConfig config_;
   BlockAllocator allocator_;
   std::vector<LayerCodecs> layers_;
+  std::vector<LayerCodecs> floor_;  // empty without KvCacheConfig::floor
+  int64_t requantized_blocks_ = 0;
   int64_t ring_tokens_ = 0;
   kernels::KvStorage storage_ = kernels::KvStorage::kF16;
   int64_t block_bytes_all_layers_ = 0;
