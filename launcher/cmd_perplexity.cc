@@ -24,6 +24,7 @@ struct PerplexityFlags {
   std::string kl_base;
   std::string save_logits;
   int64_t step_tokens = 0;
+  bool requantize_all = false;
 };
 
 void Define(FlagSet& f, PerplexityFlags& o) {
@@ -33,6 +34,9 @@ void Define(FlagSet& f, PerplexityFlags& o) {
                  {.min = 8, .max = 1 << 20});
   f.Int<int64_t>("chunks", &o.chunks, 0, "windows to score (0: all that fit)", {.min = 0});
   f.Bool("json", &o.json, "print one JSON object instead of text");
+  f.Bool("requantize-all", &o.requantize_all,
+         "with --kv-floor: after every step, re-encode every full block pair of the window to "
+         "the floor (the quality cost of the floor at full memory pressure)");
   f.Int<int64_t>("position-buckets", &o.position_buckets, 0,
                  "also report PPL of every window position in N equal position ranges (how "
                  "quality changes along the context)",
@@ -86,6 +90,11 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
   opt.ctx = o.ctx;
   opt.max_chunks = chunks;
   opt.position_buckets = o.position_buckets;
+  if (o.requantize_all && o.model.kv_floor.empty()) {
+    ctx.err << ctx.command << ": --requantize-all needs --kv-floor\n";
+    return kExitUsage;
+  }
+  opt.requantize_all = o.requantize_all;
   if (session->tokenizer->spec().add_bos) opt.bos_id = session->tokenizer->bos_id();
   LogitsBaseline save;
   if (!o.save_logits.empty()) opt.save_logits = &save;

@@ -305,6 +305,12 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
             "with a router, as fitted by `quantkv moefy`",
             PathKind::kFile)
       .Placeholder("FILE");
+  flags.String("kv-floor", &o.kv_floor, "",
+               "elastic precision: the --kv cache's oldest blocks may be re-encoded to this "
+               "lower-bit spec when KV memory runs short (serve: before preempting; each "
+               "layer's K and V must fit in half a --kv block), e.g. int2-floor under "
+               "int4-comp")
+      .Placeholder("SPEC");
   flags.Choice("kv-promote", &o.kv_promote, "none",
                {"none", "key-norm", "attention", "router-entropy"},
                "with a --kv codec that keeps rows (:keepN), which tokens of each block are "
@@ -435,6 +441,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.page_fraction = flags.page_fraction;
   cfg.page_min_blocks = flags.page_min_blocks;
   cfg.kv_promote = flags.kv_promote == "none" ? "" : flags.kv_promote;
+  cfg.kv_floor = flags.kv_floor;
   cfg.moe_tensor_parallel = flags.tp > 1 && flags.ep == 1;
   if (!flags.expert_levels.empty()) {
     QKV_ASSIGN_OR_RETURN(cfg.expert_levels, ParseExpertLevels(flags.expert_levels));

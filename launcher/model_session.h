@@ -48,6 +48,8 @@ struct ModelFlags {
   // EMA half-life and decision interval in tokens and its hysteresis.
   // Promoted tokens for a --kv codec with :keepN: key-norm or router-entropy (MoE).
   std::string kv_promote = "none";
+  // Elastic precision: the spec --kv's oldest blocks are requantized to under pressure.
+  std::string kv_floor;
   // Page selection (Quest) for decode: the share of encoded blocks attended, and a floor.
   double page_fraction = 1.0;
   int64_t page_min_blocks = 2;

@@ -155,18 +155,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   e->rope_ = std::make_unique<kernels::RopeTable>(RopeSpecFor(c));
   std::vector<std::string> specs = {config.kv_spec};
   specs.insert(specs.end(), config.more_kv_specs.begin(), config.more_kv_specs.end());
-  auto make_cache = [&](const std::string& spec,
+  // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
+  auto rank_policy = [&](const std::string& spec) -> absl::StatusOr<KvPolicy> {
+    QKV_ASSIGN_OR_RETURN(KvPolicy policy, ParseKvPolicy(spec, c.n_layers, c.n_kv_heads));
+    if (!e->shard_.whole()) {
+      SliceStaticScales(policy, c.n_kv_heads * c.head_dim,
+                        {e->shard_.kv_heads.begin * c.head_dim,
+                         e->shard_.kv_heads.size * c.head_dim});
+      SliceHeadOverrides(policy, e->shard_.kv_heads);
+    }
+    return policy;
+  };
+  auto make_cache = [&](const std::string& spec, const std::string& floor,
                         int64_t max_bytes) -> absl::StatusOr<std::unique_ptr<KvCache>> {
     KvCacheConfig kv;
     kv.n_layers = c.n_layers;
-    // Each rank caches only its own KV heads; codecs are per head, so the policy is the same.
     kv.n_kv_heads = e->shard_.kv_heads.size;
     kv.head_dim = c.head_dim;
-    QKV_ASSIGN_OR_RETURN(kv.policy, ParseKvPolicy(spec, c.n_layers, c.n_kv_heads));
-    if (!e->shard_.whole()) {
-      SliceStaticScales(kv.policy, c.n_kv_heads * c.head_dim,
-                        {e->shard_.kv_heads.begin * c.head_dim, kv.n_kv_heads * c.head_dim});
-      SliceHeadOverrides(kv.policy, e->shard_.kv_heads);
+    QKV_ASSIGN_OR_RETURN(kv.policy, rank_policy(spec));
+    if (!floor.empty()) {
+      QKV_ASSIGN_OR_RETURN(kv.floor, rank_policy(floor));
     }
     kv.max_bytes = max_bytes;
     kv.max_step_tokens = config.max_chunk_tokens;
@@ -183,10 +191,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
     }
     return cache;
   };
-  for (const std::string& spec : specs) {
+  for (size_t i = 0; i < specs.size(); ++i) {
     QKV_ASSIGN_OR_RETURN(
         std::unique_ptr<KvCache> cache,
-        make_cache(spec, config.kv_max_bytes / static_cast<int64_t>(specs.size())));
+        make_cache(specs[i], i == 0 ? config.kv_floor : std::string(),
+                   config.kv_max_bytes / static_cast<int64_t>(specs.size())));
     e->kv_.push_back(std::move(cache));
   }
   // Adapters act on whole attention outputs and projections; under tensor parallelism
@@ -227,7 +236,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   if (config.attn_observer) {
     // The shadow holds exactly what cache 0 holds, so it gets that cache's budget.
     QKV_ASSIGN_OR_RETURN(e->shadow_kv_,
-                         make_cache(config.attn_observer_exact_kv,
+                         make_cache(config.attn_observer_exact_kv, std::string(),
                                     config.kv_max_bytes / static_cast<int64_t>(specs.size())));
   }
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
@@ -605,6 +614,14 @@ absl::Status Engine::Release(SequenceId seq) {
   if (shadow_kv_) shadow_kv_->Free(it->second.shadow);
   sequences_.erase(it);
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Engine::RequantizeOldest(SequenceId seq, int64_t pairs) {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
+  }
+  return kv_[it->second.cache]->Requantize(it->second.kv, pairs);
 }
 
 absl::StatusOr<int64_t> Engine::SequenceLength(SequenceId seq) const {

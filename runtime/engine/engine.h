@@ -54,6 +54,10 @@ struct EngineConfig {
   // a sequence in cache i; kv_spec is cache 0): a server offering several presets. The
   // caches share kv_max_bytes evenly.
   std::vector<std::string> more_kv_specs = {};
+  // Elastic precision under memory pressure for cache 0: the codecs its oldest blocks may be
+  // re-encoded to (KvCacheConfig::floor; e.g. the preset "int2-floor" under int4-comp).
+  // "": none.
+  std::string kv_floor;
   // Longest run of tokens of one sequence in a Step; longer inputs are split.
   int64_t max_chunk_tokens = 512;
   // kInt8 is llama.cpp's decode path (int8 activations against Q4/Q8 weights); kFloat32
@@ -190,6 +194,10 @@ class Engine {
   absl::StatusOr<int> SequenceCache(SequenceId seq) const;
   absl::Status Release(SequenceId seq);
   absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const;
+  // Elastic precision (EngineConfig::kv_floor): re-encodes the oldest `pairs` pairs of
+  // seq's full blocks to the floor codecs, freeing one block per pair (KvCache::Requantize);
+  // returns the pairs done.
+  absl::StatusOr<int64_t> RequantizeOldest(SequenceId seq, int64_t pairs);
 
   // Runs the inputs (at most max_chunk_tokens each) as one batch. Logits rows are appended
   // to `logits` in input order: every token's row for all_logits inputs, else the last one.

@@ -70,7 +70,17 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(Engine& engine, std::span<con
     if (opt.bos_id >= 0) window[0] = opt.bos_id;
     const SequenceId seq = engine.NewSequence();
     logits.clear();
-    absl::Status s = engine.Forward(seq, window, /*all_logits=*/true, &logits);
+    absl::Status s;
+    if (opt.requantize_all) {
+      const int64_t step = engine.config().max_chunk_tokens;
+      for (int64_t pos = 0; pos < opt.ctx && s.ok(); pos += step) {
+        const int64_t n = std::min(step, opt.ctx - pos);
+        s = engine.Forward(seq, std::span<const int32_t>(window.data() + pos, n), true, &logits);
+        if (s.ok()) s = engine.RequantizeOldest(seq, std::numeric_limits<int64_t>::max()).status();
+      }
+    } else {
+      s = engine.Forward(seq, window, /*all_logits=*/true, &logits);
+    }
     (void)engine.Release(seq);
     QKV_RETURN_IF_ERROR(s);
     for (int64_t j = 0; n_buckets > 0 && j < opt.ctx - 1; ++j) {

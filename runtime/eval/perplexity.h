@@ -27,6 +27,11 @@ struct PerplexityOptions {
   // halves) in this many equal ranges of position, to see how quality changes along a long
   // context (e.g. past the trained window under --rope-scaling).
   int64_t position_buckets = 0;
+  // Elastic precision at its limit: after every engine step of a window (chunks of the
+  // engine's max_chunk_tokens), every full block pair of the window's sequence is
+  // requantized to the floor codecs (Engine::RequantizeOldest), so later tokens read all but
+  // the newest blocks at the floor: the quality cost of the floor under full memory pressure.
+  bool requantize_all = false;
 };
 
 struct PositionBucket {

@@ -109,15 +109,14 @@ absl::StatusOr<std::vector<KvCache::LayerCodecs>> KvCache::CheckedFloorCodecs(
   bool promotes = false;
   QKV_ASSIGN_OR_RETURN(std::vector<LayerCodecs> floor, BuildCodecs(c, f, &promotes));
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    for (int kv = 0; kv < 2; ++kv) {
-      const int64_t have = primary[l].kv[kv].block_bytes, need = floor[l].kv[kv].block_bytes;
-      if (have % 2 != 0 || 2 * need > have) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "KV floor '%s': layer %d %s take %d bytes per block, more than half of the %d "
-            "bytes of '%s' (two requantized blocks must share one); choose fewer bits or "
-            "fewer scales, e.g. k=int2:chan:sym,v=int2:g64:sym under int4-comp",
-            f.name, l, kv == 0 ? "keys" : "values", need, have, c.policy.name));
-      }
+    const int64_t have = primary[l].kv[0].block_bytes + primary[l].kv[1].block_bytes;
+    const int64_t need = floor[l].kv[0].block_bytes + floor[l].kv[1].block_bytes;
+    if (have % 2 != 0 || 2 * need > have) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KV floor '%s': layer %d's K and V take %d bytes per block, more than half of the %d "
+          "bytes of '%s' (two requantized blocks must share one); choose fewer bits or fewer "
+          "scales, e.g. k=int2:chan:clip0.7,v=int2:chan:sym under int4-comp",
+          f.name, l, need, have, c.policy.name));
     }
   }
   return floor;
@@ -170,16 +169,24 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& c)
   }
   cache->pool_ = static_cast<uint8_t*>(pool);
   uint8_t* p = cache->pool_;
+  // One region per layer; a block's K slabs then its V slabs lie together, so a floor
+  // block (K and V) fits in half of a block even when its keys alone take more than half
+  // of the block's keys.
   for (size_t l = 0; l < layers.size(); ++l) {
-    for (int kv = 0; kv < 2; ++kv) {
-      SlabCodecs& sc = layers[l].kv[kv];
-      sc.pool = p;
-      if (!floor.empty()) {  // floor block f lives at half-block f of the same region
-        floor[l].kv[kv].pool = p;
-        floor[l].kv[kv].stride = sc.block_bytes / 2;
-      }
-      p += n_blocks * sc.block_bytes;
+    SlabCodecs& k = layers[l].kv[0];
+    SlabCodecs& v = layers[l].kv[1];
+    const int64_t stride = k.block_bytes + v.block_bytes;
+    k.pool = p;
+    v.pool = p + k.block_bytes;
+    k.stride = v.stride = stride;
+    if (!floor.empty()) {  // floor block f lives at half-block f of the same region
+      SlabCodecs& fk = floor[l].kv[0];
+      SlabCodecs& fv = floor[l].kv[1];
+      fk.pool = p;
+      fv.pool = p + fk.block_bytes;
+      fk.stride = fv.stride = stride / 2;
     }
+    p += n_blocks * stride;
   }
   cache->floor_ = std::move(floor);
   if (c.page_summaries) cache->summaries_ = reinterpret_cast<uint16_t*>(p);
@@ -263,27 +270,31 @@ int64_t KvCache::RequantizablePairs(const SequenceKv& seq) const {
 int64_t KvCache::Requantize(SequenceKv& seq, int64_t pairs) {
   pairs = std::min(pairs, RequantizablePairs(seq));
   const int64_t bt = block_tokens(), d = config_.head_dim, H = config_.n_kv_heads;
-  std::vector<float> rows(static_cast<size_t>(2 * H * bt * d));
+  std::vector<float> rows(static_cast<size_t>(4 * H * bt * d));  // [K|V][block][head]
   for (int64_t k = 0; k < pairs; ++k) {
     const int64_t b = seq.floor_blocks;
     const int32_t first = seq.blocks[b], second = seq.blocks[b + 1];
     for (int64_t l = 0; l < config_.n_layers; ++l) {
+      // Both blocks' K and V decoded (in the encoded domain) before the first is
+      // overwritten: its two halves cover its K and V slabs.
       for (int kv = 0; kv < 2; ++kv) {
         const SlabCodecs& sc = layers_[l].kv[kv];
-        const SlabCodecs& fc = floor_[l].kv[kv];
-        // Both blocks decoded (in the encoded domain) before the first is overwritten.
         for (int half = 0; half < 2; ++half) {
           const uint8_t* block =
-              sc.pool + static_cast<int64_t>(half == 0 ? first : second) * sc.block_bytes;
+              sc.pool + static_cast<int64_t>(half == 0 ? first : second) * sc.stride;
           for (int64_t h = 0; h < H; ++h) {
             sc.heads[h]->Decode(block + sc.offsets[h], 0, bt,
-                                rows.data() + (half * H + h) * bt * d);
+                                rows.data() + ((kv * 2 + half) * H + h) * bt * d);
           }
         }
+      }
+      for (int kv = 0; kv < 2; ++kv) {
+        const SlabCodecs& fc = floor_[l].kv[kv];
         for (int half = 0; half < 2; ++half) {
           uint8_t* dst = fc.pool + (2 * static_cast<int64_t>(first) + half) * fc.stride;
           for (int64_t h = 0; h < H; ++h) {
-            fc.heads[h]->Encode(rows.data() + (half * H + h) * bt * d, dst + fc.offsets[h]);
+            fc.heads[h]->Encode(rows.data() + ((kv * 2 + half) * H + h) * bt * d,
+                                dst + fc.offsets[h]);
           }
         }
       }
@@ -325,7 +336,7 @@ void KvCache::EncodeBlock(SequenceKv& seq, int64_t layer, int64_t b) {
   std::vector<float> x(static_cast<size_t>(bt * d));
   for (int kv = 0; kv < 2; ++kv) {
     const SlabCodecs& sc = layers_[layer].kv[kv];
-    uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.block_bytes;
+    uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.stride;
     for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
       for (int64_t t = 0; t < bt; ++t) {
         const uint8_t* r =
@@ -418,7 +429,7 @@ int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float p
   std::vector<float> x(static_cast<size_t>(d));
   for (int kv = 0; kv < 2; ++kv) {
     const SlabCodecs& sc = layers_[layer].kv[kv];
-    uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.block_bytes;
+    uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.stride;
     for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
       if (sc.heads[h]->spec().keep_rows == 0) continue;
       const uint8_t* r = RingRow(seq, layer, kv, pos) + h * d * kernels::KvStorageBytes(storage_);
@@ -447,7 +458,7 @@ kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t
     dst[kv]->codecs = sc.ptrs.data();
     dst[kv]->slab_offsets = sc.offsets.data();
     dst[kv]->base = sc.pool;
-    dst[kv]->block_bytes = sc.block_bytes;
+    dst[kv]->block_bytes = sc.stride;
   }
   if (seq.floor_blocks > 0) {
     kernels::KvSlabs* fdst[2] = {&v.k_floor, &v.v_floor};

@@ -134,7 +134,9 @@ class KvCache {
     std::vector<int64_t> offsets;
     int64_t block_bytes = 0;  // all heads
     uint8_t* pool = nullptr;
-    int64_t stride = 0;  // floor codecs: bytes between consecutive floor blocks
+    // Bytes between consecutive blocks in the layer's region (its K and V slabs together;
+    // half of that for floor codecs).
+    int64_t stride = 0;
   };
   struct LayerCodecs {
     SlabCodecs kv[2];  // K, V

@@ -448,6 +448,12 @@ const std::vector<KvPreset>& KvPresets() {
       {"int2-comp", "k=int2:chan:clip0.7,v=int2:g64:asym:clip0.9,sink=4,window=8,block=128",
        "<= 2.5 bits/element at 2048 tokens: per-channel keys, clipped scales, fp16 sinks + "
        "window"},
+      // The floor of int4-comp for elastic precision (--kv-floor): a layer's K and V take
+      // exactly half of an int4-comp block (per-channel scales only for values), so two
+      // requantized blocks share one.
+      {"int2-floor", "k=int2:chan:clip0.7,v=int2:chan:sym,sink=4,window=8,block=128",
+       "--kv-floor of int4-comp: 2-bit per-channel keys and values in half an int4-comp "
+       "block"},
   };
   return presets;
 }

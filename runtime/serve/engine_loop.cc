@@ -178,7 +178,8 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(
     const KvCache& kv = engine->kv_cache(i);
     sc.pools.push_back({.name = i == 0 ? config.kv_preset : config.more_kv_presets[i - 1],
                         .n_blocks = kv.allocator().num_blocks(),
-                        .block_tokens = kv.block_tokens()});
+                        .block_tokens = kv.block_tokens(),
+                        .elastic = kv.elastic()});
   }
   sc.max_step_tokens = config.max_step_tokens;
   sc.max_running = config.max_running;
@@ -505,6 +506,13 @@ bool EngineLoop::RunStep() {
     config_.metrics->AddPreemptions(static_cast<int64_t>(plan.preempted.size()));
   }
   if (plan.items.empty()) return false;
+  absl::Status requantized;
+  for (const SeqRequantize& q : plan.requantize) {
+    auto it = requests_.find(q.id);
+    if (it == requests_.end() || it->second->seq == 0) continue;  // cancelled since
+    requantized = executor_->RequantizeOldest(it->second->seq, q.pairs);
+    if (!requantized.ok()) break;
+  }
 
   std::vector<StepInput> inputs;
   inputs.reserve(plan.items.size());
@@ -526,7 +534,7 @@ bool EngineLoop::RunStep() {
   // Reused across steps (megabytes for a batch; a fresh vector page-faults every step).
   std::vector<float>& logits = logits_;
   logits.clear();
-  absl::Status step = executor_->Step(inputs, &logits);
+  absl::Status step = requantized.ok() ? executor_->Step(inputs, &logits) : requantized;
   std::vector<SeqResult> results;
   std::vector<uint64_t> finished;
   int64_t sampled = 0;
@@ -595,6 +603,10 @@ void EngineLoop::PublishStats() {
   for (const auto& [t, n] : recent_tokens_) recent += n;
   EngineLoopStats st;
   st.scheduler = scheduler_->Stats();
+  for (int i = 0; i < engine().kv_cache_count(); ++i) {
+    const KvCache& kv = engine().kv_cache(i);
+    st.kv_requantized_bytes_freed += kv.requantized_blocks() / 2 * kv.block_bytes_all_layers();
+  }
   st.generated_tokens = generated_total_;
   st.generated_tokens_per_s = recent / (kRateWindowNs / 1e9);
   st.kv_bytes_per_token = engine().kv_cache().BytesPerTokenAt(model_config_.context_length);

@@ -139,6 +139,9 @@ struct EngineLoopStats {
   };
   std::vector<Expert> experts;
   int64_t expert_bytes_active = 0, expert_budget_bytes = 0, expert_changes = 0;
+  // Elastic precision: bytes of KV blocks freed by requantization (rank 0's share of the
+  // heads; the count is scheduler.requantized_blocks).
+  int64_t kv_requantized_bytes_freed = 0;
   // Cumulative step times per rank (one entry without tensor parallelism).
   std::vector<RankStepTotals> ranks;
 };

@@ -247,6 +247,8 @@ grpc::Status GenerationService::Stats(grpc::ServerContext* context, const v1::St
   }
   response->set_kv_bytes_per_token(st.kv_bytes_per_token);
   response->set_preemptions(st.scheduler.preemptions);
+  response->set_kv_requantized_blocks(st.scheduler.requantized_blocks);
+  response->set_kv_requantized_bytes_freed(st.kv_requantized_bytes_freed);
   response->set_generated_tokens_per_s(st.generated_tokens_per_s);
   response->set_finished(st.scheduler.finished);
   response->set_aborted(st.scheduler.cancelled);

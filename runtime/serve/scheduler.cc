@@ -67,6 +67,31 @@ int64_t Scheduler::BlocksFor(int pool, int64_t n_tokens) const {
   return (n_tokens + bt - 1) / bt;
 }
 
+int64_t Scheduler::HeldFor(const SeqState& s, int64_t n_tokens) const {
+  return BlocksFor(s.spec.pool, n_tokens) - s.floor_blocks / 2;
+}
+
+bool Scheduler::RequantizeOnePair(int pool, StepPlan& plan) {
+  const int64_t bt = config_.pools[pool].block_tokens;
+  for (uint64_t id : running_) {  // oldest first: its blocks are the oldest
+    SeqState& s = seqs_.at(id);
+    if (s.spec.pool != pool) continue;
+    // Only blocks whose tokens are written (committed) are encoded and can be re-encoded.
+    if (s.computed_tokens / bt - s.floor_blocks < 2) continue;
+    s.floor_blocks += 2;
+    s.blocks -= 1;
+    free_blocks_[pool] += 1;
+    requantized_blocks_ += 2;
+    if (!plan.requantize.empty() && plan.requantize.back().id == id) {
+      ++plan.requantize.back().pairs;
+    } else {
+      plan.requantize.push_back({.id = id, .pairs = 1});
+    }
+    return true;
+  }
+  return false;
+}
+
 absl::Status Scheduler::Submit(const RequestSpec& spec) {
   if (spec.pool < 0 || spec.pool >= static_cast<int>(config_.pools.size())) {
     return absl::InvalidArgumentError(absl::StrFormat("RequestSpec.pool %d is unknown (%d pools)",
@@ -145,9 +170,11 @@ void Scheduler::ScheduleDecodes(StepPlan& plan, int64_t& budget) {
       continue;
     }
     const int pool = s.spec.pool;
-    const int64_t need = BlocksFor(pool, s.computed_tokens + 1) - s.blocks;
+    const int64_t need = HeldFor(s, s.computed_tokens + 1) - s.blocks;
     bool self_preempted = false;
     while (need > free_blocks_[pool]) {
+      // Lower precision for old blocks before losing a sequence's work.
+      if (config_.pools[pool].elastic && RequantizeOnePair(pool, plan)) continue;
       // The newest running sequence of the same pool; only those free useful blocks.
       size_t v = running_.size() - 1;
       while (seqs_.at(running_[v]).spec.pool != pool) --v;  // stops at i at the latest
@@ -230,6 +257,8 @@ void Scheduler::Preempt(uint64_t id, StepPlan& plan) {
   s.prefill_tokens = s.spec.prompt_tokens + s.generated_tokens;
   ++s.preemptions;
   ++preemptions_;
+  // Its blocks are gone: nothing of it is left to requantize.
+  std::erase_if(plan.requantize, [id](const SeqRequantize& r) { return r.id == id; });
   queue_[s.spec.priority].push_front(id);
   ++queued_;
   plan.preempted.push_back(id);
@@ -238,6 +267,7 @@ void Scheduler::Preempt(uint64_t id, StepPlan& plan) {
 void Scheduler::Release(SeqState& s) {
   free_blocks_[s.spec.pool] += s.blocks;
   s.blocks = 0;
+  s.floor_blocks = 0;
   std::erase(running_, s.spec.id);
 }
 
@@ -332,6 +362,7 @@ SchedulerStats Scheduler::Stats() const {
                         .blocks_free = free_blocks_[i]});
   }
   st.preemptions = preemptions_;
+  st.requantized_blocks = requantized_blocks_;
   st.finished = finished_;
   st.cancelled = cancelled_;
   return st;

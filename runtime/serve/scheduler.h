@@ -36,6 +36,10 @@ struct KvPoolConfig {
   std::string name;          // the KV preset; unique among pools
   int32_t n_blocks = 0;      // the cache's BlockAllocator::num_blocks()
   int64_t block_tokens = 0;  // tokens of every layer in one block
+  // Elastic precision (KvCache::Requantize): when decode runs out of blocks, the oldest
+  // pairs of full blocks of running sequences are re-encoded to the pool's floor codecs,
+  // one block freed per pair, before anything is preempted.
+  bool elastic = false;
 };
 
 struct SchedulerConfig {
@@ -67,8 +71,16 @@ struct SeqWork {
   bool samples = false;  // produces a token: a decode, or the last chunk of a prefill
 };
 
+// Re-encode `pairs` more pairs of a sequence's oldest full blocks (KvCache::Requantize).
+struct SeqRequantize {
+  uint64_t id = 0;
+  int64_t pairs = 0;
+};
+
 struct StepPlan {
   uint64_t step = 0;  // identifies the plan to Commit
+  // Done by the engine before the items run; the plan already counts their blocks free.
+  std::vector<SeqRequantize> requantize;
   // Decodes first (admission order), then prefill chunks; every id appears at most once.
   std::vector<SeqWork> items;
   // Sequences preempted while building this plan: the engine frees their cache state.
@@ -95,6 +107,7 @@ struct SeqState {
   int64_t computed_tokens = 0;   // tokens whose KV is written (committed)
   int64_t generated_tokens = 0;  // tokens sampled so far (survives preemption)
   int64_t blocks = 0;            // blocks of its pool held now
+  int64_t floor_blocks = 0;      // of its logical blocks, requantized (in pairs, one held each)
   int64_t preemptions = 0;
   uint64_t admit_order = 0;  // larger is newer; reassigned on every admission
 
@@ -117,6 +130,7 @@ struct SchedulerStats {
   int64_t preemptions = 0;
   int64_t finished = 0;
   int64_t cancelled = 0;
+  int64_t requantized_blocks = 0;  // two per block freed
 };
 
 class Scheduler {
@@ -165,6 +179,11 @@ class Scheduler {
   void ScheduleContinuedPrefills(StepPlan& plan, int64_t& budget);
   void Admit(StepPlan& plan, int64_t& budget);
   void Preempt(uint64_t id, StepPlan& plan);
+  // Requantizes one pair of blocks of the oldest running sequence of `pool` that has one
+  // (elastic pools); false when none has.
+  bool RequantizeOnePair(int pool, StepPlan& plan);
+  // Blocks `s` holds once it has n_tokens (its requantized pairs count one block each).
+  int64_t HeldFor(const SeqState& s, int64_t n_tokens) const;
   // Frees the blocks of a running sequence and takes it off the running list.
   void Release(SeqState& s);
   void RemoveQueued(const SeqState& s);
@@ -180,6 +199,7 @@ class Scheduler {
   uint64_t next_step_ = 1;
   uint64_t next_admit_ = 1;
   int64_t preemptions_ = 0;
+  int64_t requantized_blocks_ = 0;
   int64_t finished_ = 0;
   int64_t cancelled_ = 0;
 };

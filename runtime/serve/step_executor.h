@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
 #include "runtime/engine/engine.h"
 
 namespace quantkv {
@@ -33,6 +34,9 @@ class StepExecutor {
 
   virtual absl::StatusOr<SequenceId> NewSequenceIn(int kv_cache) = 0;
   virtual absl::Status Release(SequenceId seq) = 0;
+  // Engine::RequantizeOldest on every rank, before the next Step; an error when fewer
+  // pairs could be re-encoded (the scheduler's accounting and the cache disagree).
+  virtual absl::Status RequantizeOldest(SequenceId seq, int64_t pairs) = 0;
   // Engine::Step's contract; logits are rank 0's.
   virtual absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits) = 0;
 
@@ -53,6 +57,16 @@ class LocalStepExecutor final : public StepExecutor {
     return engine_->NewSequenceIn(kv_cache);
   }
   absl::Status Release(SequenceId seq) override { return engine_->Release(seq); }
+  absl::Status RequantizeOldest(SequenceId seq, int64_t pairs) override {
+    absl::StatusOr<int64_t> done = engine_->RequantizeOldest(seq, pairs);
+    if (!done.ok()) return done.status();
+    if (*done != pairs) {
+      return absl::InternalError(absl::StrFormat(
+          "engine: sequence %d had %d block pairs to requantize, the scheduler asked for %d", seq,
+          *done, pairs));
+    }
+    return absl::OkStatus();
+  }
   absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits) override {
     absl::Status s = engine_->Step(inputs, logits);
     if (s.ok()) {

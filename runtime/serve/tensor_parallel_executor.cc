@@ -149,6 +149,17 @@ absl::Status TensorParallelExecutor::Release(SequenceId seq) {
   return absl::OkStatus();
 }
 
+absl::Status TensorParallelExecutor::RequantizeOldest(SequenceId seq, int64_t pairs) {
+  QKV_ASSIGN_OR_RETURN(const int64_t done, engine_->RequantizeOldest(seq, pairs));
+  if (done != pairs) {
+    return absl::InternalError(absl::StrFormat(
+        "rank 0: sequence %d had %d block pairs to requantize, the scheduler asked for %d", seq,
+        done, pairs));
+  }
+  pending_requantize_.push_back({seq, pairs});
+  return absl::OkStatus();
+}
+
 absl::Status TensorParallelExecutor::Step(std::span<const StepInput> inputs,
                                           std::vector<float>* logits) {
   if (!broken_.ok()) return broken_;
@@ -165,6 +176,11 @@ absl::Status TensorParallelExecutor::Step(std::span<const StepInput> inputs,
     n->set_kv_cache(cache);
   }
   for (SequenceId seq : pending_release_) request.add_release(static_cast<uint64_t>(seq));
+  for (const auto& [seq, pairs] : pending_requantize_) {
+    v1::SequenceRequantize* r = request.add_requantize();
+    r->set_seq_id(static_cast<uint64_t>(seq));
+    r->set_pairs(pairs);
+  }
   for (const StepInput& in : inputs) {
     v1::SequenceInput* s = request.add_inputs();
     s->set_seq_id(static_cast<uint64_t>(in.seq));
@@ -173,6 +189,7 @@ absl::Status TensorParallelExecutor::Step(std::span<const StepInput> inputs,
   }
   pending_create_.clear();
   pending_release_.clear();
+  pending_requantize_.clear();
 
   std::mutex mu;
   std::condition_variable cv;

@@ -37,6 +37,7 @@ class TensorParallelExecutor final : public StepExecutor {
   int world_size() const override;
   absl::StatusOr<SequenceId> NewSequenceIn(int kv_cache) override;
   absl::Status Release(SequenceId seq) override;
+  absl::Status RequantizeOldest(SequenceId seq, int64_t pairs) override;
   absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits) override;
   std::vector<RankStepTotals> StepTotals() const override;
   // Tells every worker to stop serving (their processes then end). Idempotent.
@@ -51,6 +52,7 @@ class TensorParallelExecutor final : public StepExecutor {
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<std::pair<SequenceId, int>> pending_create_;  // (sequence, KV cache)
   std::vector<SequenceId> pending_release_;
+  std::vector<std::pair<SequenceId, int64_t>> pending_requantize_;  // (sequence, pairs)
   uint64_t step_id_ = 0;
   RankStepTotals local_;
   // After a worker failed a step the ranks no longer agree: every later step fails.

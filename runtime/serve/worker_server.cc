@@ -168,6 +168,12 @@ class WorkerServer::Service final : public v1::Worker::Service {
         return absl::NotFoundError(absl::StrFormat("release of unknown sequence %d", id));
       }
     }
+    for (const v1::SequenceRequantize& r : request.requantize()) {
+      if (!sequences_.contains(r.seq_id())) {
+        return absl::NotFoundError(
+            absl::StrFormat("requantization of unknown sequence %d", r.seq_id()));
+      }
+    }
     for (const v1::NewSequence& n : request.create()) {
       absl::StatusOr<SequenceId> seq = engine_->NewSequenceIn(n.kv_cache());
       if (!seq.ok()) return seq.status();
@@ -175,6 +181,15 @@ class WorkerServer::Service final : public v1::Worker::Service {
     }
     for (uint64_t id : request.release()) (void)ReleaseOne(id);
     last_step_id_ = request.step_id();
+    for (const v1::SequenceRequantize& r : request.requantize()) {
+      absl::StatusOr<int64_t> done = engine_->RequantizeOldest(sequences_[r.seq_id()], r.pairs());
+      if (!done.ok()) return done.status();
+      if (*done != r.pairs()) {
+        return absl::InternalError(absl::StrFormat(
+            "sequence %d had %d block pairs to requantize, rank 0 did %d", r.seq_id(), *done,
+            r.pairs()));
+      }
+    }
     if (request.inputs().empty()) return absl::OkStatus();
 
     std::vector<StepInput> inputs;

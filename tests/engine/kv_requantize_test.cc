@@ -18,7 +18,7 @@ namespace {
 
 constexpr int64_t kKvHeads = 3, kHeads = 9, kDim = 64, kBlock = 128;
 constexpr char kPrimary[] = "int4-comp";
-constexpr char kFloor[] = "k=int2:chan:sym,v=int2:g64:sym,sink=4,window=8,block=128";
+constexpr char kFloor[] = "k=int2:chan:clip0.7,v=int2:chan:sym,sink=4,window=8,block=128";
 
 std::vector<float> Fp16Rounded(std::vector<float> x) {
   std::vector<uint16_t> h(x.size());
@@ -168,7 +168,7 @@ TEST(KvRequantizeTest, FloorsThatCannotShareABlockAreRefused) {
   ASSERT_FALSE(too_big.ok());
   EXPECT_NE(too_big.status().message().find("more than half"), std::string::npos)
       << too_big.status();
-  auto other_block = KvCache::Create(Config("k=int2:chan:sym,v=int2:g64:sym,block=64"));
+  auto other_block = KvCache::Create(Config("k=int2:chan:clip0.7,v=int2:chan:sym,block=64"));
   ASSERT_FALSE(other_block.ok());
   EXPECT_NE(other_block.status().message().find("must be those of"), std::string::npos)
       << other_block.status();

@@ -247,6 +247,49 @@ TEST(SchedulerTest, DecodeOutOfBlocksPreemptsNewestWhichRecomputes) {
   EXPECT_EQ(s->Find(3)->computed_tokens, 9);
 }
 
+// Runs 2 requests of prompt 8, 12 new tokens to the end on 6 blocks of 4 tokens (each needs 5
+// at the end, 3 once two pairs are requantized); returns
+// the preemptions and checks every plan's requantizations against the blocks they free.
+int64_t RunPressuredLoad(bool elastic, int64_t* requantized_blocks) {
+  SchedulerConfig c;
+  c.pools = {{.name = "q4", .n_blocks = 6, .block_tokens = 4, .elastic = elastic}};
+  c.max_step_tokens = 32;
+  c.max_running = 8;
+  auto s = Scheduler::Create(c);
+  EXPECT_TRUE(s.ok()) << s.status();
+  for (uint64_t id = 1; id <= 2; ++id) EXPECT_TRUE((*s)->Submit(Req(id, 8, 12)).ok());
+  absl::flat_hash_map<uint64_t, int64_t> floor;  // blocks requantized per sequence
+  for (int step = 0; step < 200 && !(*s)->idle(); ++step) {
+    StepPlan plan = (*s)->Schedule();
+    for (uint64_t id : plan.preempted) floor.erase(id);
+    for (const SeqRequantize& r : plan.requantize) {
+      const SeqState* st = (*s)->Find(r.id);
+      EXPECT_NE(st, nullptr);
+      if (st == nullptr) continue;
+      EXPECT_EQ(st->status, SeqStatus::kRunning);
+      floor[r.id] += 2 * r.pairs;
+      EXPECT_EQ(st->floor_blocks, floor[r.id]);
+      // Only written blocks: the engine can re-encode what is encoded.
+      EXPECT_LE(st->floor_blocks, st->computed_tokens / 4) << "sequence " << r.id;
+    }
+    EXPECT_TRUE(elastic || plan.requantize.empty());
+    EXPECT_TRUE((*s)->Commit(plan, Results(plan)).ok());
+  }
+  EXPECT_TRUE((*s)->idle()) << "the load did not finish";
+  EXPECT_EQ((*s)->Stats().pools[0].blocks_free, 6) << "blocks leaked";
+  *requantized_blocks = (*s)->Stats().requantized_blocks;
+  return (*s)->Stats().preemptions;
+}
+
+TEST(SchedulerTest, ElasticPoolRequantizesOldBlocksInsteadOfPreempting) {
+  int64_t requantized = 0;
+  EXPECT_GT(RunPressuredLoad(/*elastic=*/false, &requantized), 0);
+  EXPECT_EQ(requantized, 0);
+  EXPECT_EQ(RunPressuredLoad(/*elastic=*/true, &requantized), 0);
+  EXPECT_GT(requantized, 0);
+  EXPECT_EQ(requantized % 2, 0);
+}
+
 TEST(SchedulerTest, DecodePreemptsItselfWhenNothingNewerIsLeft) {
   auto s = Make({.n_blocks = 5, .block_tokens = 4, .max_step_tokens = 32});
   ASSERT_TRUE(s->Submit(Req(1, 8, 10)).ok());
