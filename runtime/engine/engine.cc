@@ -624,6 +624,14 @@ absl::StatusOr<int64_t> Engine::RequantizeOldest(SequenceId seq, int64_t pairs) 
   return kv_[it->second.cache]->Requantize(it->second.kv, pairs);
 }
 
+absl::StatusOr<double> Engine::SequenceKvBits(SequenceId seq) const {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
+  }
+  return kv_[it->second.cache]->SequenceBitsPerElement(it->second.kv);
+}
+
 absl::StatusOr<int64_t> Engine::SequenceLength(SequenceId seq) const {
   auto it = sequences_.find(seq);
   if (it == sequences_.end()) {

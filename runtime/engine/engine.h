@@ -198,6 +198,8 @@ class Engine {
   // seq's full blocks to the floor codecs, freeing one block per pair (KvCache::Requantize);
   // returns the pairs done.
   absl::StatusOr<int64_t> RequantizeOldest(SequenceId seq, int64_t pairs);
+  // The bits per element seq's cache holds now (KvCache::SequenceBitsPerElement).
+  absl::StatusOr<double> SequenceKvBits(SequenceId seq) const;
 
   // Runs the inputs (at most max_chunk_tokens each) as one batch. Logits rows are appended
   // to `logits` in input order: every token's row for all_logits inputs, else the last one.

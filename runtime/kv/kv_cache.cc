@@ -508,6 +508,13 @@ int64_t KvCache::SequenceBytes(const SequenceKv& seq) const {
          ProtectedTokensAt(seq.length) * RowBytes() * 2 * config_.n_layers;
 }
 
+double KvCache::SequenceBitsPerElement(const SequenceKv& seq) const {
+  if (seq.length <= 0) return 0;
+  const double elements = 2.0 * config_.n_layers * config_.n_kv_heads * config_.head_dim *
+                          static_cast<double>(seq.length);
+  return 8.0 * static_cast<double>(SequenceBytes(seq)) / elements;
+}
+
 double KvCache::BytesPerTokenAt(int64_t n) const {
   if (n <= 0) return 0;
   const double bytes =

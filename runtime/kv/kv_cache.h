@@ -117,6 +117,9 @@ class KvCache {
   // Bytes `seq` holds at its current length: encoded blocks plus protected tokens it needs
   // (sinks, window, tail); the transient slack of the prefill ring is not counted.
   int64_t SequenceBytes(const SequenceKv& seq) const;
+  // SequenceBytes as bits per cached element of its seq.length tokens (requantized blocks
+  // counted at their size); 0 for an empty sequence.
+  double SequenceBitsPerElement(const SequenceKv& seq) const;
   // Bits per cached element including all metadata and protected fp16 tokens, for a
   // sequence of n_tokens tokens.
   double BitsPerElementAt(int64_t n_tokens) const;

@@ -401,6 +401,11 @@ void EngineLoop::Finish(Request& r, FinishReason reason) {
   }
   const int64_t cached = std::max<int64_t>(1, static_cast<int64_t>(r.tokens.size()) - 1);
   f.kv_bits_per_element = engine().kv_cache(r.params.kv_cache).BitsPerElementAt(cached);
+  // What the sequence holds now, requantized blocks at their size.
+  if (r.seq != 0) {
+    absl::StatusOr<double> held = engine().SequenceKvBits(r.seq);
+    if (held.ok() && *held > 0) f.kv_bits_per_element = *held;
+  }
   f.preemptions = r.preemptions;
   f.total_logprob = r.total_logprob;
   f.scored_tokens = r.scored;
