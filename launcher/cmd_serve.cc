@@ -125,7 +125,7 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
   base.fused_decode_attention = o.fused_decode_attention;
 
   // Ranks 1..N-1 of `mpirun -np N quantkv serve --tp N` are workers: no front end.
-  if (o.model.tp > 1 && LauncherRank() > 0) {
+  if (o.model.tp > 1 && LaunchRank(o.model) > 0) {
     base.more_kv_specs = SplitMoreKv(o.more_kv);
     auto session = OpenModelSession(o.model, base);
     if (!session.ok()) return ReportFailure(ctx, session.status());

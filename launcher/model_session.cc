@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "runtime/comm/mpi_communicator.h"
+#include "runtime/comm/tcp_communicator.h"
 #include "runtime/engine/attn_correction.h"
 #include "runtime/kv/kv_policy.h"
 #include "runtime/model/gguf_model.h"
@@ -22,6 +23,7 @@
 #include "runtime/model/moe_split.h"
 #include "runtime/model/rope_scaling.h"
 #include "runtime/util/model_cache.h"
+#include "runtime/util/secret_file.h"
 #include "runtime/util/status_macros.h"
 
 namespace quantkv::launcher {
@@ -142,10 +144,31 @@ absl::Status CheckSameInputs(Communicator& comm, const Fingerprint& mine, const 
 
 absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
   const int world = LauncherWorldSize();
-  if (flags.tp > 1 && world == 0) {
+  if (!flags.rendezvous.empty()) {  // the ranks were started by something else than mpirun
+    if (world > 0) {
+      return absl::FailedPreconditionError(
+          "--rendezvous is for ranks started without mpirun; under mpirun leave it out (MPI "
+          "connects the ranks)");
+    }
+    if (flags.tp < 2 || flags.rank < 0 || flags.rank >= flags.tp) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--rendezvous needs --tp N >= 2 and this process's --rank in [0, N); got --tp %d "
+          "--rank %d",
+          flags.tp, flags.rank));
+    }
+    if (flags.secret_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--rendezvous needs --secret-file: a file with the same secret on every rank (only "
+          "ranks that know it may join)");
+    }
+  } else if (flags.rank >= 0 || !flags.secret_file.empty()) {
+    return absl::InvalidArgumentError("--rank and --secret-file go with --rendezvous");
+  }
+  if (flags.tp > 1 && world == 0 && flags.rendezvous.empty()) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "--tp %d needs %d processes started by mpirun, but this process was not started by "
-        "mpirun (run `mpirun -np %d quantkv ... --tp %d`)",
+        "mpirun (run `mpirun -np %d quantkv ... --tp %d`, or start every rank yourself with "
+        "--rank R --rendezvous HOST:PORT --secret-file F)",
         flags.tp, flags.tp, flags.tp, flags.tp));
   }
   if (world > 1 && world != flags.tp) {
@@ -264,8 +287,19 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
               {.min = 0, .max = 256});
     flags.Int("tp", &o.tp, 1,
               "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
-              "N`; only rank 0 prints. Give each rank --threads cores/N",
+              "N`, or start each rank yourself with --rank and --rendezvous; only rank 0 "
+              "prints. Give each rank --threads cores/N",
               {.min = 1, .max = 256});
+    flags
+        .String("rendezvous", &o.rendezvous, "",
+                "without mpirun: HOST:PORT where rank 0 listens and the other ranks connect "
+                "(a TCP data plane; every rank runs the same command with its own --rank)")
+        .Placeholder("HOST:PORT");
+    flags.Int("rank", &o.rank, -1, "this process's rank with --rendezvous (0 listens)",
+              {.min = -1, .max = 255});
+    flags.Path("secret-file", &o.secret_file, "",
+               "with --rendezvous: a file whose first line is a secret shared by every rank; "
+               "a process without it cannot join");
     flags
         .String("comm-compress", &o.comm_compress, "none",
                 "compress the --tp all-reduces: none, int8, fp8 or int4 (group-quantized with "
@@ -305,11 +339,12 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
             "with a router, as fitted by `quantkv moefy`",
             PathKind::kFile)
       .Placeholder("FILE");
-  flags.String("kv-floor", &o.kv_floor, "",
-               "elastic precision: the --kv cache's oldest blocks may be re-encoded to this "
-               "lower-bit spec when KV memory runs short (serve: before preempting; each "
-               "layer's K and V must fit in half a --kv block), e.g. int2-floor under "
-               "int4-comp")
+  flags
+      .String("kv-floor", &o.kv_floor, "",
+              "elastic precision: the --kv cache's oldest blocks may be re-encoded to this "
+              "lower-bit spec when KV memory runs short (serve: before preempting; each "
+              "layer's K and V must fit in half a --kv block), e.g. int2-floor under "
+              "int4-comp")
       .Placeholder("SPEC");
   flags.Choice("kv-promote", &o.kv_promote, "none",
                {"none", "key-norm", "attention", "router-entropy"},
@@ -372,10 +407,21 @@ absl::Status LoadAdapters(const ModelFlags& flags, const ModelConfig& model, Eng
 
 }  // namespace
 
+int LaunchRank(const ModelFlags& flags) {
+  return flags.rendezvous.empty() ? LauncherRank() : flags.rank;
+}
+
 absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const EngineConfig& base) {
   QKV_RETURN_IF_ERROR(CheckLaunch(flags, base));
   ModelSession s;
-  if (flags.tp > 1) {
+  if (flags.tp > 1 && !flags.rendezvous.empty()) {
+    TcpCommunicatorOptions tcp;
+    tcp.rank = flags.rank;
+    tcp.world_size = flags.tp;
+    tcp.rendezvous = flags.rendezvous;
+    QKV_ASSIGN_OR_RETURN(tcp.secret, ReadSecretFile(flags.secret_file, "the --secret-file"));
+    QKV_ASSIGN_OR_RETURN(s.comm, CreateTcpCommunicator(tcp));
+  } else if (flags.tp > 1) {
     QKV_ASSIGN_OR_RETURN(s.comm, CreateMpiCommunicator());
   }
   // Under tensor parallelism every step below ends in an agreement, so one rank's error

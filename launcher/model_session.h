@@ -23,7 +23,13 @@ struct ModelFlags {
   std::string kv;
   int64_t kv_budget_mb = 0;
   std::string rope_scaling;  // "" (the model's), linear:F, ntk:F, yarn:F
-  int tp = 1;                // tensor-parallel ranks; > 1 only under mpirun with as many processes
+  int tp = 1;                // tensor-parallel ranks; > 1 under mpirun with as many processes,
+                             // or with rendezvous
+  // Ranks started without mpirun (runtime/comm/tcp_communicator.h): rank 0's HOST:PORT,
+  // this process's rank and the file holding the job's shared secret.
+  std::string rendezvous;
+  int rank = -1;
+  std::string secret_file;
   // MoE models under --tp: experts split over the ranks whole (ep = tp, the default 0 means
   // that) or every expert split by neuron (ep = 1, tensor parallelism inside experts).
   int ep = 0;
@@ -88,6 +94,9 @@ class CommStatsReporter {
  private:
   const CompressedCommunicator* comm_;
 };
+
+// This process's rank: --rank with --rendezvous, else mpirun's (0 without either).
+int LaunchRank(const ModelFlags& flags);
 
 struct ModelSession {
   std::string path;

@@ -1,9 +1,11 @@
 #include "launcher/serve_tensor_parallel.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -17,6 +19,17 @@ namespace {
 
 // How long a worker that got a stop signal waits for rank 0's Shutdown before it leaves.
 constexpr absl::Duration kStopGrace = absl::Seconds(10);
+// Rank 0 calls Health every 5 s (TensorParallelExecutor): this long without a call, it is
+// gone (under mpirun the launcher would have ended the job; without it, nobody else).
+// QUANTKV_COORDINATOR_SILENCE_S overrides the 30 s (at least 10).
+absl::Duration CoordinatorSilence() {
+  double s = 30;
+  if (const char* v = std::getenv("QUANTKV_COORDINATOR_SILENCE_S");
+      v != nullptr && absl::SimpleAtod(v, &s) && s >= 10) {
+    return absl::Seconds(s);
+  }
+  return absl::Seconds(30);
+}
 
 }  // namespace
 
@@ -70,9 +83,19 @@ int RunServeWorker(ModelSession& session, const std::string& worker_listen,
     int sig = 0;
     if (sigwait(&stop_signals, &sig) == 0) signaled->store(true);
   }).detach();
+  const absl::Duration silence = CoordinatorSilence();
   absl::Time signaled_at = absl::InfiniteFuture();
   while (!(*server)->WaitForShutdown(absl::Now() + absl::Milliseconds(200))) {
     if (signaled->load() && signaled_at == absl::InfiniteFuture()) signaled_at = absl::Now();
+    if (absl::Now() - (*server)->last_call() > silence) {
+      ctx.err << absl::StrFormat(
+                     "%s: rank %d: no call from rank 0 for %s: it may have died; "
+                     "leaving\n",
+                     ctx.command, rank, absl::FormatDuration(silence))
+              << std::flush;
+      (*server)->Stop();
+      return kExitFailure;
+    }
     if (absl::Now() > signaled_at + kStopGrace) {
       ctx.err << absl::StrFormat(
                      "%s: rank %d: stop signal and no Shutdown from rank 0 within %s; leaving\n",

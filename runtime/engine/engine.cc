@@ -159,9 +159,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   auto rank_policy = [&](const std::string& spec) -> absl::StatusOr<KvPolicy> {
     QKV_ASSIGN_OR_RETURN(KvPolicy policy, ParseKvPolicy(spec, c.n_layers, c.n_kv_heads));
     if (!e->shard_.whole()) {
-      SliceStaticScales(policy, c.n_kv_heads * c.head_dim,
-                        {e->shard_.kv_heads.begin * c.head_dim,
-                         e->shard_.kv_heads.size * c.head_dim});
+      SliceStaticScales(
+          policy, c.n_kv_heads * c.head_dim,
+          {e->shard_.kv_heads.begin * c.head_dim, e->shard_.kv_heads.size * c.head_dim});
       SliceHeadOverrides(policy, e->shard_.kv_heads);
     }
     return policy;
@@ -192,10 +192,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
     return cache;
   };
   for (size_t i = 0; i < specs.size(); ++i) {
-    QKV_ASSIGN_OR_RETURN(
-        std::unique_ptr<KvCache> cache,
-        make_cache(specs[i], i == 0 ? config.kv_floor : std::string(),
-                   config.kv_max_bytes / static_cast<int64_t>(specs.size())));
+    QKV_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache,
+                         make_cache(specs[i], i == 0 ? config.kv_floor : std::string(),
+                                    config.kv_max_bytes / static_cast<int64_t>(specs.size())));
     e->kv_.push_back(std::move(cache));
   }
   // Adapters act on whole attention outputs and projections; under tensor parallelism

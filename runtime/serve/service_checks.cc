@@ -1,5 +1,7 @@
 #include "runtime/serve/service_checks.h"
 
+#include "runtime/util/secret_file.h"
+
 #include <algorithm>
 #include <fstream>
 
@@ -63,26 +65,8 @@ bool IsValidUtf8(std::string_view s) {
   return true;
 }
 
-bool ConstantTimeEquals(std::string_view a, std::string_view b) {
-  // Always walks the expected key's full length, whatever the candidate is.
-  volatile unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < b.size(); ++i) {
-    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
-    diff = diff | (x ^ static_cast<unsigned char>(b[i]));
-  }
-  return diff == 0;
-}
-
 absl::StatusOr<std::string> ReadApiKeyFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read the API key file ", path));
-  std::string line;
-  std::getline(in, line);
-  std::string key(absl::StripAsciiWhitespace(line));
-  if (key.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("the API key file ", path, " is empty"));
-  }
-  return key;
+  return ReadSecretFile(path, "the API key file");
 }
 
 absl::Status CheckBearer(std::optional<std::string_view> authorization,

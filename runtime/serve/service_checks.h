@@ -14,6 +14,7 @@
 #include "grpcpp/support/status.h"
 #include "quantkv/v1/generation.pb.h"
 #include "runtime/engine/sampler.h"
+#include "runtime/util/constant_time.h"
 
 namespace quantkv {
 
@@ -27,9 +28,7 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 
 bool IsValidUtf8(std::string_view text);
 
-// Compares without an early exit, so the time taken does not reveal the matching prefix
-// (only the lengths).
-bool ConstantTimeEquals(std::string_view a, std::string_view b);
+// ConstantTimeEquals: runtime/util/constant_time.h.
 
 // The key of an --api-key-file: its first line, surrounding whitespace removed. An empty key
 // is an error (it would make every request pass).

@@ -123,7 +123,20 @@ absl::StatusOr<std::unique_ptr<TensorParallelExecutor>> TensorParallelExecutor::
     if (!s.ok()) return WorkerError(r, w->address, "ClearCache", s);
     x->workers_.push_back(std::move(w));
   }
+  x->heartbeat_ = std::thread([p = x.get()] { p->Heartbeat(); });
   return x;
+}
+
+void TensorParallelExecutor::Heartbeat() {
+  std::unique_lock<std::mutex> lock(heartbeat_mu_);
+  while (!heartbeat_cv_.wait_for(lock, std::chrono::seconds(5), [&] { return heartbeat_stop_; })) {
+    for (auto& w : workers_) {
+      grpc::ClientContext ctx;
+      PrepareContext(ctx, config_.token, absl::Seconds(5));
+      v1::WorkerHealthResponse health;
+      (void)w->stub->Health(&ctx, v1::WorkerHealthRequest(), &health);
+    }
+  }
 }
 
 TensorParallelExecutor::~TensorParallelExecutor() { Shutdown(); }
@@ -251,6 +264,12 @@ std::vector<RankStepTotals> TensorParallelExecutor::StepTotals() const {
 void TensorParallelExecutor::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  {
+    std::lock_guard<std::mutex> lock(heartbeat_mu_);
+    heartbeat_stop_ = true;
+  }
+  heartbeat_cv_.notify_all();
+  if (heartbeat_.joinable()) heartbeat_.join();
   for (auto& w : workers_) {
     grpc::ClientContext ctx;
     PrepareContext(ctx, config_.token, absl::Seconds(5));

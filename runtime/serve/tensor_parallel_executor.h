@@ -6,8 +6,11 @@
 // least rank 0's blocks in each cache (ranks with fewer KV heads hold more).
 #pragma once
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -58,6 +61,13 @@ class TensorParallelExecutor final : public StepExecutor {
   // After a worker failed a step the ranks no longer agree: every later step fails.
   absl::Status broken_;
   bool shut_down_ = false;
+  // Calls every worker's Health every few seconds, so that a worker can tell a live but idle
+  // coordinator from a dead one (WorkerServer::last_call).
+  void Heartbeat();
+  std::thread heartbeat_;
+  std::mutex heartbeat_mu_;
+  std::condition_variable heartbeat_cv_;
+  bool heartbeat_stop_ = false;
 };
 
 }  // namespace quantkv

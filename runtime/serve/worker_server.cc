@@ -1,5 +1,6 @@
 #include "runtime/serve/worker_server.h"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -27,7 +28,9 @@ std::string MakeWorkerToken() {
 class WorkerServer::Service final : public v1::Worker::Service {
  public:
   Service(Engine* engine, const WorkerServerOptions& options)
-      : engine_(engine), options_(options) {}
+      : engine_(engine), options_(options), last_call_ns_(absl::GetCurrentTimeNanos()) {}
+
+  absl::Time last_call() const { return absl::FromUnixNanos(last_call_ns_.load()); }
 
   grpc::Status Info(grpc::ServerContext* context, const v1::WorkerInfoRequest*,
                     v1::WorkerInfoResponse* response) override {
@@ -73,6 +76,7 @@ class WorkerServer::Service final : public v1::Worker::Service {
     const int64_t received = MonotonicNowNs();
     std::lock_guard<std::mutex> lock(mu_);
     absl::Status s = RunStep(*request, response);
+    last_call_ns_.store(absl::GetCurrentTimeNanos());  // a long step is not silence
     if (!s.ok()) {
       s = absl::FailedPreconditionError(absl::StrFormat(
           "worker rank %d cannot run step %d: %s", options_.rank, request->step_id(), s.message()));
@@ -125,7 +129,7 @@ class WorkerServer::Service final : public v1::Worker::Service {
   }
 
  private:
-  grpc::Status Authorize(const grpc::ServerContext* context) const {
+  grpc::Status Authorize(const grpc::ServerContext* context) {
     const auto& md = context->client_metadata();
     auto it = md.find(kWorkerTokenMetadata);
     if (it == md.end() ||
@@ -134,6 +138,7 @@ class WorkerServer::Service final : public v1::Worker::Service {
       return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                           absl::StrCat("worker calls need the job's ", kWorkerTokenMetadata));
     }
+    last_call_ns_.store(absl::GetCurrentTimeNanos());
     return grpc::Status::OK;
   }
 
@@ -185,9 +190,9 @@ class WorkerServer::Service final : public v1::Worker::Service {
       absl::StatusOr<int64_t> done = engine_->RequantizeOldest(sequences_[r.seq_id()], r.pairs());
       if (!done.ok()) return done.status();
       if (*done != r.pairs()) {
-        return absl::InternalError(absl::StrFormat(
-            "sequence %d had %d block pairs to requantize, rank 0 did %d", r.seq_id(), *done,
-            r.pairs()));
+        return absl::InternalError(
+            absl::StrFormat("sequence %d had %d block pairs to requantize, rank 0 did %d",
+                            r.seq_id(), *done, r.pairs()));
       }
     }
     if (request.inputs().empty()) return absl::OkStatus();
@@ -222,6 +227,7 @@ class WorkerServer::Service final : public v1::Worker::Service {
   std::mutex shutdown_mu_;
   std::condition_variable shutdown_cv_;
   bool shutdown_ = false;
+  std::atomic<int64_t> last_call_ns_;
 };
 
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
@@ -247,6 +253,8 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
 }
 
 WorkerServer::~WorkerServer() { Stop(); }
+
+absl::Time WorkerServer::last_call() const { return service_->last_call(); }
 
 bool WorkerServer::WaitForShutdown(absl::Time deadline) {
   return service_->WaitForShutdown(deadline);

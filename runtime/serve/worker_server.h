@@ -51,6 +51,9 @@ class WorkerServer {
 
   // Blocks until a Shutdown call arrives (true) or `deadline` passes (false).
   bool WaitForShutdown(absl::Time deadline);
+  // When the last authenticated call arrived (the start time before any): rank 0 sends a
+  // Health call every few seconds, so a long silence means it is gone.
+  absl::Time last_call() const;
   // Stops serving; waits for calls in flight. Idempotent.
   void Stop();
 

@@ -5,10 +5,10 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
-#include <thread>
 #include <limits>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -112,9 +112,10 @@ TEST(EngineLoopElasticTest, FloorRequantizesInsteadOfPreempting) {
   EXPECT_EQ(on->preemptions, 0);
   EXPECT_GT(on->requantized_blocks, 0);
   EXPECT_EQ(on->bytes_freed, on->requantized_blocks / 2 * on->block_bytes);
-  std::cout << "without a floor: " << off->preemptions << " preemptions; with int2-floor: "
-            << on->preemptions << " preemptions, " << on->requantized_blocks
-            << " blocks requantized, " << on->bytes_freed << " bytes freed\n";
+  std::cout << "without a floor: " << off->preemptions
+            << " preemptions; with int2-floor: " << on->preemptions << " preemptions, "
+            << on->requantized_blocks << " blocks requantized, " << on->bytes_freed
+            << " bytes freed\n";
   for (int i = 0; i < kRequests; ++i) {
     EXPECT_EQ(off->generated[i], kNewTokens) << "request " << i;
     EXPECT_EQ(on->generated[i], kNewTokens) << "request " << i;

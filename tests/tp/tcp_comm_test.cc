@@ -1,0 +1,199 @@
+// The TCP Communicator (runtime/comm/tcp_communicator.h) with its ranks as threads of one
+// process on loopback: every collective against its definition (the sum bit-identical on all
+// ranks, in rank order), broadcasts from every root, the join refusals (wrong secret, world
+// size, duplicate rank), a peer that leaves (the others get an error at once, not a hang) and
+// one that never answers (the timeout).
+#include "runtime/comm/tcp_communicator.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace quantkv {
+namespace {
+
+// A loopback port nothing listens on now (bound and released; a race only with other tests).
+int FreePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+TcpCommunicatorOptions Options(int rank, int world, int port) {
+  TcpCommunicatorOptions o;
+  o.rank = rank;
+  o.world_size = world;
+  o.rendezvous = absl::StrCat("127.0.0.1:", port);
+  o.secret = "s3cret";
+  o.timeout_s = 10;
+  o.join_timeout_s = 10;
+  return o;
+}
+
+// Runs body(rank, comm) on `world` threads, each with its communicator.
+void OnRanks(int world, const std::function<void(int, Communicator&)>& body,
+             const std::function<TcpCommunicatorOptions(int)>& options) {
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      auto comm = CreateTcpCommunicator(options(r));
+      ASSERT_TRUE(comm.ok()) << "rank " << r << ": " << comm.status();
+      EXPECT_EQ((*comm)->rank(), r);
+      EXPECT_EQ((*comm)->size(), world);
+      body(r, **comm);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+TEST(TcpCommTest, CollectivesMatchTheirDefinition) {
+  for (int world : {2, 3, 4}) {
+    SCOPED_TRACE(::testing::Message() << world << " ranks");
+    const int port = FreePort();
+    constexpr int64_t kN = 1000;
+    // Each rank's data, known to all (the reference).
+    std::vector<std::vector<float>> data(world, std::vector<float>(kN));
+    std::mt19937 rng(7 + world);
+    std::normal_distribution<float> nd(0.0f, 100.0f);
+    for (auto& d : data) {
+      for (float& x : d) x = nd(rng);
+    }
+    std::vector<float> want(kN);
+    for (int64_t i = 0; i < kN; ++i) {
+      float s = data[0][i];
+      for (int r = 1; r < world; ++r) s += data[r][i];
+      want[i] = s;
+    }
+    OnRanks(
+        world,
+        [&](int r, Communicator& comm) {
+          std::vector<float> x = data[r];
+          ASSERT_TRUE(comm.AllReduceSum(x.data(), kN).ok());
+          EXPECT_EQ(0, std::memcmp(x.data(), want.data(), kN * sizeof(float)))
+              << "rank " << r << ": not the rank-ordered sum, bit for bit";
+          std::vector<float> all(kN * world);
+          ASSERT_TRUE(comm.AllGather(data[r].data(), kN * sizeof(float), all.data()).ok());
+          for (int s = 0; s < world; ++s) {
+            EXPECT_EQ(0, std::memcmp(all.data() + s * kN, data[s].data(), kN * sizeof(float)));
+          }
+          for (int root = 0; root < world; ++root) {
+            int64_t v = r == root ? 1000 + root : -1;
+            ASSERT_TRUE(comm.Broadcast(&v, sizeof(v), root).ok());
+            EXPECT_EQ(v, 1000 + root) << "rank " << r << ", root " << root;
+          }
+          EXPECT_TRUE(comm.Barrier().ok());
+          int64_t bad = 0;
+          EXPECT_FALSE(comm.Broadcast(&bad, sizeof(bad), world).ok());
+        },
+        [&](int r) { return Options(r, world, port); });
+  }
+}
+
+TEST(TcpCommTest, JoinRefusesWrongSecretWorldAndRank) {
+  const int port = FreePort();
+  std::thread root([&] {
+    // Rank 0 of 2 waits for a rank it will accept: the refused ones do not count.
+    TcpCommunicatorOptions o = Options(0, 2, port);
+    auto comm = CreateTcpCommunicator(o);
+    ASSERT_TRUE(comm.ok()) << comm.status();
+    int64_t v = 5;
+    EXPECT_TRUE((*comm)->Broadcast(&v, sizeof(v), 0).ok());
+  });
+  TcpCommunicatorOptions wrong_secret = Options(1, 2, port);
+  wrong_secret.secret = "guess";
+  auto a = CreateTcpCommunicator(wrong_secret);
+  ASSERT_FALSE(a.ok());
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kPermissionDenied) << a.status();
+  auto b = CreateTcpCommunicator(Options(1, 3, port));  // another world size
+  EXPECT_FALSE(b.ok());
+  auto c = CreateTcpCommunicator(Options(1, 2, port));
+  ASSERT_TRUE(c.ok()) << c.status();
+  int64_t v = 0;
+  EXPECT_TRUE((*c)->Broadcast(&v, sizeof(v), 0).ok());
+  EXPECT_EQ(v, 5);
+  root.join();
+  EXPECT_FALSE(CreateTcpCommunicator(Options(2, 2, port)).ok());  // rank outside the world
+  TcpCommunicatorOptions empty = Options(0, 2, port);
+  empty.secret.clear();
+  EXPECT_FALSE(CreateTcpCommunicator(empty).ok());
+  TcpCommunicatorOptions bad_address = Options(0, 2, port);
+  bad_address.rendezvous = "localhost";
+  auto d = CreateTcpCommunicator(bad_address);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(std::string(d.status().message()).find("HOST:PORT"), std::string::npos);
+}
+
+TEST(TcpCommTest, APeerThatLeavesOrHangsIsAnErrorNotAHang) {
+  const int port = FreePort();
+  std::atomic<bool> left{false};
+  const auto start = std::chrono::steady_clock::now();
+  OnRanks(
+      3,
+      [&](int r, Communicator& comm) {
+        if (r == 2) {  // leaves: its communicator (and sockets) go when the thread ends
+          left = true;
+          return;
+        }
+        while (!left) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        float x[4] = {1, 2, 3, 4};
+        absl::Status s = comm.AllReduceSum(x, 4);
+        EXPECT_FALSE(s.ok()) << "rank " << r;
+        // Rank 0 sees the closed socket; rank 1 then sees rank 0's connection close or time
+        // out, depending on what rank 0 does after its error.
+        if (r == 0) {
+          EXPECT_NE(std::string(s.message()).find("rank 2 closed the connection"),
+                    std::string::npos)
+              << s;
+        }
+      },
+      [&](int r) {
+        TcpCommunicatorOptions o = Options(r, 3, port);
+        o.timeout_s = 2;
+        return o;
+      });
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(8));
+
+  // Nobody sends: the receive gives up after the timeout with the rank named.
+  const int port2 = FreePort();
+  OnRanks(
+      2,
+      [&](int r, Communicator& comm) {
+        if (r == 1) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+          return;
+        }
+        int64_t v = 0;
+        absl::Status s = comm.Broadcast(&v, sizeof(v), 1);
+        ASSERT_FALSE(s.ok());
+        EXPECT_TRUE(s.code() == absl::StatusCode::kDeadlineExceeded ||
+                    s.code() == absl::StatusCode::kUnavailable)
+            << s;
+      },
+      [&](int r) {
+        TcpCommunicatorOptions o = Options(r, 2, port2);
+        o.timeout_s = 1;
+        return o;
+      });
+}
+
+}  // namespace
+}  // namespace quantkv
