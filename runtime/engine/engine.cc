@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <numeric>
+#include <random>
 
 #include "absl/strings/str_format.h"
 #include "kernels/activation.h"
@@ -621,6 +622,37 @@ absl::StatusOr<int64_t> Engine::RequantizeOldest(SequenceId seq, int64_t pairs) 
     return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
   }
   return kv_[it->second.cache]->Requantize(it->second.kv, pairs);
+}
+
+absl::Status Engine::FillSyntheticKv(SequenceId seq, int64_t n_tokens, uint32_t seed) {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
+  }
+  if (promote_ != Promote::kNone || shadow_kv_) {
+    return absl::UnimplementedError(
+        "engine: synthetic KV with promoted tokens or an exact shadow cache");
+  }
+  Sequence& s = it->second;
+  KvCache& cache = *kv_[s.cache];
+  QKV_RETURN_IF_ERROR(cache.Reserve(s.kv, s.kv.length + n_tokens));
+  const int64_t row = shard_.kv_heads.size * model_config_.head_dim;
+  const int64_t step = config_.max_chunk_tokens;  // Write's ring holds one step's tokens
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k(static_cast<size_t>(step * row)), v(k.size());
+  for (int64_t pos = s.kv.length; pos < s.kv.length + n_tokens; pos += step) {
+    const int64_t n = std::min(step, s.kv.length + n_tokens - pos);
+    for (int64_t l = 0; l < model_config_.n_layers; ++l) {
+      for (int64_t i = 0; i < n * row; ++i) {
+        k[i] = nd(rng);
+        v[i] = nd(rng);
+      }
+      cache.Write(s.kv, l, pos, n, k.data(), v.data());
+    }
+  }
+  s.kv.length += n_tokens;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<double> Engine::SequenceKvBits(SequenceId seq) const {

@@ -198,6 +198,11 @@ class Engine {
   // seq's full blocks to the floor codecs, freeing one block per pair (KvCache::Requantize);
   // returns the pairs done.
   absl::StatusOr<int64_t> RequantizeOldest(SequenceId seq, int64_t pairs);
+  // Benchmarks only: appends n_tokens positions of random K/V (unit normal, from `seed`) to
+  // every layer of seq's cache without running the model, so decode speed can be measured
+  // at long contexts without their quadratic prefill. The sequence's outputs are then
+  // meaningless. On error (no room in the cache) seq is unchanged.
+  absl::Status FillSyntheticKv(SequenceId seq, int64_t n_tokens, uint32_t seed);
   // The bits per element seq's cache holds now (KvCache::SequenceBitsPerElement).
   absl::StatusOr<double> SequenceKvBits(SequenceId seq) const;
 
