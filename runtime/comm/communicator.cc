@@ -55,6 +55,14 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator() {
   return std::make_unique<LocalCommunicator>();
 }
 
+void SumGatheredInRankOrder(const float* gathered, int64_t n, int size, float* data) {
+  for (int64_t i = 0; i < n; ++i) {
+    float sum = gathered[i];
+    for (int r = 1; r < size; ++r) sum += gathered[static_cast<size_t>(r) * n + i];
+    data[i] = sum;
+  }
+}
+
 absl::Status AgreeOnStatus(Communicator& comm, const absl::Status& local) {
   // A fixed-size record per rank: the status code and the start of its message.
   struct Record {

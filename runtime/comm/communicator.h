@@ -67,6 +67,10 @@ int LauncherRank();
 // else a LocalCommunicator.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator();
 
+// data[i] = sum over ranks r = 0..size-1, in that order, of gathered[r * n + i]: the sum
+// all-reduce of communicators built on an all-gather, the same bits on every rank.
+void SumGatheredInRankOrder(const float* gathered, int64_t n, int size, float* data);
+
 // Collective: every rank passes its own status and all get the same result, the first
 // failing rank's error prefixed with "rank R: " (ok when all are ok). Lets one rank's failure
 // (a missing file, a bad flag) stop every rank instead of leaving them in a collective.

@@ -175,11 +175,7 @@ class MpiCommunicator final : public Communicator {
         !s.ok()) {
       return s;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      float sum = scratch_[i];
-      for (int r = 1; r < size_; ++r) sum += scratch_[static_cast<size_t>(r) * n + i];
-      data[i] = sum;
-    }
+    SumGatheredInRankOrder(scratch_.data(), n, size_, data);
     return absl::OkStatus();
   }
 

@@ -95,12 +95,7 @@ class TcpCommunicator final : public Communicator {
         !s.ok()) {
       return s;
     }
-    // Rank order on every rank: the same bits everywhere.
-    for (int64_t i = 0; i < n; ++i) {
-      float sum = gather_[i];
-      for (int r = 1; r < size_; ++r) sum += gather_[static_cast<size_t>(r) * n + i];
-      data[i] = sum;
-    }
+    SumGatheredInRankOrder(gather_.data(), n, size_, data);
     return absl::OkStatus();
   }
 

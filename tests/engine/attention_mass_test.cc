@@ -11,6 +11,7 @@
 #include "kernels/attention_mass.h"
 #include "kernels/dequantize.h"
 #include "runtime/kv/kv_cache.h"
+#include "tests/engine/test_cache.h"
 #include "tests/testutil/test_seed.h"
 
 namespace quantkv {
@@ -55,12 +56,7 @@ TEST(AttentionMassTest, LseAndMassMatchFloat64) {
   auto cache = KvCache::Create(cfg);
   ASSERT_TRUE(cache.ok()) << cache.status();
   SequenceKv seq;
-  for (int64_t pos = 0; pos < kCtx; pos += 64) {
-    const int64_t n = std::min<int64_t>(64, kCtx - pos);
-    ASSERT_TRUE((*cache)->Reserve(seq, pos + n).ok());
-    (*cache)->Write(seq, 0, pos, n, k.data() + pos * row, v.data() + pos * row);
-    seq.length = pos + n;
-  }
+  testing::WriteInSteps(**cache, seq, k, v, row);
   const kernels::KvLayerView view = (*cache)->View(seq, 0, kCtx);
   const int64_t ring_first = std::max<int64_t>(0, kCtx - view.ring_tokens);
   ASSERT_LT(ring_first, kCtx - 40) << "the test wants 40 exact tokens at the end";

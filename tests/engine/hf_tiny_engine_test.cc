@@ -29,7 +29,8 @@ void CheckModel(const std::string& dir, const nlohmann::json& ref_logits,
     const SequenceId seq = (*engine)->NewSequence();
     std::vector<float> logits;
     if (decode) {
-      for (const int32_t& t : tokens) ASSERT_TRUE((*engine)->Forward(seq, {&t, 1}, true, &logits).ok());
+      for (const int32_t& t : tokens)
+        ASSERT_TRUE((*engine)->Forward(seq, {&t, 1}, true, &logits).ok());
     } else {
       absl::Status s = (*engine)->Forward(seq, tokens, true, &logits);
       ASSERT_TRUE(s.ok()) << s;

@@ -20,7 +20,8 @@ std::unique_ptr<WeightSource> Open(const std::string& name) {
 
 // Logits of 48 tokens fed 4 per step, so blocks fill in early steps and later steps read
 // them (promotion happens at the end of the step that fills a block).
-std::vector<float> RunSteps(const std::string& model, const std::string& kv, const std::string& promote) {
+std::vector<float> RunSteps(const std::string& model, const std::string& kv,
+                            const std::string& promote) {
   EngineConfig c;
   c.kv_spec = kv;
   c.kv_max_bytes = 1 << 20;

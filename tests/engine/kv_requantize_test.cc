@@ -11,6 +11,7 @@
 #include "kernels/attention.h"
 #include "kernels/dequantize.h"
 #include "runtime/kv/kv_cache.h"
+#include "tests/engine/test_cache.h"
 #include "tests/testutil/test_seed.h"
 
 namespace quantkv {
@@ -71,12 +72,7 @@ TEST(KvRequantizeTest, PairsFreeBlocksAndAttentionReadsTheFloor) {
   ASSERT_TRUE(cache.ok()) << cache.status();
   ASSERT_TRUE((*cache)->elastic());
   SequenceKv seq;
-  for (int64_t pos = 0; pos < n_ctx; pos += 64) {
-    const int64_t n = std::min<int64_t>(64, n_ctx - pos);
-    ASSERT_TRUE((*cache)->Reserve(seq, pos + n).ok());
-    (*cache)->Write(seq, 0, pos, n, k.data() + pos * row, v.data() + pos * row);
-    seq.length = pos + n;
-  }
+  testing::WriteInSteps(**cache, seq, k, v, row);
   BlockAllocator& alloc = (*cache)->allocator();
   const int32_t free_before = alloc.num_free();
   const int64_t bytes_before = (*cache)->SequenceBytes(seq);

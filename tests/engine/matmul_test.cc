@@ -137,7 +137,8 @@ TEST(MatMulBatchTest, RowsAreBitIdenticalAloneAndBatched) {
       MatMulOptions opt;
       opt.activations = ActivationPrecision::kInt8;
       opt.gemm_min_rows = int64_t{1} << 40;
-      ASSERT_TRUE(MatMul({type, w.data(), rows, cols}, x.data(), m, batched.data(), &pool, opt).ok());
+      ASSERT_TRUE(
+          MatMul({type, w.data(), rows, cols}, x.data(), m, batched.data(), &pool, opt).ok());
       for (int64_t i = 0; i < m; ++i) {
         ASSERT_TRUE(
             MatMul({type, w.data(), rows, cols}, x.data() + i * cols, 1, alone.data(), &pool, opt)

@@ -13,6 +13,19 @@
 
 namespace quantkv::testing {
 
+// Writes k and v ([n_ctx][row], row = n_kv_heads * head_dim) into layer 0 of `seq` in steps
+// of 64 tokens (the cache's max_step_tokens must be >= 64).
+inline void WriteInSteps(KvCache& cache, SequenceKv& seq, const std::vector<float>& k,
+                         const std::vector<float>& v, int64_t row) {
+  const int64_t n_ctx = static_cast<int64_t>(k.size()) / row;
+  for (int64_t pos = 0; pos < n_ctx; pos += 64) {
+    const int64_t n = std::min<int64_t>(64, n_ctx - pos);
+    EXPECT_TRUE(cache.Reserve(seq, pos + n).ok());
+    cache.Write(seq, 0, pos, n, k.data() + pos * row, v.data() + pos * row);
+    seq.length = pos + n;
+  }
+}
+
 struct CacheAttention {
   std::string spec;  // --kv policy
   int64_t n_kv_heads = 0;
@@ -48,12 +61,7 @@ inline std::vector<float> AttendThroughCache(const CacheAttention& c, const std:
   const int64_t row = c.n_kv_heads * c.head_dim;
   const int64_t n_ctx = static_cast<int64_t>(k.size()) / row;
   SequenceKv seq;
-  for (int64_t pos = 0; pos < n_ctx; pos += 64) {
-    const int64_t n = std::min<int64_t>(64, n_ctx - pos);
-    EXPECT_TRUE((*cache)->Reserve(seq, pos + n).ok());
-    (*cache)->Write(seq, 0, pos, n, k.data() + pos * row, v.data() + pos * row);
-    seq.length = pos + n;
-  }
+  WriteInSteps(**cache, seq, k, v, row);
   std::vector<int32_t> positions;
   for (int64_t i = 0; i < n_q; ++i) positions.push_back(static_cast<int32_t>(n_ctx - n_q + i));
   std::vector<float> out(n_q * c.n_heads * c.head_dim);

@@ -61,14 +61,9 @@ timeout -s TERM 240 "$QUANTKV" serve --listen 127.0.0.1:0 --kv int4-comp --kv-bu
   --threads 2 >"$TMP/server.out" 2>"$TMP/server.err" &
 SERVER_PID=$!
 
-ADDRESS=""
-for _ in $(seq 240); do
-  ADDRESS=$(sed -n 's/^.*: listening on \([^ ]*\) .*$/\1/p' "$TMP/server.err")
-  [[ -n $ADDRESS ]] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || fail "the server exited before listening"
-  sleep 0.25
-done
-[[ -n $ADDRESS ]] || fail "no 'listening on' line from the server within 60 s"
+# shellcheck source=../testutil/wait_for_listening.sh
+source "$(dirname "$0")/../testutil/wait_for_listening.sh"
+ADDRESS=$(wait_for_listening "$TMP/server.err" "$SERVER_PID" 60) || fail "server not listening"
 [[ $ADDRESS =~ ^127\.0\.0\.1:[0-9]+$ ]] || fail "unexpected address '$ADDRESS'"
 echo "server at $ADDRESS"
 

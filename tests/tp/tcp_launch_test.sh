@@ -29,6 +29,8 @@ fail() {
   for f in "$TMP"/*.err; do echo "--- $f"; cat "$f"; done
   exit 1
 }
+# shellcheck source=../testutil/wait_for_listening.sh
+source "$(dirname "$0")/../testutil/wait_for_listening.sh"
 # A port nothing listens on (python3 binds 0 and reports it).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -75,14 +77,7 @@ timeout -s KILL 240 "$QUANTKV" "${SERVE[@]}" --rank 0 $R --secret-file "$TMP/sec
   2>"$TMP/serve0.err" &
 S0=$!
 PIDS+=($S0)
-ADDRESS=""
-for _ in $(seq 480); do
-  ADDRESS=$(sed -n 's/^.*: listening on \([^ ]*\) .*$/\1/p' "$TMP/serve0.err")
-  [[ -n $ADDRESS ]] && break
-  kill -0 "$S0" 2>/dev/null || fail "rank 0 exited before listening"
-  sleep 0.25
-done
-[[ -n $ADDRESS ]] || fail "no 'listening on' line within 120 s"
+ADDRESS=$(wait_for_listening "$TMP/serve0.err" "$S0") || fail "rank 0 is not listening"
 "$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 16 \
   >"$TMP/served.out" 2>"$TMP/client.err" || fail "client: $(cat "$TMP/client.err")"
 echo "served: $(cat "$TMP/served.out")"
@@ -106,11 +101,7 @@ timeout -s KILL 240 "$QUANTKV" "${SERVE[@]}" --rank 0 $R --secret-file "$TMP/sec
   2>"$TMP/orphan0.err" &
 S0=$!
 PIDS+=($S0)
-for _ in $(seq 480); do
-  grep -q "listening on" "$TMP/orphan0.err" && break
-  sleep 0.25
-done
-grep -q "listening on" "$TMP/orphan0.err" || fail "rank 0 did not start listening"
+wait_for_listening "$TMP/orphan0.err" "$S0" >/dev/null || fail "rank 0 is not listening"
 sleep 6  # a heartbeat or two
 # The rank itself, not timeout(1), which would not pass SIGKILL on.
 kill -KILL $(pgrep -f -- "--rank 0 $R") 2>/dev/null || fail "no rank 0 process to kill"

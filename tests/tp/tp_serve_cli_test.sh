@@ -46,6 +46,8 @@ fail() {
   exit 1
 }
 
+# shellcheck source=../testutil/wait_for_listening.sh
+source "$(dirname "$0")/../testutil/wait_for_listening.sh"
 PROMPT="The capital of France is"
 ADDRESS=""
 start_server() {
@@ -53,14 +55,7 @@ start_server() {
   timeout -s KILL 240 "${MPI[@]}" "$QUANTKV" serve --tp 2 --listen 127.0.0.1:0 --kv int4-comp \
     --kv-budget-mb 64 >"$TMP/server.out" 2>"$TMP/server.err" &
   JOB_PID=$!
-  ADDRESS=""
-  for _ in $(seq 480); do
-    ADDRESS=$(sed -n 's/^.*: listening on \([^ ]*\) .*$/\1/p' "$TMP/server.err")
-    [[ -n $ADDRESS ]] && break
-    kill -0 "$JOB_PID" 2>/dev/null || fail "the job exited before listening"
-    sleep 0.25
-  done
-  [[ -n $ADDRESS ]] || fail "no 'listening on' line within 120 s"
+  ADDRESS=$(wait_for_listening "$TMP/server.err" "$JOB_PID") || fail "the job is not listening"
 }
 start_server
 grep -q -- "--tp 2" "$TMP/server.err" || fail "the listening line does not say --tp 2"
