@@ -1,7 +1,8 @@
 // The continuous-batching scheduler: token budget, decode-first order, chunked prefill,
 // admission by free blocks, block return on finish and cancel, preemption by recompute,
 // priority and FCFS order, the bounded queue, every INVALID_ARGUMENT of Submit and Commit,
-// and a long randomized simulation that checks the block and plan invariants every step.
+// elastic pools that requantize before preempting, and a long randomized simulation (with
+// and without an elastic pool) that checks the block and plan invariants every step.
 #include "runtime/serve/scheduler.h"
 
 #include <algorithm>
@@ -442,10 +443,10 @@ struct Tracked {
   int64_t generated = 0;
 };
 
-void RunSimulation(uint32_t seed) {
+void RunSimulation(uint32_t seed, bool elastic) {
   SchedulerConfig c;
   c.pools = {{.name = "q4", .n_blocks = 40, .block_tokens = 16},
-             {.name = "q8", .n_blocks = 12, .block_tokens = 8}};
+             {.name = "q8", .n_blocks = 12, .block_tokens = 8, .elastic = elastic}};
   c.max_step_tokens = 64;
   c.max_running = 10;
   c.max_queued = 24;
@@ -513,8 +514,20 @@ void RunSimulation(uint32_t seed) {
         ASSERT_EQ(w.n_tokens, 1);
         ASSERT_EQ(w.start_pos, t.spec.prompt_tokens + t.generated - 1);
       }
-      // The engine's KvCache::Reserve(start + n) needs floor((start + n) / bt) blocks.
-      ASSERT_GE(st->blocks * c.pools[w.pool].block_tokens, w.start_pos + w.n_tokens);
+      // The engine's KvCache::Reserve(start + n) needs floor((start + n) / bt) logical blocks;
+      // a requantized pair is two of them in one held block.
+      ASSERT_GE((st->blocks + st->floor_blocks / 2) * c.pools[w.pool].block_tokens,
+                w.start_pos + w.n_tokens);
+    }
+    for (const SeqRequantize& q : plan.requantize) {
+      const SeqState* st = s.Find(q.id);
+      ASSERT_NE(st, nullptr);
+      ASSERT_EQ(st->status, SeqStatus::kRunning);
+      ASSERT_TRUE(c.pools[st->spec.pool].elastic);
+      ASSERT_GT(q.pairs, 0);
+      ASSERT_EQ(st->floor_blocks % 2, 0);
+      // Only written blocks can be re-encoded.
+      ASSERT_LE(st->floor_blocks, st->computed_tokens / c.pools[st->spec.pool].block_tokens);
     }
     for (uint64_t id : plan.preempted) {
       ASSERT_FALSE(seen.contains(id)) << "preempted and scheduled: " << id;
@@ -566,7 +579,7 @@ void RunSimulation(uint32_t seed) {
         ++running;
         held[st->spec.pool] += st->blocks;
         const int64_t tokens = std::max(st->prefill_tokens, st->computed_tokens);
-        ASSERT_EQ(st->blocks, s.BlocksFor(st->spec.pool, tokens));
+        ASSERT_EQ(st->blocks + st->floor_blocks / 2, s.BlocksFor(st->spec.pool, tokens));
       } else {
         ++queued;
         ASSERT_EQ(st->blocks, 0);
@@ -588,18 +601,28 @@ void RunSimulation(uint32_t seed) {
   EXPECT_EQ(end.pools[0].blocks_used, 0);
   EXPECT_EQ(end.pools[1].blocks_used, 0);
   // The run must have exercised the interesting paths, or it proves little.
-  EXPECT_GT(end.preemptions, 20) << "seed " << seed;
+  if (elastic) {  // preemption is rarer there (requantization comes first) but still occurs
+    EXPECT_GT(end.requantized_blocks, 100) << "seed " << seed;
+    EXPECT_GT(end.preemptions, 0) << "seed " << seed;
+  } else {
+    EXPECT_GT(end.preemptions, 20) << "seed " << seed;
+    EXPECT_EQ(end.requantized_blocks, 0);
+  }
   EXPECT_GT(reached_max, 20);
   EXPECT_GT(end.cancelled, 20);
-  std::printf("seed %u: %d steps, %lld submitted, %lld preemptions, %lld cancelled\n", seed, step,
-              static_cast<long long>(submitted), static_cast<long long>(end.preemptions),
-              static_cast<long long>(end.cancelled));
+  std::printf(
+      "seed %u%s: %d steps, %lld submitted, %lld preemptions, %lld requantized, %lld cancelled\n",
+      seed, elastic ? " (elastic q8 pool)" : "", step, static_cast<long long>(submitted),
+      static_cast<long long>(end.preemptions), static_cast<long long>(end.requantized_blocks),
+      static_cast<long long>(end.cancelled));
 }
 
 TEST(SchedulerTest, RandomizedSimulationKeepsInvariants) {
-  for (uint32_t seed : {1u, 2u, 12345u}) {
-    RunSimulation(seed);
-    if (HasFatalFailure()) return;
+  for (bool elastic : {false, true}) {
+    for (uint32_t seed : {1u, 2u, 12345u}) {
+      RunSimulation(seed, elastic);
+      if (HasFatalFailure()) return;
+    }
   }
 }
 
