@@ -28,7 +28,7 @@ struct CalibrateFlags {
 };
 
 void Define(FlagSet& f, CalibrateFlags& o) {
-  DefineModelFlags(f, o.model);
+  DefineModelFlags(f, o.model, {.tensor_parallel = true});
   f.Path("text", &o.text, "", "UTF-8 calibration text (not the evaluation text)", PathKind::kFile)
       .Required();
   f.String("out", &o.out, "", "calibrated KV policy file to write (use as --kv @FILE)")
@@ -61,6 +61,9 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
   std::vector<float> k_pre;
   EngineConfig ecfg;
   ecfg.max_chunk_tokens = o.ctx;
+  // Under --tp every rank sees every KV head (gathered), so each calibrates the whole model
+  // alike and rank 0 writes the file.
+  ecfg.kv_observer_all_heads = true;
   ecfg.kv_observer = [&](int64_t layer, int64_t n, const int32_t* positions, const float* k,
                          const float* v) {
     if (calibrator == nullptr) return;
@@ -117,7 +120,8 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
   po.label = "calibrate";
   po.total = (total + window - 1) / window;
   po.unit = "window";
-  ProgressReporter progress(po);
+  // Only rank 0 reports progress (the others' stream drops it).
+  ProgressReporter progress(po, &session->ResultStream(ctx.err));
   std::vector<float> logits;
   for (int64_t start = 0, w = 0; start < total; start += window, ++w) {
     const int64_t n = std::min(window, total - start);
@@ -125,7 +129,7 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
     absl::Status s = session->engine->Forward(
         seq, std::span<const int32_t>(ids->data() + start, static_cast<size_t>(n)), false, &logits);
     (void)session->engine->Release(seq);
-    if (!s.ok()) return ReportFailure(ctx, s);
+    if (!s.ok()) return ReportSessionFailure(ctx, *session, s);
     progress.Update(w + 1);
   }
   progress.Finish();
@@ -137,6 +141,7 @@ int Run(const CalibrateFlags& o, CommandContext& ctx) {
                          {"method", o.method},     {"granularity", o.granularity}};
   if (o.method == "percentile") prov["alpha"] = o.alpha;
   const std::string json = KvPolicyFileJson(*calibrated, prov.dump());
+  if (session->rank() != 0) return kExitOk;  // rank 0 has the same result and writes it
   {
     std::ofstream out(o.out, std::ios::binary | std::ios::trunc);
     if (!out || !(out << json) || !out.flush()) {

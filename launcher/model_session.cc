@@ -188,7 +188,7 @@ absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
         "--comm-compress %s needs --tp > 1 (one rank has no all-reduce to compress)",
         flags.comm_compress));
   }
-  if (flags.tp > 1 && base.kv_observer) {
+  if (flags.tp > 1 && base.kv_observer && !base.kv_observer_all_heads) {
     return absl::UnimplementedError(
         "--tp > 1 cannot observe the KV cache (each rank sees "
         "only its own KV heads)");

@@ -585,6 +585,31 @@ absl::Status Engine::ReduceSum(std::vector<float>& x, int64_t n, int64_t layer) 
   return s;
 }
 
+absl::Status Engine::GatherKvHeads(const float* mine, int64_t n, std::vector<float>* out) {
+  const int64_t d = model_config_.head_dim, H = model_config_.n_kv_heads;
+  const int ranks = shard_.ranks;
+  // Uneven splits: every rank sends as many heads as the largest share (the first).
+  const int64_t most = SplitEvenly(H, 0, ranks).size;
+  std::vector<float> send(static_cast<size_t>(n * most * d), 0.0f);
+  const int64_t own = shard_.kv_heads.size;
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(mine + t * own * d, own * d, send.data() + t * most * d);
+  }
+  std::vector<float>& all = buffers_.gather;
+  all.resize(send.size() * ranks);
+  QKV_RETURN_IF_ERROR(config_.comm->AllGather(
+      send.data(), static_cast<int64_t>(send.size() * sizeof(float)), all.data()));
+  out->resize(static_cast<size_t>(n * H * d));
+  for (int r = 0; r < ranks; ++r) {
+    const ShardRange heads = SplitEvenly(H, r, ranks);
+    const float* src = all.data() + r * send.size();
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy_n(src + t * most * d, heads.size * d, out->data() + (t * H + heads.begin) * d);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
   if (kv_cache < 0 || kv_cache >= kv_cache_count()) {
     return absl::OutOfRangeError(
@@ -880,7 +905,13 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
         buf.promote[li * total + r] = static_cast<float>(std::sqrt(s));
       }
     }
-    if (config_.kv_observer) config_.kv_observer(li, total, positions.data(), k.data(), v.data());
+    if (config_.kv_observer && config_.kv_observer_all_heads && !shard_.whole()) {
+      QKV_RETURN_IF_ERROR(GatherKvHeads(k.data(), total, &buf.all_k));
+      QKV_RETURN_IF_ERROR(GatherKvHeads(v.data(), total, &buf.all_v));
+      config_.kv_observer(li, total, positions.data(), buf.all_k.data(), buf.all_v.data());
+    } else if (config_.kv_observer) {
+      config_.kv_observer(li, total, positions.data(), k.data(), v.data());
+    }
     // Write every input's K/V first, then attend: sequences are independent, so inputs of
     // few rows (decodes) attend in parallel with each other, one pool task per sequence,
     // instead of one fork/join per sequence. split_threads keeps their sequence splits

@@ -78,10 +78,13 @@ struct EngineConfig {
   bool pack_weights = true;
   // Sees every layer's K (rotated) and V rows of each step before they are cached, n rows
   // of n_kv_heads * head_dim with their positions; for KV calibration (`quantkv calibrate`).
-  // Under tensor parallelism only this rank's KV heads (shard().kv_heads).
+  // Under tensor parallelism only this rank's KV heads (shard().kv_heads), unless
+  // kv_observer_all_heads: then every rank's heads are all-gathered first (a collective per
+  // layer) and the observer sees the model's n_kv_heads on every rank.
   std::function<void(int64_t layer, int64_t n, const int32_t* positions, const float* k,
                      const float* v)>
       kv_observer;
+  bool kv_observer_all_heads = false;
   // Attention-output correction (runtime/engine/attn_correction.h) for sequences in KV
   // cache 0 (kv_spec's; the more_kv_specs caches stay uncorrected), added to the rows whose
   // attention read encoded blocks. Checked against the model's shape at Create.
@@ -243,6 +246,9 @@ class Engine {
   // Sums a row-parallel layer's partial output over the tensor-parallel group; `layer`
   // lets a compressing group keep that layer's sums exact.
   absl::Status ReduceSum(std::vector<float>& x, int64_t n, int64_t layer);
+  // kv_observer_all_heads: this rank's K or V rows ([n][shard kv heads][head_dim]) gathered
+  // with every other rank's into out ([n][n_kv_heads][head_dim]).
+  absl::Status GatherKvHeads(const float* mine, int64_t n, std::vector<float>* out);
   void Embed(std::span<const int32_t> tokens, float* out) const;
 
   EngineConfig config_;
@@ -263,7 +269,8 @@ class Engine {
     std::vector<uint8_t> reads_encoded;
     MoeFfnScratch moe;
     moe::Routing routing;
-    std::vector<float> promote;  // [n_layers][rows], kv_promote scores
+    std::vector<float> promote;               // [n_layers][rows], kv_promote scores
+    std::vector<float> all_k, all_v, gather;  // kv_observer_all_heads
     // kv_promote "attention", per input: mass [n_layers][span] and lse [rows][n_heads]
     std::vector<std::vector<float>> mass, lse;
   };
