@@ -130,12 +130,14 @@ absl::StatusOr<std::unique_ptr<TensorParallelExecutor>> TensorParallelExecutor::
 void TensorParallelExecutor::Heartbeat() {
   std::unique_lock<std::mutex> lock(heartbeat_mu_);
   while (!heartbeat_cv_.wait_for(lock, std::chrono::seconds(5), [&] { return heartbeat_stop_; })) {
+    lock.unlock();  // Shutdown need not wait for the calls
     for (auto& w : workers_) {
       grpc::ClientContext ctx;
       PrepareContext(ctx, config_.token, absl::Seconds(5));
       v1::WorkerHealthResponse health;
       (void)w->stub->Health(&ctx, v1::WorkerHealthRequest(), &health);
     }
+    lock.lock();
   }
 }
 

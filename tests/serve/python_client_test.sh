@@ -61,8 +61,8 @@ timeout -s TERM 240 "$QUANTKV" serve --listen 127.0.0.1:0 --kv int4-comp --kv-bu
   --threads 2 >"$TMP/server.out" 2>"$TMP/server.err" &
 SERVER_PID=$!
 
-# shellcheck source=../testutil/wait_for_listening.sh
-source "$(dirname "$0")/../testutil/wait_for_listening.sh"
+# shellcheck source=../testutil/serve_helpers.sh
+source "$(dirname "$0")/../testutil/serve_helpers.sh"
 ADDRESS=$(wait_for_listening "$TMP/server.err" "$SERVER_PID" 60) || fail "server not listening"
 [[ $ADDRESS =~ ^127\.0\.0\.1:[0-9]+$ ]] || fail "unexpected address '$ADDRESS'"
 echo "server at $ADDRESS"

@@ -29,8 +29,8 @@ fail() {
   for f in "$TMP"/*.err; do echo "--- $f"; cat "$f"; done
   exit 1
 }
-# shellcheck source=../testutil/wait_for_listening.sh
-source "$(dirname "$0")/../testutil/wait_for_listening.sh"
+# shellcheck source=../testutil/serve_helpers.sh
+source "$(dirname "$0")/../testutil/serve_helpers.sh"
 # A port nothing listens on (python3 binds 0 and reports it).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -46,8 +46,8 @@ fail() {
   exit 1
 }
 
-# shellcheck source=../testutil/wait_for_listening.sh
-source "$(dirname "$0")/../testutil/wait_for_listening.sh"
+# shellcheck source=../testutil/serve_helpers.sh
+source "$(dirname "$0")/../testutil/serve_helpers.sh"
 PROMPT="The capital of France is"
 ADDRESS=""
 start_server() {
@@ -77,11 +77,7 @@ EOF
 
 # SIGTERM to both ranks, as mpirun forwards it: rank 0 drains and tells rank 1 to stop.
 kill -TERM $(ranks)
-for _ in $(seq 60); do
-  kill -0 "$JOB_PID" 2>/dev/null || break
-  sleep 0.25
-done
-kill -0 "$JOB_PID" 2>/dev/null && fail "the job still runs 15 s after SIGTERM"
+wait_gone "$JOB_PID" 15 || fail "the job still runs 15 s after SIGTERM"
 rc=0
 wait "$JOB_PID" || rc=$?
 JOB_PID=""
@@ -111,20 +107,12 @@ done
 [[ -s $TMP/long.out ]] || fail "the long stream produced nothing"
 RANK1=$(ranks | sort -n | tail -1)
 kill -KILL "$RANK1"
-for _ in $(seq 60); do
-  kill -0 "$CLIENT_PID" 2>/dev/null || break
-  sleep 0.25
-done
-kill -0 "$CLIENT_PID" 2>/dev/null && fail "the client still waits 15 s after a rank died"
+wait_gone "$CLIENT_PID" 15 || fail "the client still waits 15 s after a rank died"
 rc=0
 wait "$CLIENT_PID" || rc=$?
 [[ $rc != 0 ]] || fail "the client's stream ended without error after a rank died"
 grep -q "UNAVAILABLE" "$TMP/long.err" || fail "client error: $(cat "$TMP/long.err")"
-for _ in $(seq 60); do
-  kill -0 "$JOB_PID" 2>/dev/null || break
-  sleep 0.25
-done
-kill -0 "$JOB_PID" 2>/dev/null && fail "the job still runs 15 s after a rank died"
+wait_gone "$JOB_PID" 15 || fail "the job still runs 15 s after a rank died"
 wait "$JOB_PID" 2>/dev/null || true
 JOB_PID=""
 [[ -z $(ranks) ]] || fail "a rank outlived the job"

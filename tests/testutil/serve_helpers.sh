@@ -1,4 +1,5 @@
 # Sourced by the shell tests that start `quantkv serve`.
+
 #   ADDRESS=$(wait_for_listening LOG PID [SECONDS]) || fail "..."
 # Prints HOST:PORT from the server's "NAME: listening on HOST:PORT (...)" line in LOG once it
 # appears; returns 1 (with the reason on stderr) when PID exits first or SECONDS (default
@@ -19,4 +20,16 @@ wait_for_listening() {
   done
   echo "no 'listening on' line within ${3:-120} s" >&2
   return 1
+}
+
+#   wait_gone PID [SECONDS] || fail "..."
+# Returns 0 once PID has exited (polling every 0.25 s), 1 when it still runs after SECONDS
+# (default 15).
+wait_gone() {
+  local pid=$1 tries=$(( ${2:-15} * 4 ))
+  for _ in $(seq "$tries"); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.25
+  done
+  ! kill -0 "$pid" 2>/dev/null
 }
