@@ -7,15 +7,16 @@
 
 #include "kernels/cpu/attention_internal.h"
 #include "kernels/cpu/attention_lookup.h"
+#include "kernels/cpu/attention_tile.h"
 #include "kernels/cpu/quant_dot.h"
 #include "kernels/dequantize.h"
 
 namespace quantkv::kernels {
 namespace {
 
+using attention_internal::kTileTokens;
 using attention_internal::RowSource;
 
-constexpr int64_t kTileTokens = 64;
 constexpr int64_t kTileQueries = 32;
 
 // The rows of token tile [s, e) of one head in both forms a query may need: as decoded
@@ -23,6 +24,8 @@ constexpr int64_t kTileQueries = 32;
 // produced once per tile and shared by every query of the query tile.
 struct TileRows {
   std::vector<float> encoded, exact;
+  // Keys only, for the vectorized tile kernel: both forms transposed to [head_dim][tile].
+  std::vector<float> encoded_t, exact_t;
 };
 
 // DecodeRange over [t0, t1), split where blocks change between the view's codecs and its
@@ -93,6 +96,8 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
     kt.exact.resize(kTileTokens * d);
     vt.encoded.resize(kTileTokens * d);
     vt.exact.resize(kTileTokens * d);
+    kt.encoded_t.resize(kTileTokens * d);
+    kt.exact_t.resize(kTileTokens * d);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t split = task % n_splits;
       const int64_t qt = task / n_splits / kv.n_kv_heads;
@@ -141,6 +146,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
         continue;
       }
       const RowSource keys(kv, 0, g), values(kv, 1, g);
+      const bool simd = !lut && attention_internal::TileKernelUsable(d);
       std::optional<attention_internal::KeyLookup> lookup;
       if (lut) {
         lookup.emplace(kv, g);
@@ -162,17 +168,53 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
         if (enc_begin < enc_end) {
           if (!lut) keys.Encoded(enc_begin, enc_end, kt.encoded.data() + (enc_begin - s) * d);
           values.Encoded(enc_begin, enc_end, vt.encoded.data() + (enc_begin - s) * d);
+          if (simd) {
+            attention_internal::TransposeTile(kt.encoded.data(), enc_begin - s, enc_end - s, d,
+                                              kt.encoded_t.data());
+          }
         }
         // Exact rows: sinks in the tile, and tokens some query reads from the ring.
         const int64_t sink_end = std::min(e, kv.sink_tokens);
         if (s < sink_end) {
           keys.Exact(s, sink_end, kt.exact.data());
           values.Exact(s, sink_end, vt.exact.data());
+          if (simd) {
+            attention_internal::TransposeTile(kt.exact.data(), 0, sink_end - s, d,
+                                              kt.exact_t.data());
+          }
         }
         const int64_t ring_begin = std::max({s, sink_end, RingStart(kv, p_min)});
         if (ring_begin < e) {
           keys.Exact(ring_begin, e, kt.exact.data() + (ring_begin - s) * d);
           values.Exact(ring_begin, e, vt.exact.data() + (ring_begin - s) * d);
+          if (simd) {
+            attention_internal::TransposeTile(kt.exact.data(), ring_begin - s, e - s, d,
+                                              kt.exact_t.data());
+          }
+        }
+        if (simd) {
+          const attention_internal::TileForms forms{kt.encoded_t.data(), kt.exact_t.data(),
+                                                    vt.encoded.data(), vt.exact.data()};
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t p = query.positions[i];
+            if (s > p) continue;
+            const int64_t ring = std::max(RingStart(kv, p), std::min(kv.sink_tokens, p + 1));
+            const int64_t sk = std::min(kv.sink_tokens, p + 1);
+            attention_internal::TileSpan span;
+            span.n = std::min(e, p + 1) - s;
+            span.enc_begin = std::clamp<int64_t>(sk - s, 0, span.n);
+            span.enc_end = std::clamp<int64_t>(ring - s, span.enc_begin, span.n);
+            if (kv.skip_blocks != nullptr) {
+              for (int64_t t = 0; t < span.n; ++t) {
+                if (SkipsToken(kv, g, p, s + t)) span.skip |= uint64_t{1} << t;
+              }
+            }
+            const int64_t r = (i - i0) * group;
+            attention_internal::TileUpdate(query.q + (i * query.n_heads + g * group) * d, group,
+                                           d, forms, span, query.scale, m + r, l + r,
+                                           acc + r * d);
+          }
+          continue;
         }
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t p = query.positions[i];

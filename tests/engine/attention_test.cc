@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "gtest/gtest.h"
+#include "kernels/cpu/attention_tile.h"
 #include "runtime/kv/kv_cache.h"
 #include "tests/engine/test_cache.h"
 #include "tests/engine/test_random.h"
@@ -210,6 +211,48 @@ TEST(AttentionSplitTest, SerialCallWithSplitThreadsEqualsPooledCall) {
     // what the check above guards against.
     c.split_threads = 0;
     EXPECT_NE(testing::AttendThroughCache(c, k, v, q, 1), pooled) << spec;
+  }
+}
+
+// The tiled path's vectorized kernel (kernels/cpu/attention_tile.cc) against its scalar
+// loop on the same cache: prefill chunks that cross tiles, blocks and the sink/ring
+// boundaries, decode rows, page selection. They differ only in summation order and the exp
+// polynomial, so within a few fp32 ulps of the output scale; and each row's result must not
+// depend on the other queries of its call (bit-invariant batching).
+TEST(AttentionTileKernelTest, VectorKernelMatchesScalarLoop) {
+  if (!kernels::attention_internal::TileKernelUsable(64)) {
+    GTEST_SKIP() << "no AVX-512 on this CPU (or QUANTKV_ISA caps it): the scalar loop runs";
+  }
+  std::mt19937_64 rng(testing::TestSeed());
+  const int64_t d = 64, n_kv = 3, n_heads = 9, n_ctx = 700;
+  const std::vector<float> k = testing::RandomFloats(rng, n_ctx * n_kv * d);
+  const std::vector<float> v = testing::RandomFloats(rng, n_ctx * n_kv * d);
+  const std::vector<float> q = testing::RandomFloats(rng, 100 * n_heads * d);
+  for (const char* spec : {"fp16", "int4", "int4-comp", "int2-comp", "k=int4:chan,v=int2,sink=3,window=70,block=32"}) {
+    for (int64_t n_q : {1, 3, 37, 100}) {
+      testing::CacheAttention c{.spec = spec, .n_kv_heads = n_kv, .head_dim = d, .n_heads = n_heads};
+      c.fused_decode = false;
+      const std::vector<float> fast = testing::AttendThroughCache(c, k, v, q, n_q);
+      kernels::attention_internal::SetTileKernelEnabledForTesting(false);
+      const std::vector<float> slow = testing::AttendThroughCache(c, k, v, q, n_q);
+      kernels::attention_internal::SetTileKernelEnabledForTesting(true);
+      ASSERT_EQ(fast.size(), slow.size());
+      double max_abs = 0, max_diff = 0;
+      for (size_t i = 0; i < fast.size(); ++i) {
+        max_abs = std::max(max_abs, std::fabs(static_cast<double>(slow[i])));
+        max_diff = std::max(max_diff, std::fabs(static_cast<double>(fast[i]) - slow[i]));
+      }
+      EXPECT_LT(max_diff, 2e-6 * max_abs) << spec << " n_q " << n_q;
+      EXPECT_GT(max_abs, 0.0);
+      if (n_q == 100) {
+        // The last query alone gives the bits it got among 100.
+        const std::vector<float> last(q.begin() + 99 * n_heads * d, q.begin() + 100 * n_heads * d);
+        // Alone it is a decode row at the same position (a 1-query call at the end).
+        const std::vector<float> alone = testing::AttendThroughCache(c, k, v, last, 1);
+        const std::vector<float> among(fast.end() - n_heads * d, fast.end());
+        EXPECT_EQ(alone, among) << spec;
+      }
+    }
   }
 }
 
