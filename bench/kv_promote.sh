@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Promoted KV tokens (--kv-promote with :keepN codecs) against the same cache without
 # promotion, at ctx 512 in steps of 64 tokens (promotion acts on later steps), KL and PPL
-# against the fp16 cache on the same windows: SmolLM2 (key-norm, attention) and the MoEfied SmolLM2
+# against the fp16 cache on the same windows: SmolLM2 (key-norm, attention; and H2O's eviction,
+# drop:keepN, against keeping the evicted tokens at 2 bits) and the MoEfied SmolLM2
 # at top-6 (key-norm, router-entropy, attention mass). Writes bench/results/kv_promote.md.
 #   bench/kv_promote.sh [--chunks 8]   (needs build/ and, for the MoE rows, a moefy split)
 set -euo pipefail
@@ -17,6 +18,8 @@ $Q moefy --text "$TMP/calib.txt" --out "$SPLIT" >/dev/null 2>&1
 COMMON="--text $T --ctx 512 --chunks $CHUNKS --step-tokens 64"
 KV8="k=int2:chan:clip0.7:keep8,v=int2:g64:asym:clip0.9:keep8,sink=4,window=8,block=128"
 KV4="k=int2:chan:clip0.7:keep4,v=int2:g64:asym:clip0.9,sink=4,window=8,block=128"
+DROP8="k=drop:keep8,v=drop:keep8,sink=4,window=8,block=128"
+DROP32="k=drop:keep32,v=drop:keep32,sink=4,window=8,block=128"
 row() {  # name, extra flags, baseline
   local out
   out=$($Q perplexity $COMMON $2 --kl-base "$3" --json)
@@ -41,6 +44,11 @@ PY
   row "SmolLM2, int2-comp + keep8 K,V, no promotion" "--kv $KV8" "$TMP/fp16.logits"
   row "SmolLM2, int2-comp + keep8 K,V, key-norm" "--kv $KV8 --kv-promote key-norm" "$TMP/fp16.logits"
   row "SmolLM2, int2-comp + keep8 K,V, attention" "--kv $KV8 --kv-promote attention" "$TMP/fp16.logits"
+  # H2O proper: the tokens not promoted are evicted (drop), against keeping them at 2 bits
+  # above (MiKV); with no promotion only the sinks and the window remain (StreamingLLM).
+  row "SmolLM2, drop + keep8 K,V, no promotion (sinks + window only)" "--kv $DROP8" "$TMP/fp16.logits"
+  row "SmolLM2, drop + keep8 K,V, attention (H2O)" "--kv $DROP8 --kv-promote attention" "$TMP/fp16.logits"
+  row "SmolLM2, drop + keep32 K,V, attention (H2O)" "--kv $DROP32 --kv-promote attention" "$TMP/fp16.logits"
   M="--moe-split $SPLIT --moe-top-k 6"
   $Q perplexity $COMMON $M --kv fp16 --save-logits "$TMP/moe.logits" >/dev/null
   row "MoEfied top-6, keep8 K,V, no promotion" "$M --kv $KV8" "$TMP/moe.logits"

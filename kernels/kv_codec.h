@@ -23,6 +23,10 @@ enum class KvCodecType {
   kGgml,      // one of llama.cpp's KV cache types, bit for bit its block layout (GgmlKvFormat)
   kCodebook,  // non-linear: `bits`-bit indices into 2^bits levels in [-1, 1], scaled per group
   kVector,    // product quantization: `bits`-bit indices of `vector_dims`-dim centroids
+  // Nothing but the keepN promoted rows: the other tokens of a block are evicted (H2O's and
+  // StreamingLLM's baseline, against which keeping them at low bits is measured). Attention
+  // skips a token whose K slab does not hold it.
+  kDrop,
 };
 
 // llama.cpp's --cache-type-k/-v formats: rows cut into blocks of 32 values, each with an
@@ -91,7 +95,9 @@ struct KvCodecSpec {
 // (1 <= R <= 16, low-rank residual; also for nlN), learnclip (per-group clip ratios from a
 // calibrated model; per-token groups only), meanres (per-channel mean residual added back;
 // also for nlN). Defaults for intN: g64, asym, clip1, no outliers, no residual.
-// llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options.
+// llama.cpp's cache types q8_0|q4_0|q4_1|iq4_nl take no options. drop:keepN holds only the
+// N promoted rows of each block (the others are evicted); keepN is its only option and is
+// required, and K and V must then both be drop with the same N (KvPolicy checks).
 // Non-linear codebooks nl4|nl3|nl2 take gN, sym|asym, clipX and one of nf|powP (0 < P <= 1;
 // smaller P puts more levels near 0)|log|lloyd (levels from `quantkv calibrate`); defaults
 // g64, asym, nf. Product quantization pqMxB (M channels per sub-vector, 2^B centroids:
@@ -154,6 +160,14 @@ class KvCodec {
   // row is kept. Other codecs keep nothing.
   virtual bool KeepRow(uint8_t* slab, int64_t t, const float* row, float priority) const {
     return false;
+  }
+  // True for codecs that do not hold every token (drop:keepN); attention then asks HeldRows.
+  bool drops_rows() const { return spec_.type == KvCodecType::kDrop; }
+  // Bit t - t0 set for each token t of [t0, t1) (t1 - t0 <= 64) the slab holds; codecs that
+  // hold every row set them all.
+  virtual uint64_t HeldRows(const uint8_t* slab, int64_t t0, int64_t t1) const {
+    (void)slab;
+    return t1 - t0 >= 64 ? ~uint64_t{0} : (uint64_t{1} << (t1 - t0)) - 1;
   }
 
  protected:

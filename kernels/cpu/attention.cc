@@ -122,7 +122,9 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
       // Product-quantized keys of a few queries are scored by table lookup (tiled path).
       const bool lut = query.fused_decode && query.n_q <= attention_internal::kDecodeMaxQueries &&
                        attention_internal::KeyLookup::Usable(kv, g);
-      if (decode && !lut) {
+      // Evicted tokens (drop:keepN keys): only the tiled path skips them.
+      const bool drops = kv.k.codecs[g]->drops_rows();
+      if (decode && !lut && !drops) {
         // Few queries: each runs its GQA rows through the decode kernels on its own, over
         // the runs of tokens page selection keeps (online softmax carries across runs).
         for (int64_t i = i0; i < i1; ++i) {
@@ -173,6 +175,18 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
                                               kt.encoded_t.data());
           }
         }
+        // Bit t - s: encoded token t is evicted (its K slab does not hold it).
+        uint64_t dropped = 0;
+        for (int64_t t = enc_begin; drops && t < enc_end;) {
+          const int64_t b = t / kv.block_tokens;
+          const int64_t end = std::min(enc_end, (b + 1) * kv.block_tokens);
+          const KvSlabs& slabs = kv.SlabsOf(0, b);
+          const uint64_t held = slabs.codecs[g]->HeldRows(slabs.Slab(kv.block_table[b], g),
+                                                          t - b * kv.block_tokens,
+                                                          end - b * kv.block_tokens);
+          dropped |= (~held & attention_internal::TileBits(0, end - t)) << (t - s);
+          t = end;
+        }
         // Exact rows: sinks in the tile, and tokens some query reads from the ring.
         const int64_t sink_end = std::min(e, kv.sink_tokens);
         if (s < sink_end) {
@@ -209,6 +223,7 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
                 if (SkipsToken(kv, g, p, s + t)) span.skip |= uint64_t{1} << t;
               }
             }
+            span.skip |= dropped & attention_internal::TileBits(span.enc_begin, span.enc_end);
             const int64_t r = (i - i0) * group;
             attention_internal::TileUpdate(query.q + (i * query.n_heads + g * group) * d, group,
                                            d, forms, span, query.scale, m + r, l + r,
@@ -228,11 +243,12 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
             float tile_max = -INFINITY;
             const float* table = lut ? tables.data() + r * lookup->table_size() : nullptr;
             for (int64_t t = s; t < te; ++t) {
-              if (SkipsToken(kv, g, p, t)) {  // page selection: not attended
+              const bool exact = t < sk || t >= ring;
+              // Page selection's skipped blocks and evicted tokens are not attended.
+              if (SkipsToken(kv, g, p, t) || (!exact && (dropped >> (t - s) & 1) != 0)) {
                 sc[t - s] = -INFINITY;
                 continue;
               }
-              const bool exact = t < sk || t >= ring;
               const float dot =
                   exact || !lut ? internal::DotF32(
                                       qv, (exact ? kt.exact : kt.encoded).data() + (t - s) * d, d)

@@ -26,14 +26,6 @@ namespace {
 constexpr int kMaxRows = 4;
 constexpr int kChunks = kTileTokens / 16;  // 16-token score registers per row
 
-// Bits [b, e) of a 64-bit mask.
-uint64_t Bits(int64_t b, int64_t e) {
-  if (e <= b) return 0;
-  const uint64_t hi = e >= 64 ? ~0ull : (1ull << e) - 1;
-  const uint64_t lo = b >= 64 ? ~0ull : (1ull << b) - 1;
-  return hi & ~lo;
-}
-
 __mmask16 Chunk(uint64_t bits, int c) { return static_cast<__mmask16>(bits >> (16 * c)); }
 
 // s[j][c] = q_j . k_t for the 16 tokens t of chunk c, from transposed keys kt [d][64].
@@ -85,9 +77,9 @@ template <int NR>
 QKV_TILE_AVX512 void UpdateRows(const float* q, int64_t d, const TileForms& tile,
                                 const TileSpan& span, float scale, float* m, float* l,
                                 float* acc) {
-  const uint64_t valid = Bits(0, span.n) & ~span.skip;
+  const uint64_t valid = TileBits(0, span.n) & ~span.skip;
   if (valid == 0) return;
-  const uint64_t encoded = Bits(span.enc_begin, span.enc_end);
+  const uint64_t encoded = TileBits(span.enc_begin, span.enc_end);
   __m512 s[NR][kChunks];
   if ((valid & ~encoded) == 0) {
     Scores<NR>(q, d, tile.k_encoded_t, s);

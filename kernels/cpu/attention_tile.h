@@ -13,6 +13,14 @@ namespace quantkv::kernels::attention_internal {
 
 constexpr int64_t kTileTokens = 64;
 
+// Bits [b, e) of a mask over a tile's tokens (0 <= b, e <= 64).
+inline uint64_t TileBits(int64_t b, int64_t e) {
+  if (e <= b) return 0;
+  const uint64_t hi = e >= 64 ? ~uint64_t{0} : (uint64_t{1} << e) - 1;
+  const uint64_t lo = b >= 64 ? ~uint64_t{0} : (uint64_t{1} << b) - 1;
+  return hi & ~lo;
+}
+
 // The vectorized tile kernel runs for head_dim a multiple of 16 (up to 256) on a CPU with
 // AVX-512 F/BW/VL/DQ (QUANTKV_ISA=avx2|scalar turns it off); otherwise attention.cc keeps
 // its scalar loop.

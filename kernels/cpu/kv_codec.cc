@@ -118,6 +118,8 @@ std::string KvCodecSpec::ToString() const {
       return GgmlName(ggml);
     case KvCodecType::kVector:
       return absl::StrFormat("pq%dx%d", vector_dims, bits);
+    case KvCodecType::kDrop:
+      return keep_rows > 0 ? absl::StrFormat("drop:keep%d", keep_rows) : "drop";
     case KvCodecType::kCodebook: {
       std::string s =
           granularity == KvGranularity::kPerChannel
@@ -193,6 +195,23 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
   } else if (name == "nl4" || name == "nl3" || name == "nl2") {
     spec.type = KvCodecType::kCodebook;
     spec.bits = name[2] - '0';
+  } else if (name == "drop") {
+    // Evicted tokens: only the promoted rows are held, so keepN is required and alone.
+    spec.type = KvCodecType::kDrop;
+    spec.bits = 0;
+    const std::string_view opt =
+        colon == std::string_view::npos ? std::string_view() : all.substr(colon + 1);
+    int v = 0;
+    const bool ok = opt.size() > 4 && opt.substr(0, 4) == "keep" &&
+                    std::from_chars(opt.data() + 4, opt.data() + opt.size(), v).ptr ==
+                        opt.data() + opt.size() &&
+                    v >= 1 && v <= 32;
+    if (!ok) {
+      return SpecError(trimmed, "drop holds only promoted rows: it takes exactly one option, "
+                                "keepN with 1 <= N <= 32 (e.g. drop:keep16)");
+    }
+    spec.keep_rows = v;
+    return spec;
   } else if (name.size() > 2 && name.substr(0, 2) == "pq") {
     // pqMxB: M channels per sub-vector, B-bit centroid indices.
     const size_t x = name.find('x');
@@ -236,8 +255,8 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
     }
     return SpecError(trimmed,
                      absl::StrFormat("unknown codec name '%s' (want fp32, fp16, bf16, fp8, int8, "
-                                     "int4, int3, int2, nl4, nl3, nl2, pqMxB, q8_0, q4_0, q4_1 "
-                                     "or iq4_nl)",
+                                     "int4, int3, int2, nl4, nl3, nl2, pqMxB, q8_0, q4_0, q4_1, "
+                                     "iq4_nl or drop)",
                                      name));
   }
   const bool is_codebook = spec.type == KvCodecType::kCodebook;
@@ -441,10 +460,17 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
     }
     KvCodecConfig inner = config;
     inner.spec.keep_rows = 0;
+    if (spec.type == KvCodecType::kDrop) {
+      return kv_codec_internal::MakeKeepRowsCodec(spec, head_dim, block_tokens,
+                                                  kv_codec_internal::MakeDropCodec(inner.spec,
+                                                                                   head_dim,
+                                                                                   block_tokens));
+    }
     absl::StatusOr<std::unique_ptr<KvCodec>> in = Create(inner);
     if (!in.ok()) return in.status();
     return kv_codec_internal::MakeKeepRowsCodec(spec, head_dim, block_tokens, std::move(*in));
   }
+  if (spec.type == KvCodecType::kDrop) return err("drop needs keepN (the rows it holds)");
   if (IsFloatType(spec.type))
     return kv_codec_internal::MakeFloatCodec(spec, head_dim, block_tokens);
   if (spec.type == KvCodecType::kGgml) {

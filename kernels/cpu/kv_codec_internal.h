@@ -28,6 +28,11 @@ std::unique_ptr<KvCodec> MakeFp8Codec(const KvCodecSpec& spec, int64_t head_dim,
 // Defined in kv_codec_uniform.cc.
 std::unique_ptr<KvCodec> MakeUniformCodec(const KvCodecConfig& config);
 
+// Defined in kv_codec_keep_rows.cc: drop's inner codec, which stores nothing and decodes
+// zeros (the rows a drop:keepN slab does not hold are skipped by attention).
+std::unique_ptr<KvCodec> MakeDropCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                       int64_t block_tokens);
+
 // Defined in kv_codec_keep_rows.cc: `inner` (spec without keep_rows) plus the kept rows.
 std::unique_ptr<KvCodec> MakeKeepRowsCodec(const KvCodecSpec& spec, int64_t head_dim,
                                            int64_t block_tokens, std::unique_ptr<KvCodec> inner);

@@ -50,6 +50,16 @@ class KeepRowsCodec final : public KvCodec {
     }
   }
 
+  uint64_t HeldRows(const uint8_t* slab, int64_t t0, int64_t t1) const override {
+    if (!drops_rows()) return KvCodec::HeldRows(slab, t0, t1);
+    uint64_t held = 0;
+    for (int s = 0; s < spec().keep_rows; ++s) {
+      const uint16_t t = internal::LoadU16(Slot(slab, s));
+      if (t != kFree && t >= t0 && t < t1) held |= uint64_t{1} << (t - t0);
+    }
+    return held;
+  }
+
   bool KeepRow(uint8_t* slab, int64_t t, const float* row, float priority) const override {
     if (t < 0 || t >= block_tokens() || !(priority == priority)) return false;
     int target = -1;
@@ -98,7 +108,25 @@ class KeepRowsCodec final : public KvCodec {
   int64_t slot_bytes_;
 };
 
+// drop's inner codec: no bytes; rows decode to zeros (finite, so a skipped token's row in a
+// decoded tile is harmless).
+class DropCodec final : public KvCodec {
+ public:
+  DropCodec(const KvCodecSpec& spec, int64_t head_dim, int64_t block_tokens)
+      : KvCodec(spec, head_dim, block_tokens) {}
+  int64_t slab_bytes() const override { return 0; }
+  void Encode(const float*, uint8_t*) const override {}
+  void Decode(const uint8_t*, int64_t t0, int64_t t1, float* out) const override {
+    std::memset(out, 0, static_cast<size_t>((t1 - t0) * head_dim()) * sizeof(float));
+  }
+};
+
 }  // namespace
+
+std::unique_ptr<KvCodec> MakeDropCodec(const KvCodecSpec& spec, int64_t head_dim,
+                                       int64_t block_tokens) {
+  return std::make_unique<DropCodec>(spec, head_dim, block_tokens);
+}
 
 std::unique_ptr<KvCodec> MakeKeepRowsCodec(const KvCodecSpec& spec, int64_t head_dim,
                                            int64_t block_tokens, std::unique_ptr<KvCodec> inner) {

@@ -88,6 +88,21 @@ absl::StatusOr<std::vector<KvCache::LayerCodecs>> KvCache::BuildCodecs(const KvC
         sc.heads.push_back(std::move(*codec));
       }
     }
+    // Evicted tokens: attention skips a token its K slab does not hold, so V must hold the
+    // same tokens, which it does when it is drop with the same slots (both are filled by
+    // the same PromoteRow calls).
+    for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+      const kernels::KvCodecSpec& k = layers[l].kv[0].heads[h]->spec();
+      const kernels::KvCodecSpec& v = layers[l].kv[1].heads[h]->spec();
+      const bool k_drop = k.type == kernels::KvCodecType::kDrop;
+      const bool v_drop = v.type == kernels::KvCodecType::kDrop;
+      if ((k_drop || v_drop) && !(k_drop && v_drop && k.keep_rows == v.keep_rows)) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "KV policy '%s', layer %d head %d: keys %s and values %s: drop evicts a token "
+            "from both K and V, so both must be drop:keepN with the same N",
+            policy.name, l, h, k.ToString(), v.ToString()));
+      }
+    }
   }
   return layers;
 }
@@ -105,6 +120,14 @@ absl::StatusOr<std::vector<KvCache::LayerCodecs>> KvCache::CheckedFloorCodecs(
   }
   if (c.page_summaries) {
     return absl::InvalidArgumentError("KV floor: not with page selection (--page-fraction)");
+  }
+  for (const LayerCodecs& layer : primary) {
+    if (std::any_of(layer.kv[0].heads.begin(), layer.kv[0].heads.end(),
+                    [](const auto& codec) { return codec->drops_rows(); })) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KV floor: '%s' evicts tokens (drop); requantizing its blocks would bring them back",
+          c.policy.name));
+    }
   }
   bool promotes = false;
   QKV_ASSIGN_OR_RETURN(std::vector<LayerCodecs> floor, BuildCodecs(c, f, &promotes));
