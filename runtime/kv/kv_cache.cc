@@ -276,6 +276,26 @@ void KvCache::Free(SequenceKv& seq) {
   seq = SequenceKv{};
 }
 
+void KvCache::RetainRows(SequenceKv& seq, bool on) const {
+  seq.retain_rows = on;
+  seq.retained.clear();
+  seq.retained.shrink_to_fit();
+  if (on) seq.retained.resize(static_cast<size_t>(2 * config_.n_layers));
+  // Retention covers a sequence from its first row, so RetainedRow(t) is token t's.
+  if (on && seq.length > 0) seq.retain_rows = false;
+}
+
+const uint8_t* KvCache::RetainedRow(const SequenceKv& seq, int64_t layer, int kv,
+                                    int64_t t) const {
+  if (layer < 0 || layer >= config_.n_layers || t < 0 ||
+      static_cast<int64_t>(seq.retained.size()) != 2 * config_.n_layers) {
+    return nullptr;
+  }
+  const std::vector<uint8_t>& kept = seq.retained[layer * 2 + kv];
+  if ((t + 1) * RowBytes() > static_cast<int64_t>(kept.size())) return nullptr;
+  return kept.data() + t * RowBytes();
+}
+
 int64_t KvCache::RequantizablePairs(const SequenceKv& seq) const {
   if (floor_.empty()) return 0;
   const int64_t written =
@@ -346,6 +366,12 @@ void KvCache::Write(SequenceKv& seq, int64_t layer, int64_t pos, int64_t n, cons
       }
       if (t < config_.policy.sink_tokens) {
         std::memcpy(SinkRow(seq, layer, kv, t), dst, RowBytes());
+      }
+      if (seq.retain_rows) {
+        std::vector<uint8_t>& kept = seq.retained[layer * 2 + kv];
+        if (static_cast<int64_t>(kept.size()) == t * RowBytes()) {  // rows arrive in order
+          kept.insert(kept.end(), dst, dst + RowBytes());
+        }
       }
     }
   }
@@ -445,9 +471,12 @@ int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float p
   const int64_t b = pos / bt;
   if (!promotes_ || layer < 0 || layer >= config_.n_layers || pos < 0 ||
       b >= static_cast<int64_t>(seq.blocks.size()) || (b + 1) * bt > seq.length ||
-      pos < seq.length - ring_tokens_ || seq.blocks[b] < 0) {
+      seq.blocks[b] < 0) {
     return 0;
   }
+  const uint8_t* retained = pos < seq.length - ring_tokens_ ? RetainedRow(seq, layer, 0, pos)
+                                                             : nullptr;
+  if (pos < seq.length - ring_tokens_ && retained == nullptr) return 0;
   int64_t kept = 0;
   std::vector<float> x(static_cast<size_t>(d));
   for (int kv = 0; kv < 2; ++kv) {
@@ -455,7 +484,9 @@ int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float p
     uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.stride;
     for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
       if (sc.heads[h]->spec().keep_rows == 0) continue;
-      const uint8_t* r = RingRow(seq, layer, kv, pos) + h * d * kernels::KvStorageBytes(storage_);
+      const uint8_t* r = (retained != nullptr ? RetainedRow(seq, layer, kv, pos)
+                                              : RingRow(seq, layer, kv, pos)) +
+                         h * d * kernels::KvStorageBytes(storage_);
       if (storage_ == kernels::KvStorage::kF32) {
         std::memcpy(x.data(), r, d * sizeof(float));
       } else {

@@ -52,6 +52,12 @@ struct SequenceKv {
   // Blocks [0, floor_blocks) are requantized to the floor codecs, in pairs: entries -1 - 2a
   // and -1 - (2a + 1) of `blocks` are the two halves of physical block a.
   int64_t floor_blocks = 0;
+  // Retained exact rows (RetainRows): every row written while retain_rows is set, [layer *
+  // 2 + kv][token][n_kv_heads][head_dim] in the protected storage's type. Outside the pool
+  // budget, like the ring: SnapKV's decision at a prompt's end needs the prompt's exact
+  // rows, at the cost of an fp16 copy of the prompt until then.
+  bool retain_rows = false;
+  std::vector<std::vector<uint8_t>> retained;
 };
 
 class KvCache {
@@ -95,7 +101,15 @@ class KvCache {
   // (KvCodec::KeepRow: it takes a free slot or the lowest-priority one). The exact row comes
   // from the fp16 ring, so pos must be in an encoded block and among the last ring tokens
   // of seq.length written; others are not promoted. Returns the slabs that kept it.
+  // While seq.retain_rows is set (RetainRows), rows still retained can be promoted at any
+  // later time as well.
   int64_t PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float priority);
+  // Keeps (on) every row written to seq, which must still be empty (otherwise nothing is
+  // retained), in seq.retained; off drops them.
+  void RetainRows(SequenceKv& seq, bool on) const;
+  // Retained row of token t ([n_kv_heads][head_dim] in storage()), or nullptr.
+  const uint8_t* RetainedRow(const SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
+  kernels::KvStorage storage() const { return storage_; }
   // True when some layer's codec keeps promoted rows.
   bool promotes() const { return promotes_; }
 
