@@ -183,6 +183,14 @@ absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
         "inside each expert (--ep 1)",
         flags.ep, flags.tp, flags.tp));
   }
+  // At --tp 1 the flag is accepted and changes nothing (one rank runs the whole layer), so
+  // that TP=1 and TP=N take the same flags.
+  if (flags.ep_dispatch != "all-reduce" && flags.tp > 1 && flags.ep == 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--ep-dispatch %s sends tokens to the ranks holding their experts: it needs the "
+        "experts split over the ranks (--ep %d, the default), not inside each expert (--ep 1)",
+        flags.ep_dispatch, flags.tp));
+  }
   if (flags.tp == 1 && flags.comm_compress != "none") {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--comm-compress %s needs --tp > 1 (one rank has no all-reduce to compress)",
@@ -285,6 +293,18 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
               "(each rank computes whole experts; the combine is the layer's all-reduce), "
               "--ep 1 splits every expert's neurons over the ranks",
               {.min = 0, .max = 256});
+    flags
+        .String("ep-dispatch", &o.ep_dispatch, "all-reduce",
+                "MoE models under --tp N --ep N: how tokens reach their experts. all-reduce: "
+                "every rank runs its experts on all tokens and the layer's all-reduce combines "
+                "them; all-to-all: each rank takes 1/N of the tokens, sends each to the ranks "
+                "owning its top-k experts and gets their weighted outputs back (all-to-alls), "
+                "then the tokens are all-gathered (fewer bytes than all-reduce from 3 ranks on "
+                "with a small --moe-top-k); combine-only: all-to-all without sending the tokens "
+                "(every rank already holds them), fewer bytes at 2 ranks too. The same numbers "
+                "up to fp32 rounding; one-token steps send more than all-reduce",
+                [](std::string_view v) { return ParseMoeDispatch(v).status(); })
+        .Placeholder("MODE");
     flags.Int("tp", &o.tp, 1,
               "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
               "N`, or start each rank yourself with --rank and --rendezvous; only rank 0 "
@@ -347,11 +367,17 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
               "int4-comp")
       .Placeholder("SPEC");
   flags.Choice("kv-promote", &o.kv_promote, "none",
-               {"none", "key-norm", "attention", "router-entropy"},
+               {"none", "key-norm", "attention", "snapkv", "router-entropy"},
                "with a --kv codec that keeps rows (:keepN), which tokens of each block are "
                "kept exactly: key-norm (largest ||k|| per layer), attention (most attention "
-               "received so far per layer, H2O's heavy hitters) or router-entropy (MoE: the "
+               "received so far per layer, H2O's heavy hitters), snapkv (a prompt's blocks "
+               "decided at its end by the attention of its last --snapkv-window tokens; the "
+               "prompt's exact rows are held until then) or router-entropy (MoE: the "
                "tokens whose routing is most uncertain across layers)");
+  flags.Int<int64_t>("snapkv-window", &o.snapkv_window, 32,
+                     "with --kv-promote snapkv: the prompt's last tokens whose attention scores "
+                     "the others (the observation window)",
+                     {.min = 1, .max = 4096});
   flags.Float("page-fraction", &o.page_fraction, 1.0,
               "decode attends, per KV head, only to this share of the encoded blocks whose key "
               "min/max bound q.k highest (Quest; sinks and the window always); 1: all",
@@ -463,6 +489,11 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
     }
     // RoPE scaling changes every rank's math the same way the codec does: compare it too.
     if (!flags.rope_scaling.empty()) comm += ", --rope-scaling " + flags.rope_scaling;
+    // So do the expert layout and dispatch (ranks that differ would call different
+    // collectives).
+    if (flags.ep != 0 || flags.ep_dispatch != "all-reduce") {
+      comm += absl::StrFormat(", --ep %d --ep-dispatch %s", flags.ep, flags.ep_dispatch);
+    }
     Fnv comm_hash;
     comm_hash.Add(comm);
     print.comm_hash = comm_hash.value();
@@ -487,8 +518,10 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.page_fraction = flags.page_fraction;
   cfg.page_min_blocks = flags.page_min_blocks;
   cfg.kv_promote = flags.kv_promote == "none" ? "" : flags.kv_promote;
+  cfg.snapkv_window = flags.snapkv_window;
   cfg.kv_floor = flags.kv_floor;
   cfg.moe_tensor_parallel = flags.tp > 1 && flags.ep == 1;
+  QKV_ASSIGN_OR_RETURN(cfg.moe_dispatch, ParseMoeDispatch(flags.ep_dispatch));
   if (!flags.expert_levels.empty()) {
     QKV_ASSIGN_OR_RETURN(cfg.expert_levels, ParseExpertLevels(flags.expert_levels));
     cfg.expert_budget_bytes = static_cast<int64_t>(flags.expert_budget_mb * (1 << 20));

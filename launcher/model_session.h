@@ -33,6 +33,12 @@ struct ModelFlags {
   // MoE models under --tp: experts split over the ranks whole (ep = tp, the default 0 means
   // that) or every expert split by neuron (ep = 1, tensor parallelism inside experts).
   int ep = 0;
+  // Under --ep N, how tokens reach their experts (runtime/engine/moe_dispatch.h): "all-reduce"
+  // (every rank runs its experts on all tokens, the combine is the layer's all-reduce) or
+  // "all-to-all" (tokens sharded over the ranks, dispatched to their experts' ranks and
+  // combined back with all-to-alls, then all-gathered) or "combine-only" (the same without
+  // sending the tokens, which every rank holds).
+  std::string ep_dispatch = "all-reduce";
   // Compressed all-reduce under --tp (runtime/comm/compressed_communicator.h): "none" or a
   // codec (int8, fp8, int4, with options like int4:g32:out2), the smallest all-reduce it
   // compresses, and layers kept exact ("0,29").
@@ -54,6 +60,7 @@ struct ModelFlags {
   // EMA half-life and decision interval in tokens and its hysteresis.
   // Promoted tokens for a --kv codec with :keepN: key-norm or router-entropy (MoE).
   std::string kv_promote = "none";
+  int64_t snapkv_window = 32;
   // Elastic precision: the spec --kv's oldest blocks are requantized to under pressure.
   std::string kv_floor;
   // Page selection (Quest) for decode: the share of encoded blocks attended, and a floor.

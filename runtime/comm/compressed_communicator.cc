@@ -148,66 +148,107 @@ absl::Status CompressedCommunicator::Exact(float* data, int64_t n) {
   return inner_->AllReduceSum(data, n);
 }
 
-absl::Status CompressedCommunicator::Compressed(float* data, int64_t n) {
+absl::Status CompressedCommunicator::CompressedReduceScatter(const float* data,
+                                                             const std::vector<Chunk>& chunks,
+                                                             float* out, bool all_reduce) {
   const int p = size();
   const int me = rank();
-  const int gs = config_.codec.group_size;
-  std::vector<Chunk> chunks(p);
-  std::vector<int64_t> offset(p + 1, 0);  // of chunk r's payload in a rank's encoded vector
-  for (int r = 0; r < p; ++r) {
-    chunks[r] = ChunkOf(n, p, gs, r);
-    offset[r + 1] = offset[r] + codec_->PayloadBytes(chunks[r].end - chunks[r].begin);
+  // 1. Encode every chunk of this rank's partial sums, chunk q's payload for rank q.
+  send_counts_.assign(static_cast<size_t>(p), 0);
+  int64_t vector_bytes = 0;
+  for (int q = 0; q < p; ++q) {
+    send_counts_[q] = codec_->PayloadBytes(chunks[q].end - chunks[q].begin);
+    vector_bytes += send_counts_[q];
   }
-  const int64_t vector_bytes = offset[p];
-  // Chunk 0 is the longest; shorter reduced chunks are padded to its size for the gather.
-  const int64_t chunk_bytes = offset[1];
-
-  // 1. Encode every chunk of this rank's partial sums.
   {
     Timer t(&stats_.codec_ns);
-    send_.resize(static_cast<size_t>(std::max(vector_bytes, chunk_bytes)));
-    for (int r = 0; r < p; ++r) {
-      codec_->Encode(data + chunks[r].begin, chunks[r].end - chunks[r].begin,
-                     send_.data() + offset[r]);
+    send_.resize(static_cast<size_t>(vector_bytes));
+    int64_t offset = 0;
+    for (int q = 0; q < p; ++q) {
+      // This rank's own chunk enters its sum exactly: no need to encode it, nor to send it.
+      if (q == me) {
+        send_counts_[q] = 0;
+        continue;
+      }
+      codec_->Encode(data + chunks[q].begin, chunks[q].end - chunks[q].begin,
+                     send_.data() + offset);
+      offset += send_counts_[q];
     }
   }
-  // 2. Reduce-scatter over an all-gather: this rank sums chunk `me` in rank order.
-  recv_.resize(static_cast<size_t>(p * std::max(vector_bytes, chunk_bytes)));
+  // 2. Reduce-scatter: each rank receives the others' encodings of its chunk.
   {
     Timer t(&stats_.comm_ns);
-    stats_.wire_bytes += (p - 1) * vector_bytes;
-    if (absl::Status s = inner_->AllGather(send_.data(), vector_bytes, recv_.data()); !s.ok()) {
+    // The stats are the all-reduces' (raw_bytes has no counterpart for a reduce-scatter).
+    if (all_reduce) {
+      for (int q = 0; q < p; ++q) stats_.wire_bytes += send_counts_[q];
+    }
+    if (absl::Status s = inner_->AllToAllV(send_.data(), send_counts_, &recv_, &recv_counts_);
+        !s.ok()) {
       return s;
     }
   }
   const Chunk mine = chunks[me];
   const int64_t len = mine.end - mine.begin;
-  {
-    Timer t(&stats_.codec_ns);
-    sum_.resize(static_cast<size_t>(len));
-    decoded_.resize(static_cast<size_t>(len));
-    for (int q = 0; q < p; ++q) {
-      const float* part = data + mine.begin;  // this rank's own partial: exact
-      if (q != me) {
-        const uint8_t* payload = recv_.data() + q * vector_bytes + offset[me];
-        if (absl::Status s =
-                codec_->Decode(payload, offset[me + 1] - offset[me], decoded_.data(), len);
-            !s.ok()) {
-          return absl::InternalError(
-              absl::StrFormat("compressed all-reduce: rank %d's chunk: %s", q, s.message()));
-        }
-        part = decoded_.data();
+  Timer t(&stats_.codec_ns);
+  sum_.resize(static_cast<size_t>(len));
+  decoded_.resize(static_cast<size_t>(len));
+  int64_t offset = 0;
+  for (int q = 0; q < p; ++q) {
+    const float* part = data + mine.begin;  // this rank's own partial: exact
+    if (q != me) {
+      if (absl::Status s =
+              codec_->Decode(recv_.data() + offset, recv_counts_[q], decoded_.data(), len);
+          !s.ok()) {
+        return absl::InternalError(
+            absl::StrFormat("compressed reduce-scatter: rank %d's chunk: %s", q, s.message()));
       }
-      if (q == 0) {
-        std::copy(part, part + len, sum_.begin());
-      } else {
-        for (int64_t i = 0; i < len; ++i) sum_[i] += part[i];
-      }
+      part = decoded_.data();
     }
-    // 3. One requantization of the reduced chunk (padding bytes zeroed: they are sent).
-    std::fill(send_.begin(), send_.begin() + chunk_bytes, 0);
-    codec_->Encode(sum_.data(), len, send_.data());
+    offset += recv_counts_[q];
+    if (q == 0) {
+      std::copy(part, part + len, sum_.begin());
+    } else {
+      for (int64_t i = 0; i < len; ++i) sum_[i] += part[i];
+    }
   }
+  std::copy(sum_.begin(), sum_.end(), out);
+  return absl::OkStatus();
+}
+
+absl::Status CompressedCommunicator::ReduceScatterSum(const float* send, int64_t n, float* recv) {
+  if (n < 0 || size() == 1 || n < config_.min_elements) {
+    return inner_->ReduceScatterSum(send, n, recv);
+  }
+  std::vector<Chunk> chunks(static_cast<size_t>(size()));
+  for (int q = 0; q < size(); ++q) {
+    const ChunkRange c = ReduceScatterChunk(n, size(), q);
+    chunks[q] = {c.begin, c.end};
+  }
+  return CompressedReduceScatter(send, chunks, recv, /*all_reduce=*/false);
+}
+
+absl::Status CompressedCommunicator::Compressed(float* data, int64_t n) {
+  const int p = size();
+  const int gs = config_.codec.group_size;
+  std::vector<Chunk> chunks(p);
+  for (int r = 0; r < p; ++r) chunks[r] = ChunkOf(n, p, gs, r);
+  // Chunk 0 is the longest; shorter reduced chunks are padded to its size for the gather.
+  const int64_t chunk_bytes = codec_->PayloadBytes(chunks[0].end - chunks[0].begin);
+
+  // 1-2. This rank's chunk, summed over the ranks (decoded partials).
+  const Chunk mine = chunks[rank()];
+  reduced_.resize(static_cast<size_t>(mine.end - mine.begin));
+  if (absl::Status s = CompressedReduceScatter(data, chunks, reduced_.data(), /*all_reduce=*/true);
+      !s.ok()) {
+    return s;
+  }
+  {
+    // 3. One requantization of the reduced chunk (padding bytes zeroed: they are sent).
+    Timer t(&stats_.codec_ns);
+    send_.assign(static_cast<size_t>(chunk_bytes), 0);
+    codec_->Encode(reduced_.data(), mine.end - mine.begin, send_.data());
+  }
+  recv_.resize(static_cast<size_t>(p * chunk_bytes));
   {
     Timer t(&stats_.comm_ns);
     stats_.wire_bytes += (p - 1) * chunk_bytes;

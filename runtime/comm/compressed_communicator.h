@@ -4,10 +4,10 @@
 // AllReduceSum of n >= min_elements values over p ranks, in group-aligned chunks (chunk r
 // belongs to rank r):
 //   1. every rank encodes each chunk of its partial sums;
-//   2. reduce-scatter: the encoded vectors are all-gathered (the wrapped communicator has
-//      no reduce-scatter primitive, so every rank receives every chunk, not just its own),
-//      and rank r decodes the others' chunk r and sums the p partials in fp32 in rank order
-//      (its own partial enters exactly, not decoded);
+//   2. reduce-scatter: each rank sends encoded chunk q to rank q (the wrapped
+//      communicator's AllToAllV: a rank receives only the others' encodings of its own
+//      chunk), and rank r decodes them and sums the p partials in fp32 in rank order (its
+//      own partial enters exactly, not decoded);
 //   3. rank r requantizes its reduced chunk once, the encoded reduced chunks are
 //      all-gathered, and every rank decodes all of them, its own included.
 // Step 3's decode depends only on the payload bytes, so every rank ends with the same bits
@@ -15,8 +15,15 @@
 // partials plus one requantization of the sum (CommCodec::ElementErrorBound).
 //
 // Smaller calls (decode steps: latency-bound, a few KB) and layers listed in exact_layers
-// are delegated to the wrapped communicator unchanged, exact. Every other collective is
-// delegated as is. Like the wrapped communicator, single-threaded: one caller at a time.
+// are delegated to the wrapped communicator unchanged, exact.
+//
+// ReduceScatterSum of n >= min_elements values is compressed the same way, steps 1 and 2
+// over its own chunks (ReduceScatterChunk, not group-aligned: a chunk's last group is
+// zero-padded by the codec): the result is the rank-ordered fp32 sum of this rank's exact
+// partial and the others' decoded ones, within the decode error of p - 1 partials (no
+// requantization: nothing is sent after the sum). Smaller ones are exact. Every other
+// collective (AllGather, AllToAllV of bytes, Broadcast, Barrier) is delegated as is. Like the
+// wrapped communicator, single-threaded: one caller at a time.
 #pragma once
 
 #include <cstdint>
@@ -44,9 +51,10 @@ struct CompressedCommStats {
   int64_t calls = 0;             // AllReduceSum / AllReduceSumForLayer calls
   int64_t compressed_calls = 0;  // of them, compressed
   int64_t elements = 0;          // values summed, all calls
-  // Bytes this rank sent to its peers ((p - 1) times each all-gather contribution): as if
-  // every call were exact (an fp32 all-gather, what the MPI communicator sends), and
-  // actually.
+  // Bytes of payload this rank sent to its peers in the all-reduces: as if every call were
+  // exact ((p - 1) times the fp32 vector: an all-gather of the partial sums, what the MPI
+  // communicator sends below its reduce-scatter threshold), and actually (the encoded
+  // chunks for the other ranks, then (p - 1) times the requantized chunk).
   int64_t raw_bytes = 0;
   int64_t wire_bytes = 0;
   int64_t comm_ns = 0;   // in the wrapped communicator's collectives
@@ -71,13 +79,19 @@ class CompressedCommunicator final : public Communicator {
   // AllReduceSum as the engine calls it, naming the layer the sum belongs to: exact for the
   // layers in config().exact_layers.
   absl::Status AllReduceSumForLayer(float* data, int64_t n, int64_t layer) override;
+  absl::Status ReduceScatterSum(const float* send, int64_t n, float* recv) override;
   absl::Status AllGather(const void* send, int64_t bytes, void* recv) override {
     return inner_->AllGather(send, bytes, recv);
+  }
+  absl::Status AllToAllV(const void* send, std::span<const int64_t> send_bytes,
+                         std::vector<uint8_t>* recv, std::vector<int64_t>* recv_bytes) override {
+    return inner_->AllToAllV(send, send_bytes, recv, recv_bytes);
   }
   absl::Status Broadcast(void* data, int64_t bytes, int root) override {
     return inner_->Broadcast(data, bytes, root);
   }
   absl::Status Barrier() override { return inner_->Barrier(); }
+  int64_t bytes_sent() const override { return inner_->bytes_sent(); }
   [[noreturn]] void Abort(int exit_code) override;
 
   const CompressedCommConfig& config() const { return config_; }
@@ -100,6 +114,10 @@ class CompressedCommunicator final : public Communicator {
       Communicator* inner, std::unique_ptr<Communicator> owned, const CompressedCommConfig& config);
   absl::Status Exact(float* data, int64_t n);
   absl::Status Compressed(float* data, int64_t n);
+  // Steps 1-2 for chunks `chunks` of data: this rank's chunk, summed, into out; wire bytes
+  // counted in stats_ for an all-reduce's.
+  absl::Status CompressedReduceScatter(const float* data, const std::vector<Chunk>& chunks,
+                                       float* out, bool all_reduce);
 
   Communicator* inner_;
   std::unique_ptr<Communicator> owned_;
@@ -109,7 +127,8 @@ class CompressedCommunicator final : public Communicator {
   CompressedCommStats stats_;
   // Buffers kept between calls (the engine makes the same calls every step).
   std::vector<uint8_t> send_, recv_;
-  std::vector<float> sum_, decoded_;
+  std::vector<int64_t> send_counts_, recv_counts_;
+  std::vector<float> sum_, decoded_, reduced_;
 };
 
 }  // namespace quantkv

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
@@ -147,8 +148,13 @@ Clock::duration ToDuration(double seconds) {
 
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(MPI_Comm comm, int rank, int size, Clock::duration timeout)
-      : comm_(comm), rank_(rank), size_(size), timeout_(timeout) {}
+  MpiCommunicator(MPI_Comm comm, int rank, int size, Clock::duration timeout,
+                  int64_t reduce_scatter_min_elements)
+      : comm_(comm),
+        rank_(rank),
+        size_(size),
+        timeout_(timeout),
+        reduce_scatter_min_elements_(reduce_scatter_min_elements) {}
   ~MpiCommunicator() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -159,16 +165,22 @@ class MpiCommunicator final : public Communicator {
   int size() const override { return size_; }
   std::string name() const override { return "mpi"; }
 
-  // Gathers every rank's partial sums and adds them in rank order on each rank, rather than
-  // MPI_Allreduce, whose algorithms may add in a different order on different ranks (and
-  // between runs): ranks must end with bit-identical activations. Costs size() times the
-  // bytes of a ring all-reduce, which is small for hidden-size rows on a few ranks.
+  // Ranks must end with bit-identical activations, and MPI_Allreduce's algorithms may add
+  // in a different order on different ranks (and between runs), so the sum is always taken
+  // in rank order by this code. Small vectors (decode steps: latency-bound) gather every
+  // rank's partial sums and add them on each rank: one collective, size() times the bytes
+  // of a ring all-reduce. From options.reduce_scatter_min_elements values they go as a
+  // reduce-scatter (each rank adds only its chunk) and an all-gather of the chunks:
+  // 2 (size-1)/size of the vector on the wire per rank instead of size-1, and the same bits,
+  // since each chunk is still added in rank order.
   absl::Status AllReduceSum(float* data, int64_t n) override {
-    if (size_ == 1 || n == 0) return CheckCount(n, "AllReduceSum");
     if (absl::Status s = CheckCount(n, "AllReduceSum"); !s.ok()) return s;
+    if (size_ == 1 || n == 0) return absl::OkStatus();
+    if (n >= reduce_scatter_min_elements_) return ReduceScatterAllGather(data, n);
     scratch_.resize(static_cast<size_t>(n) * size_);
     MPI_Request request;
     const char* what = "Iallgather (sum all-reduce)";
+    bytes_sent_ += (size_ - 1) * n * static_cast<int64_t>(sizeof(float));
     if (absl::Status s = Start(MPI_Iallgather(data, static_cast<int>(n), MPI_FLOAT, scratch_.data(),
                                               static_cast<int>(n), MPI_FLOAT, comm_, &request),
                                &request, what);
@@ -179,8 +191,45 @@ class MpiCommunicator final : public Communicator {
     return absl::OkStatus();
   }
 
+  // The ranks first agree on n (a small all-gather), so that a rank passing another n gets
+  // an error naming it rather than MPI truncating a message or waiting for one. (The
+  // all-reduce's own reduce-scatter skips that round trip, like its all-gather path.)
+  absl::Status ReduceScatterSum(const float* send, int64_t n, float* recv) override {
+    // A rank with a negative n takes part in the check too, so no rank waits for it.
+    if (absl::Status s = CheckSameCount(*this, n, INT_MAX, "ReduceScatterSum"); !s.ok()) return s;
+    return ReduceScatterUnchecked(send, n, recv, "Ialltoallv (reduce-scatter)");
+  }
+
+  absl::Status AllToAllV(const void* send, std::span<const int64_t> send_bytes,
+                         std::vector<uint8_t>* recv, std::vector<int64_t>* recv_bytes) override {
+    std::vector<int64_t> matrix;
+    // MPI counts and displacements are ints: a rank's total must fit one.
+    if (absl::Status s = ExchangeAllToAllCounts(*this, send_bytes, INT_MAX, &matrix); !s.ok()) {
+      return s;
+    }
+    std::vector<int> scounts(size_), sdispls(size_), rcounts(size_), rdispls(size_);
+    int64_t out = 0, in = 0;
+    recv_bytes->resize(static_cast<size_t>(size_));
+    for (int q = 0; q < size_; ++q) {
+      scounts[q] = static_cast<int>(matrix[static_cast<size_t>(rank_) * size_ + q]);
+      sdispls[q] = static_cast<int>(out);
+      out += scounts[q];
+      if (q != rank_) bytes_sent_ += scounts[q];
+      rcounts[q] = static_cast<int>(matrix[static_cast<size_t>(q) * size_ + rank_]);
+      rdispls[q] = static_cast<int>(in);
+      in += rcounts[q];
+      (*recv_bytes)[q] = rcounts[q];
+    }
+    recv->resize(static_cast<size_t>(in));
+    MPI_Request request;
+    return Start(MPI_Ialltoallv(send, scounts.data(), sdispls.data(), MPI_BYTE, recv->data(),
+                                rcounts.data(), rdispls.data(), MPI_BYTE, comm_, &request),
+                 &request, "Ialltoallv");
+  }
+
   absl::Status AllGather(const void* send, int64_t bytes, void* recv) override {
     if (absl::Status s = CheckCount(bytes, "AllGather"); !s.ok()) return s;
+    bytes_sent_ += (size_ - 1) * bytes;
     MPI_Request request;
     return Start(MPI_Iallgather(send, static_cast<int>(bytes), MPI_BYTE, recv,
                                 static_cast<int>(bytes), MPI_BYTE, comm_, &request),
@@ -193,6 +242,7 @@ class MpiCommunicator final : public Communicator {
       return absl::InvalidArgumentError(
           absl::StrFormat("Broadcast: root %d outside a group of %d", root, size_));
     }
+    if (rank_ == root) bytes_sent_ += (size_ - 1) * bytes;
     MPI_Request request;
     return Start(MPI_Ibcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_, &request),
                  &request, "Ibcast");
@@ -202,6 +252,8 @@ class MpiCommunicator final : public Communicator {
     MPI_Request request;
     return Start(MPI_Ibarrier(comm_, &request), &request, "Ibarrier");
   }
+
+  int64_t bytes_sent() const override { return bytes_sent_; }
 
   void Abort(int exit_code) override {
     MPI_Abort(MPI_COMM_WORLD, exit_code);
@@ -215,11 +267,63 @@ class MpiCommunicator final : public Communicator {
     return WaitBounded(request, what, timeout_, rank_, size_, ++collectives_);
   }
 
+  // Every rank sends chunk q of its vector to rank q (MPI_Ialltoallv: each rank receives the
+  // size() - 1 other partials of its own chunk only), then adds the partials of its chunk in
+  // rank order into recv. n must be the same on every rank and fit an int.
+  absl::Status ReduceScatterUnchecked(const float* send, int64_t n, float* recv, const char* what) {
+    const ChunkRange mine = ReduceScatterChunk(n, size_, rank_);
+    const int64_t len = mine.size();
+    std::vector<int> scounts(size_), sdispls(size_), rcounts(size_), rdispls(size_);
+    for (int q = 0; q < size_; ++q) {
+      const ChunkRange c = ReduceScatterChunk(n, size_, q);
+      scounts[q] = static_cast<int>(c.size());
+      sdispls[q] = static_cast<int>(c.begin);
+      rcounts[q] = static_cast<int>(len);
+      rdispls[q] = static_cast<int>(q * len);
+    }
+    bytes_sent_ += (n - len) * static_cast<int64_t>(sizeof(float));
+    scratch_.resize(static_cast<size_t>(len) * size_);
+    MPI_Request request;
+    if (absl::Status s =
+            Start(MPI_Ialltoallv(send, scounts.data(), sdispls.data(), MPI_FLOAT, scratch_.data(),
+                                 rcounts.data(), rdispls.data(), MPI_FLOAT, comm_, &request),
+                  &request, what);
+        !s.ok()) {
+      return s;
+    }
+    SumGatheredInRankOrder(scratch_.data(), len, size_, recv);
+    return absl::OkStatus();
+  }
+
+  // AllReduceSum as a reduce-scatter into this rank's chunk of data, then an all-gather of
+  // the chunks in place.
+  absl::Status ReduceScatterAllGather(float* data, int64_t n) {
+    const ChunkRange mine = ReduceScatterChunk(n, size_, rank_);
+    if (absl::Status s = ReduceScatterUnchecked(data, n, data + mine.begin,
+                                                "Ialltoallv (sum all-reduce's reduce-scatter)");
+        !s.ok()) {
+      return s;
+    }
+    std::vector<int> counts(size_), displs(size_);
+    for (int q = 0; q < size_; ++q) {
+      const ChunkRange c = ReduceScatterChunk(n, size_, q);
+      counts[q] = static_cast<int>(c.size());
+      displs[q] = static_cast<int>(c.begin);
+    }
+    bytes_sent_ += (size_ - 1) * mine.size() * static_cast<int64_t>(sizeof(float));
+    MPI_Request request;
+    return Start(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts.data(),
+                                 displs.data(), MPI_FLOAT, comm_, &request),
+                 &request, "Iallgatherv (sum all-reduce's all-gather)");
+  }
+
   MPI_Comm comm_;
   int rank_;
   int size_;
   Clock::duration timeout_;  // zero: no limit
+  int64_t reduce_scatter_min_elements_;
   int64_t collectives_ = 0;  // collectives started, for the timeout message
+  int64_t bytes_sent_ = 0;
   std::vector<float> scratch_;
 };
 
@@ -268,7 +372,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(
     return s;
   }
   MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
-  return std::make_unique<MpiCommunicator>(comm, rank, size, timeout);
+  return std::make_unique<MpiCommunicator>(
+      comm, rank, size, timeout,
+      options.reduce_scatter_min_elements < 0 ? INT64_MAX : options.reduce_scatter_min_elements);
 }
 
 }  // namespace quantkv

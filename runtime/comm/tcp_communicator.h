@@ -5,10 +5,15 @@
 // mpirun.
 //
 // Topology: a star through rank 0. An all-gather sends every rank's bytes to rank 0, which
-// returns the concatenation to all; the sum all-reduce is that all-gather followed by a
-// rank-ordered sum on every rank, so all ranks (and an MPI group of the same size) get the
-// same bits. Broadcasts from rank r go through rank 0. Fine for a few CPU ranks; NCCL or MPI
-// are the data planes for more.
+// returns the concatenation to all. The sum all-reduce of small vectors is that all-gather
+// and a rank-ordered sum on every rank; larger ones send every rank's partials to rank 0,
+// which adds them in rank order and returns the sum (either way all ranks, and an MPI group
+// of the same size, get the same bits); the reduce-scatter returns each rank only its chunk of that
+// sum. An all-to-all sends rank 0 each rank's pieces for the others, and rank 0 forwards
+// each rank the pieces addressed to it. Broadcasts from rank r go through rank 0. Fine for a
+// few CPU ranks; NCCL or MPI are the data planes for more. When rank 0 finds a collective
+// malformed (a rank's size differs, a rank passed a bad argument or left), it sends every
+// rank an error frame with the reason, so they fail at once instead of at the timeout.
 //
 // Security: a connecting rank must present the secret (compared in constant time) before it
 // joins; anyone else is refused. Nothing is encrypted: run it on a private network.

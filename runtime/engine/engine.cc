@@ -140,6 +140,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
   e->model_config_ = e->weights_->config();
   QKV_RETURN_IF_ERROR(ApplyRopeScaling(config.rope_scaling, &e->model_config_));
   QKV_RETURN_IF_ERROR(e->PlanShard());
+  if (config.moe_dispatch != MoeDispatch::kAllReduce) {
+    const std::string flag =
+        absl::StrFormat("--ep-dispatch %s", MoeDispatchName(config.moe_dispatch));
+    if (!e->model_config_.moe.enabled()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: %s is not a mixture-of-experts model", flag, e->weights_->origin()));
+    }
+    if (config.moe_tensor_parallel && !e->shard_.whole()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s sends tokens to the ranks holding their experts: it needs experts split over the "
+          "ranks (--ep N), not inside each expert (--ep 1)",
+          flag));
+    }
+  }
   QKV_RETURN_IF_ERROR(e->LoadWeights());
   const ModelConfig& c = e->model_config_;
   if (c.moe.enabled()) {
@@ -213,6 +227,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       e->promote_ = Promote::kKeyNorm;
     } else if (config.kv_promote == "attention") {
       e->promote_ = Promote::kAttention;
+    } else if (config.kv_promote == "snapkv") {
+      if (config.snapkv_window < 1 || config.snapkv_pool < 1 || config.snapkv_pool % 2 == 0) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "--kv-promote snapkv: window %d must be >= 1 and pooling %d odd", config.snapkv_window,
+            config.snapkv_pool));
+      }
+      e->promote_ = Promote::kSnapKv;
     } else if (config.kv_promote == "router-entropy") {
       if (!c.moe.enabled()) {
         return absl::InvalidArgumentError(
@@ -221,7 +242,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       e->promote_ = Promote::kRouterEntropy;
     } else {
       return absl::InvalidArgumentError(
-          absl::StrFormat("--kv-promote '%s' is not one of key-norm, attention, router-entropy",
+          absl::StrFormat("--kv-promote '%s' is not one of key-norm, attention, snapkv, "
+                          "router-entropy",
                           config.kv_promote));
     }
     bool any = false;
@@ -353,9 +375,11 @@ absl::Status Engine::LoadWeights() {
 // An MoE layer: the router, every expert (merged 3-D tensors "ffn_gate_exps" as llama.cpp
 // writes them, or one tensor per expert "ffn_gate.E"), and the shared expert. Under tensor
 // parallelism the experts are split over the ranks instead (expert parallelism: rank r
-// computes experts e with e % N == r, rank 0 the shared expert), with every rank holding
-// all tokens' activations, so dispatch needs no communication and the combine is the sum
-// the dense layer's down projection already ends with.
+// computes experts e with e % N == r; the shared expert split by neuron), with every rank
+// holding all tokens' activations, so dispatch needs no communication and the combine is the
+// sum the dense layer's down projection already ends with; or, with the all-to-all or
+// combine-only dispatch (moe_dispatch.h), tokens go to their experts' ranks and back, and
+// every rank holds the shared expert whole.
 absl::Status Engine::LoadMoeLayer(int64_t layer, Layer& l) {
   const WeightSource& w = *weights_;
   const ModelConfig& c = w.config();
@@ -438,14 +462,18 @@ absl::Status Engine::LoadMoeLayer(int64_t layer, Layer& l) {
         e.down, kernels::SliceColumns(e.down, b0 * align, (b1 - b0) * align, &sliced_.back()));
     return absl::OkStatus();
   };
-  // The shared expert runs for every token: split it, so no rank carries it alone.
-  if (f.shared.present()) QKV_RETURN_IF_ERROR(split(f.shared));
+  // The shared expert runs for every token: split it, so no rank carries it alone; except
+  // under the all-to-all dispatches, where each rank runs it whole on its share of the rows
+  // (the layer's output is all-gathered, not summed).
+  if (f.shared.present() && config_.moe_dispatch == MoeDispatch::kAllReduce) {
+    QKV_RETURN_IF_ERROR(split(f.shared));
+  }
   if (config_.moe_tensor_parallel) {
     for (ExpertMatrices& e : f.experts) QKV_RETURN_IF_ERROR(split(e));
   } else {
     // Expert parallelism: rank r computes experts e with e % N == r, in full.
     f.owned.assign(static_cast<size_t>(m.n_experts), 0);
-    for (int64_t e = rank; e < m.n_experts; e += ranks) f.owned[e] = 1;
+    for (int64_t e = 0; e < m.n_experts; ++e) f.owned[e] = ExpertOwner(e, ranks) == rank;
   }
   return absl::OkStatus();
 }
@@ -618,6 +646,11 @@ absl::StatusOr<SequenceId> Engine::NewSequenceIn(int kv_cache) {
   const SequenceId id = next_seq_++;
   Sequence seq;
   seq.cache = kv_cache;
+  if (promote_ == Promote::kSnapKv && kv_[kv_cache]->promotes()) {
+    kv_[kv_cache]->RetainRows(seq.kv, true);
+    seq.snap_pending = true;
+    seq.snap_q.resize(static_cast<size_t>(model_config_.n_layers));
+  }
   sequences_.emplace(id, std::move(seq));
   return id;
 }
@@ -765,9 +798,17 @@ absl::StatusOr<int64_t> Engine::CheckStep(std::span<const StepInput> inputs) con
 absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
   const auto start = std::chrono::steady_clock::now();
   last_step_.comm_ns = 0;
+  last_step_.moe_bytes_sent = 0;
   const ModelConfig& c = model_config_;
   // Validate everything before touching any sequence.
   QKV_ASSIGN_OR_RETURN(const int64_t total, CheckStep(inputs));
+  // SnapKV: a one-token step after a prompt ends it (the first decode step).
+  for (const StepInput& in : inputs) {
+    Sequence& s = sequences_[in.seq];
+    if (s.snap_pending && in.tokens.size() == 1 && s.kv.length > 0) {
+      QKV_RETURN_IF_ERROR(SnapPromote(s));
+    }
+  }
   // Reserve cache blocks for all inputs (and their shadows); undo on failure so nothing
   // changes.
   struct Reserved {
@@ -861,7 +902,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
   // kv_promote "attention": per input whose cache keeps rows, the attention mass this step's
   // queries give the tokens of its sequence not yet in a full block ([layer][span]), and
   // the rows' log-sum-exp the mass is normalised by.
-  const bool attention_mass = promote_ == Promote::kAttention;
+  const bool attention_mass = promote_ == Promote::kAttention || promote_ == Promote::kSnapKv;
   if (attention_mass) {
     buf.mass.resize(inputs.size());
     buf.lse.resize(inputs.size());
@@ -896,6 +937,7 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
     rope_->Apply(q.data(), total, n_heads, positions.data());
     rope_->Apply(k.data(), total, n_kv_heads, positions.data());
+    if (promote_ == Promote::kSnapKv) KeepSnapQueries(inputs, li, q, positions, q_dim);
     if (promote_ == Promote::kKeyNorm) {
       buf.promote.resize(static_cast<size_t>(c.n_layers * total));
       for (int64_t r = 0; r < total; ++r) {
@@ -977,8 +1019,19 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     add_bias(proj, l.o_bias);
     kernels::AddRmsNorm(h.data(), proj.data(), l.ffn_norm.data(), xn.data(), total, H, c.rms_eps);
     if (c.moe.enabled()) {
-      QKV_RETURN_IF_ERROR(
-          MoeFfn(l.moe, router_, xn.data(), total, proj.data(), pool, mm, buf.moe, buf.routing));
+      const bool all_to_all = config_.moe_dispatch != MoeDispatch::kAllReduce && !shard_.whole();
+      const int64_t sent_before = shard_.whole() ? 0 : config_.comm->bytes_sent();
+      if (all_to_all) {
+        int64_t ns = 0;
+        QKV_RETURN_IF_ERROR(MoeFfnAllToAll(config_.moe_dispatch, l.moe, router_, xn.data(), total,
+                                           proj.data(), *config_.comm, pool, mm, buf.moe,
+                                           buf.moe_a2a, buf.routing, &ns));
+        last_step_.comm_ns += ns;
+        comm_ns_total_ += ns;
+      } else {
+        QKV_RETURN_IF_ERROR(
+            MoeFfn(l.moe, router_, xn.data(), total, proj.data(), pool, mm, buf.moe, buf.routing));
+      }
       if (config_.routing_observer) config_.routing_observer(li, buf.routing);
       if (promote_ == Promote::kRouterEntropy) {
         buf.promote.resize(static_cast<size_t>(c.n_layers * total));
@@ -987,7 +1040,12 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       }
       if (expert_policy_)
         QKV_RETURN_IF_ERROR(expert_policy_->Observe(static_cast<int>(li), buf.routing));
-      QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
+      if (!all_to_all) QKV_RETURN_IF_ERROR(ReduceSum(proj, total * H, li));
+      if (!shard_.whole()) {
+        const int64_t sent = config_.comm->bytes_sent() - sent_before;
+        last_step_.moe_bytes_sent += sent;
+        moe_bytes_sent_total_ += sent;
+      }
       for (int64_t i = 0; i < total * H; ++i) h[i] += proj[i];
       continue;
     }
@@ -1067,7 +1125,8 @@ void Engine::PromoteFilledBlocks(std::span<const StepInput> inputs,
     seq.promote_pending.resize(L);
     for (int64_t l = 0; l < L; ++l) {
       std::vector<float>& pending = seq.promote_pending[l];
-      if (promote_ == Promote::kAttention) {  // H2O: mass accumulated over the steps
+      if (promote_ == Promote::kAttention || promote_ == Promote::kSnapKv) {
+        // H2O: mass accumulated over the steps
         const int64_t span = seq.kv.length - seq.promote_base;
         pending.resize(static_cast<size_t>(span), 0.0f);
         const float* mass = buffers_.mass[i].data() + l * span;
@@ -1086,7 +1145,8 @@ void Engine::PromoteFilledBlocks(std::span<const StepInput> inputs,
     row += n;
     const int64_t bt = cache.block_tokens();
     const int64_t full = seq.kv.length / bt;
-    for (int64_t b = lengths_before[i] / bt; b < full; ++b) {
+    // SnapKV decides a prompt's blocks at its end (SnapPromote), not as they fill.
+    for (int64_t b = lengths_before[i] / bt; b < full && !seq.snap_pending; ++b) {
       for (int64_t pos = b * bt; pos < (b + 1) * bt; ++pos) {
         for (int64_t l = 0; l < L; ++l) {
           (void)cache.PromoteRow(seq.kv, l, pos, seq.promote_pending[l][pos - seq.promote_base]);

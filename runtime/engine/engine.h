@@ -20,6 +20,7 @@
 #include "runtime/comm/tensor_shard.h"
 #include "runtime/engine/attn_correction.h"
 #include "runtime/engine/expert_store.h"
+#include "runtime/engine/moe_dispatch.h"
 #include "runtime/engine/moe_ffn.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/lora.h"
@@ -112,18 +113,31 @@ struct EngineConfig {
   // MoE models: route to this many experts instead of the model's top_k (0: the model's).
   int64_t moe_top_k = 0;
   // Under tensor parallelism, MoE experts are split over the ranks whole (expert
-  // parallelism, the default: every rank holds all tokens' activations, so dispatch needs
-  // no communication and the combine is the layer's all-reduce) or, with this set, every
-  // expert's neurons are split over the ranks (tensor parallelism inside experts).
+  // parallelism, the default: rank r computes experts e with e % N == r) or, with this set,
+  // every expert's neurons are split over the ranks (tensor parallelism inside experts).
   bool moe_tensor_parallel = false;
+  // Expert parallelism's token dispatch (runtime/engine/moe_dispatch.h): kAllReduce (every
+  // rank holds all tokens' activations, so dispatch needs no communication, and the combine
+  // is the layer's all-reduce; the shared expert is split by neuron) or kAllToAll (rows
+  // sharded over the ranks, sent to their experts' owners and back with all-to-alls, then
+  // all-gathered; every rank holds the shared expert whole) or kCombineOnly (kAllToAll
+  // without sending the rows: owners read them from their own copy). The last two need an
+  // MoE model and expert parallelism (not moe_tensor_parallel); on one rank all three are
+  // the whole layer.
+  MoeDispatch moe_dispatch = MoeDispatch::kAllReduce;
   // Promoted tokens: with a KV codec that keeps rows (":keepN"), which tokens of each
   // filled block get the exact slots (KvCache::PromoteRow), decided at the end of the step
   // that fills the block: "key-norm" (per layer, the largest ||k||: the attention-sink-like
   // tokens), "attention" (per layer, the most attention mass received from the queries so
   // far, summed over heads: H2O's heavy hitters; kernels/attention_mass.h), "router-entropy" (MoE
-  // models: the tokens whose routing is most uncertain, mean entropy over layers, for all layers).
-  // "" promotes nothing.
+  // models: the tokens whose routing is most uncertain, mean entropy over layers, for all layers),
+  // "snapkv" (SnapKV: a prompt's blocks are decided at its end, by the attention of its last
+  // snapkv_window tokens, runtime/engine/snapkv.h; blocks filled later as "attention"). The
+  // prompt ends at a sequence's first one-token step; until then its exact rows are retained
+  // (an fp16 copy of the prompt, outside the KV budget). "" promotes nothing.
   std::string kv_promote;
+  int64_t snapkv_window = 32;
+  int snapkv_pool = 7;  // odd max-pooling width over the scores
   // Page selection (Quest): decode steps (a sequence's input of at most 4 tokens) attend,
   // per KV head, only to this fraction of the encoded blocks (at least page_min_blocks),
   // those whose key min/max bound q·k highest; sinks and the recent window are always
@@ -161,9 +175,13 @@ struct StepInput {
 
 struct StepTimings {
   int64_t forward_ns = 0;
-  // Of forward_ns, the time in the tensor-parallel group's all-reduces (0 on one rank).
+  // Of forward_ns, the time in the tensor-parallel group's collectives (0 on one rank).
   int64_t comm_ns = 0;
   int64_t tokens = 0;
+  // Bytes this rank sent to other ranks in the MoE layers' exchanges (the MoE output's
+  // all-reduce, or the all-to-all dispatch, combine and all-gather), as
+  // Communicator::bytes_sent counts them; 0 on one rank and for dense models.
+  int64_t moe_bytes_sent = 0;
 };
 
 class Engine {
@@ -224,8 +242,10 @@ class Engine {
                        std::vector<float>* logits);
 
   const StepTimings& last_step() const { return last_step_; }
-  // Time in the tensor-parallel all-reduces over the engine's life (0 on one rank).
+  // Time in the tensor-parallel collectives over the engine's life (0 on one rank).
   int64_t comm_ns_total() const { return comm_ns_total_; }
+  // StepTimings::moe_bytes_sent over the engine's life.
+  int64_t moe_bytes_sent_total() const { return moe_bytes_sent_total_; }
 
   // Bytes of weights a decode step reads (all linear layers, the lm_head, one embedding row);
   // this rank's shards under tensor parallelism.
@@ -268,6 +288,7 @@ class Engine {
     std::vector<float> attn_exact, adapter_scratch;  // attn_observer, adapters
     std::vector<uint8_t> reads_encoded;
     MoeFfnScratch moe;
+    MoeAllToAllScratch moe_a2a;
     moe::Routing routing;
     std::vector<float> promote;               // [n_layers][rows], kv_promote scores
     std::vector<float> all_k, all_v, gather;  // kv_observer_all_heads
@@ -295,8 +316,21 @@ class Engine {
     // is not full yet.
     std::vector<std::vector<float>> promote_pending;
     int64_t promote_base = 0;
+    // kv_promote "snapkv" until the prompt ends: per layer the q rows ([w][q_dim], RoPE
+    // applied) of the last w <= snapkv_window prompt tokens, at snap_positions.
+    bool snap_pending = false;
+    std::vector<std::vector<float>> snap_q;
+    std::vector<int32_t> snap_positions;
   };
-  enum class Promote { kNone, kKeyNorm, kAttention, kRouterEntropy };
+  enum class Promote { kNone, kKeyNorm, kAttention, kRouterEntropy, kSnapKv };
+  // kv_promote "snapkv": promotes the rows of seq's full blocks by their SnapKV scores and
+  // stops retaining its rows (the prompt has ended).
+  absl::Status SnapPromote(Sequence& seq);
+  // Keeps the last snapkv_window q rows of layer `layer` of each input whose prompt is still
+  // going on (q: the step's rows, [rows][q_dim]).
+  void KeepSnapQueries(std::span<const StepInput> inputs, int64_t layer,
+                       const std::vector<float>& q, const std::vector<int32_t>& positions,
+                       int64_t q_dim);
   Promote promote_ = Promote::kNone;
   // Offers the blocks `inputs` filled in this step to the promoted-row slots; `scores` is
   // [n_layers][step rows], lengths_before each input's sequence length before the step.
@@ -307,6 +341,7 @@ class Engine {
   SequenceId next_seq_ = 1;
   StepTimings last_step_;
   int64_t comm_ns_total_ = 0;
+  int64_t moe_bytes_sent_total_ = 0;
 };
 
 }  // namespace quantkv

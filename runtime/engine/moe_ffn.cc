@@ -24,10 +24,9 @@ absl::Status RunExpert(const ExpertMatrices& e, const float* x, int64_t m, float
 
 }  // namespace
 
-absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x, int64_t n,
-                    float* y, kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
-                    MoeFfnScratch& s, moe::Routing& routing) {
-  const int64_t H = w.router.cols;
+absl::Status MoeRoute(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x,
+                      int64_t n, kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                      MoeFfnScratch& s, moe::Routing& routing) {
   // Routing decides which experts run at all: fp32 activations keep it as the float model
   // has it (int8 activations flip near-ties between experts).
   kernels::MatMulOptions exact = mm;
@@ -40,6 +39,14 @@ absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const f
     }
   }
   moe::Route(rc, s.logits.data(), n, &routing);
+  return absl::OkStatus();
+}
+
+absl::Status MoeRoutedExperts(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x,
+                              int64_t n, const moe::Routing& routing, float* y,
+                              kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                              MoeFfnScratch& s) {
+  const int64_t H = w.router.cols;
   moe::GroupByExpert(routing, rc.n_experts, &s.groups);
   std::memset(y, 0, static_cast<size_t>(n * H) * sizeof(float));
   for (int e = 0; e < rc.n_experts; ++e) {
@@ -59,24 +66,38 @@ absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const f
       for (int64_t j = 0; j < H; ++j) yr[j] += g * o[j];
     }
   }
-  if (w.shared.present()) {
-    s.shared_out.resize(static_cast<size_t>(n * H));
-    QKV_RETURN_IF_ERROR(RunExpert(w.shared, x, n, s.shared_out.data(), pool, mm, s));
-    for (int64_t r = 0; r < n; ++r) {
-      float g = 1.0f;
-      if (!w.shared_gate.empty()) {
-        // A dot of hidden values in double: one scalar per row, and the gate multiplies the
-        // whole shared output.
-        double z = 0;
-        for (int64_t j = 0; j < H; ++j) z += static_cast<double>(x[r * H + j]) * w.shared_gate[j];
-        g = static_cast<float>(1.0 / (1.0 + std::exp(-z)));
-      }
-      float* yr = y + r * H;
-      const float* o = s.shared_out.data() + r * H;
-      for (int64_t j = 0; j < H; ++j) yr[j] += g * o[j];
+  return absl::OkStatus();
+}
+
+absl::Status MoeAddShared(const MoeFfnWeights& w, const float* x, int64_t n, float* y,
+                          kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                          MoeFfnScratch& s) {
+  if (!w.shared.present() || n == 0) return absl::OkStatus();
+  const int64_t H = w.router.cols;
+  s.shared_out.resize(static_cast<size_t>(n * H));
+  QKV_RETURN_IF_ERROR(RunExpert(w.shared, x, n, s.shared_out.data(), pool, mm, s));
+  for (int64_t r = 0; r < n; ++r) {
+    float g = 1.0f;
+    if (!w.shared_gate.empty()) {
+      // A dot of hidden values in double: one scalar per row, and the gate multiplies the
+      // whole shared output.
+      double z = 0;
+      for (int64_t j = 0; j < H; ++j) z += static_cast<double>(x[r * H + j]) * w.shared_gate[j];
+      g = static_cast<float>(1.0 / (1.0 + std::exp(-z)));
     }
+    float* yr = y + r * H;
+    const float* o = s.shared_out.data() + r * H;
+    for (int64_t j = 0; j < H; ++j) yr[j] += g * o[j];
   }
   return absl::OkStatus();
+}
+
+absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x, int64_t n,
+                    float* y, kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                    MoeFfnScratch& s, moe::Routing& routing) {
+  QKV_RETURN_IF_ERROR(MoeRoute(w, rc, x, n, pool, mm, s, routing));
+  QKV_RETURN_IF_ERROR(MoeRoutedExperts(w, rc, x, n, routing, y, pool, mm, s));
+  return MoeAddShared(w, x, n, y, pool, mm, s);
 }
 
 }  // namespace quantkv

@@ -1,6 +1,8 @@
 // One mixture-of-experts FFN layer on the CPU: route each row, run every expert on the rows
 // sent to it as one batched matmul (a grouped expert GEMM: gather, gate/up, SwiGLU, down),
 // and add the weighted outputs back per row; plus the shared expert where the model has one.
+// MoeFfn is the three steps in one; the steps are apart for the all-to-all form of expert
+// parallelism (moe_dispatch.h), which runs them on different rows on different ranks.
 #pragma once
 
 #include <cstdint>
@@ -44,5 +46,21 @@ struct MoeFfnScratch {
 absl::Status MoeFfn(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x, int64_t n,
                     float* y, kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
                     MoeFfnScratch& scratch, moe::Routing& routing);
+
+// Step 1: the routing of x[n x hidden] (router logits in fp32, bias, top-k).
+absl::Status MoeRoute(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x,
+                      int64_t n, kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                      MoeFfnScratch& scratch, moe::Routing& routing);
+// Step 2: y[n x hidden] = for each row, the sum over its experts in `routing` (the routing
+// of exactly these n rows) that this rank computes (w.owned) of weight times the expert's
+// output, in expert order, starting from 0 (overwritten; rows with none stay 0).
+absl::Status MoeRoutedExperts(const MoeFfnWeights& w, const moe::RouterConfig& rc, const float* x,
+                              int64_t n, const moe::Routing& routing, float* y,
+                              kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                              MoeFfnScratch& scratch);
+// Step 3: y[n x hidden] += the shared expert's gated output for x (nothing without one).
+absl::Status MoeAddShared(const MoeFfnWeights& w, const float* x, int64_t n, float* y,
+                          kernels::ThreadPool* pool, const kernels::MatMulOptions& mm,
+                          MoeFfnScratch& scratch);
 
 }  // namespace quantkv

@@ -2,6 +2,7 @@
 // exactly in their blocks, so later steps attend to them at full precision; errors for a
 // cache without kept rows and for router entropy on a dense model.
 #include <cmath>
+#include <cstdio>
 
 #include "gtest/gtest.h"
 #include "runtime/engine/engine.h"
@@ -57,6 +58,66 @@ TEST(KvPromoteTest, PromotedRowsBringTheCacheCloserToExact) {
       EXPECT_LT(entropy, 0.7 * none) << "none " << none << " router-entropy " << entropy;
     }
   }
+}
+
+// A 48-token prompt in steps of 4 (its logits), then 8 one-token decode steps (theirs).
+struct PromptThenDecode {
+  std::vector<float> prompt, decode;
+};
+PromptThenDecode RunPromptThenDecode(const std::string& model, const std::string& kv,
+                                     const std::string& promote) {
+  EngineConfig c;
+  c.kv_spec = kv;
+  c.kv_max_bytes = 1 << 20;
+  c.max_chunk_tokens = 4;
+  c.kv_promote = promote;
+  c.snapkv_window = 8;
+  c.decode_activations = kernels::ActivationPrecision::kFloat32;
+  c.lm_head_activations = kernels::ActivationPrecision::kFloat32;
+  auto e = Engine::Create(Open(model), c);
+  EXPECT_TRUE(e.ok()) << e.status();
+  PromptThenDecode out;
+  if (!e.ok()) return out;
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 48; ++i) tokens.push_back((i * 37 + 11) % 256);
+  const SequenceId seq = (*e)->NewSequence();
+  EXPECT_TRUE((*e)->Forward(seq, tokens, true, &out.prompt).ok());
+  for (int i = 0; i < 8; ++i) {
+    std::vector<float> logits;
+    const std::vector<int32_t> one = {(i * 53 + 7) % 256};
+    EXPECT_TRUE((*e)->Forward(seq, one, false, &logits).ok());
+    out.decode.insert(out.decode.end(), logits.begin(), logits.end());
+  }
+  return out;
+}
+
+// SnapKV defers a prompt's promotion to its end: the prompt itself runs exactly as without
+// promotion, and the decode steps after it read the rows the prompt's last queries chose.
+// H2O's eviction (drop:keepN) must be guided by the scores to be any good.
+TEST(KvPromoteTest, SnapKvDecidesAtThePromptsEndAndDropKeepsTheChosenRows) {
+  const std::string model = "tiny_llama_f32";
+  const PromptThenDecode exact = RunPromptThenDecode(model, "fp32", "");
+  const std::string kv = "int2:g16:asym:keep6,block=16";
+  const PromptThenDecode none = RunPromptThenDecode(model, kv, "");
+  const PromptThenDecode snap = RunPromptThenDecode(model, kv, "snapkv");
+  ASSERT_FALSE(snap.prompt.empty());
+  EXPECT_EQ(snap.prompt, none.prompt) << "nothing is promoted before the prompt ends";
+  const double err_none = RelativeL2Error(none.decode, exact.decode);
+  const double err_snap = RelativeL2Error(snap.decode, exact.decode);
+  std::printf("decode error vs fp32: int2 keep6 none %.4f snapkv %.4f\n", err_none, err_snap);
+  EXPECT_GT(err_none, 1e-3);
+  EXPECT_LT(err_snap, 0.9 * err_none);
+  const std::string drop = "k=drop:keep6,v=drop:keep6,sink=2,window=4,block=16";
+  const double drop_none = RelativeL2Error(RunPromptThenDecode(model, drop, "").decode,
+                                           exact.decode);
+  const double drop_h2o = RelativeL2Error(RunPromptThenDecode(model, drop, "attention").decode,
+                                          exact.decode);
+  const double drop_snap = RelativeL2Error(RunPromptThenDecode(model, drop, "snapkv").decode,
+                                           exact.decode);
+  std::printf("decode error vs fp32: drop keep6 none %.4f attention %.4f snapkv %.4f\n",
+              drop_none, drop_h2o, drop_snap);
+  EXPECT_LT(drop_h2o, drop_none);
+  EXPECT_LT(drop_snap, drop_none);
 }
 
 TEST(KvPromoteTest, MisuseIsRefusedWithTheFlagNamed) {

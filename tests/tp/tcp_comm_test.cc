@@ -2,7 +2,8 @@
 // process on loopback: every collective against its definition (the sum bit-identical on all
 // ranks, in rank order), broadcasts from every root, the join refusals (wrong secret, world
 // size, duplicate rank), a peer that leaves (the others get an error at once, not a hang) and
-// one that never answers (the timeout).
+// one that never answers (the timeout); the reduce-scatter and all-to-all with uneven and
+// empty pieces, and bad arguments on one rank (an error on every rank, at once).
 #include "runtime/comm/tcp_communicator.h"
 
 #include <netinet/in.h>
@@ -11,6 +12,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -105,6 +107,130 @@ TEST(TcpCommTest, CollectivesMatchTheirDefinition) {
         },
         [&](int r) { return Options(r, world, port); });
   }
+}
+
+// Rank r's n values over six decades (the order of a sum shows in its bits).
+std::vector<float> RankData(int r, int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed * 131 + r);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> exp(-3, 3);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = std::ldexp(nd(rng), 3 * exp(rng));
+  return x;
+}
+
+// Uneven counts with zeros: rank p sends nothing to rank (p + 1) % world.
+int64_t Count(int from, int to, int world, int64_t scale) {
+  if (world > 1 && to == (from + 1) % world) return 0;
+  return ((from * 7 + to * 3) % 5 + 1) * scale + from;
+}
+
+uint8_t Byte(int from, int to, int64_t i) { return static_cast<uint8_t>(from * 31 + to * 7 + i); }
+
+TEST(TcpCommTest, ReduceScatterAndAllToAllMatchTheirDefinition) {
+  for (int world : {1, 2, 3}) {
+    SCOPED_TRACE(::testing::Message() << world << " ranks");
+    const int port = FreePort();
+    OnRanks(
+        world,
+        [&](int r, Communicator& comm) {
+          // 5000: the all-reduce through rank 0's sum (from 4096 values), below that the
+          // all-gather of the partials.
+          for (int64_t n :
+               {int64_t{0}, int64_t{1}, int64_t{world + 1}, int64_t{1001}, int64_t{5000}}) {
+            const uint32_t seed = static_cast<uint32_t>(n) + 5;
+            std::vector<float> want = RankData(0, n, seed);
+            for (int q = 1; q < world; ++q) {
+              const std::vector<float> x = RankData(q, n, seed);
+              for (int64_t i = 0; i < n; ++i) want[i] = want[i] + x[i];
+            }
+            const ChunkRange chunk = ReduceScatterChunk(n, world, r);
+            const std::vector<float> mine = RankData(r, n, seed);
+            std::vector<float> got(static_cast<size_t>(chunk.size()));
+            ASSERT_TRUE(comm.ReduceScatterSum(mine.data(), n, got.data()).ok());
+            EXPECT_EQ(
+                0, std::memcmp(got.data(), want.data() + chunk.begin, chunk.size() * sizeof(float)))
+                << "rank " << r << ", n " << n << ": not the rank-ordered sum, bit for bit";
+            std::vector<float> x = mine;
+            ASSERT_TRUE(comm.AllReduceSum(x.data(), n).ok());
+            EXPECT_EQ(0, std::memcmp(x.data(), want.data(), n * sizeof(float)));
+          }
+          for (int64_t scale : {0, 1, 300}) {
+            std::vector<int64_t> counts(world);
+            std::vector<uint8_t> send;
+            for (int q = 0; q < world; ++q) {
+              counts[q] = Count(r, q, world, scale);
+              for (int64_t i = 0; i < counts[q]; ++i) send.push_back(Byte(r, q, i));
+            }
+            std::vector<uint8_t> recv;
+            std::vector<int64_t> recv_counts;
+            ASSERT_TRUE(comm.AllToAllV(send.data(), counts, &recv, &recv_counts).ok());
+            ASSERT_EQ(recv_counts.size(), static_cast<size_t>(world));
+            int64_t at = 0;
+            for (int from = 0; from < world; ++from) {
+              ASSERT_EQ(recv_counts[from], Count(from, r, world, scale));
+              for (int64_t i = 0; i < recv_counts[from]; ++i) {
+                ASSERT_EQ(recv[at + i], Byte(from, r, i))
+                    << "rank " << r << " from " << from << " byte " << i;
+              }
+              at += recv_counts[from];
+            }
+            EXPECT_EQ(static_cast<int64_t>(recv.size()), at);
+          }
+        },
+        [&](int r) { return Options(r, world, port); });
+  }
+}
+
+// One rank's bad argument gives every rank an error naming it, well inside the timeout.
+TEST(TcpCommTest, BadArgumentsFailOnEveryRankWithoutAHang) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int bad : {0, 2}) {
+    // All-to-all: refused in the exchange of counts, before data moves, so the group stays
+    // usable.
+    const int port = FreePort();
+    OnRanks(
+        3,
+        [&](int r, Communicator& comm) {
+          std::vector<uint8_t> send(64), recv;
+          std::vector<int64_t> recv_counts, counts(3, 4);
+          if (r == bad) counts.pop_back();
+          absl::Status s = comm.AllToAllV(send.data(), counts, &recv, &recv_counts);
+          EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+          const std::string want =
+              r == bad ? "send_bytes has 2 entries" : absl::StrCat("rank ", bad, " passed invalid");
+          EXPECT_NE(std::string(s.message()).find(want), std::string::npos) << "rank " << r << s;
+          counts.assign(3, 4);
+          if (r == bad) counts[1] = -1;
+          s = comm.AllToAllV(send.data(), counts, &recv, &recv_counts);
+          EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+          float x = 1;
+          ASSERT_TRUE(comm.AllReduceSum(&x, 1).ok());
+          EXPECT_EQ(x, 3.0f);
+        },
+        [&](int r) { return Options(r, 3, port); });
+    // Reduce-scatter with another n, then with a negative one, on rank `bad`: every rank
+    // fails (the group is then out of step: a fresh one for each).
+    for (int64_t bad_n : {11, -1}) {
+      const int port2 = FreePort();
+      OnRanks(
+          3,
+          [&](int r, Communicator& comm) {
+            std::vector<float> x(16, 1.0f), out(16);
+            const absl::Status s =
+                comm.ReduceScatterSum(x.data(), r == bad ? bad_n : 10, out.data());
+            EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << "rank " << r << ": " << s;
+            const std::string want = bad_n > 0 ? (bad == 0 ? "rank 1 passed n = 10, rank 0 n = 11"
+                                                           : "rank 2 passed n = 11")
+                                               : "negative count -1";
+            EXPECT_NE(std::string(s.message()).find(want), std::string::npos)
+                << "rank " << r << ": " << s;
+          },
+          [&](int r) { return Options(r, 3, port2); });
+    }
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5))
+      << "errors came by timeout (10 s), not at once";
 }
 
 TEST(TcpCommTest, JoinRefusesWrongSecretWorldAndRank) {

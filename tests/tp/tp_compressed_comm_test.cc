@@ -164,6 +164,64 @@ TEST(CompressedAllReduceTest, BelowThresholdAndExactLayersAreExact) {
   EXPECT_LT(comm->stats().wire_bytes, comm->stats().raw_bytes);
 }
 
+// The compressed reduce-scatter: this rank's chunk (ReduceScatterChunk's split, not
+// group-aligned) is the rank-ordered sum of its own exact partial and the others' decoded
+// ones: within their decode bounds plus fp32 rounding; exact below the threshold; the
+// all-to-all of bytes passes through.
+TEST(CompressedAllReduceTest, ReduceScatterWithinTheDecodeBound) {
+  const int p = Comm().size(), me = Comm().rank();
+  for (const char* spec : {"int8:g64:out2", "fp8:g32", "int4:g64:out0"}) {
+    CompressedCommConfig cfg;
+    cfg.codec = *kernels::ParseCommCodecConfig(spec);
+    cfg.min_elements = 100;
+    std::unique_ptr<CompressedCommunicator> comm = Compressed(cfg);
+    ASSERT_NE(comm, nullptr);
+    std::unique_ptr<kernels::CommCodec> codec = *kernels::CommCodec::Create(cfg.codec);
+    for (int64_t n : {int64_t{99}, int64_t{1001}, int64_t{576 * 7}}) {
+      SCOPED_TRACE(absl::StrFormat("%s, n = %d, rank %d of %d", spec, n, me, p));
+      const uint32_t salt = static_cast<uint32_t>(n) + 3;
+      const ChunkRange chunk = ReduceScatterChunk(n, p, me);
+      const int64_t len = chunk.size();
+      std::vector<float> exact(static_cast<size_t>(len), 0.0f);
+      std::vector<double> bound(static_cast<size_t>(len), 0.0), abs_sum(len, 0.0);
+      for (int r = 0; r < p; ++r) {
+        const std::vector<float> x = Partial(r, n, salt);
+        // The sender encodes its chunk for this rank alone: its groups start at chunk.begin.
+        std::vector<double> b(static_cast<size_t>(len));
+        codec->ErrorBounds(x.data() + chunk.begin, len, b.data());
+        for (int64_t i = 0; i < len; ++i) {
+          const float v = x[chunk.begin + i];
+          exact[i] = r == 0 ? v : exact[i] + v;
+          if (r != me) bound[i] += b[i];
+          abs_sum[i] += std::fabs(v) + b[i];
+        }
+      }
+      const std::vector<float> mine = Partial(me, n, salt);
+      std::vector<float> got(static_cast<size_t>(len));
+      ASSERT_TRUE(comm->ReduceScatterSum(mine.data(), n, got.data()).ok());
+      int64_t differ = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        if (n < cfg.min_elements) {
+          ASSERT_EQ(got[i], exact[i]) << i << ": below the threshold it must be exact";
+          continue;
+        }
+        ASSERT_LE(std::fabs(double{got[i]} - exact[i]), bound[i] + p * 0x1p-24 * abs_sum[i])
+            << "value " << i << ": " << got[i] << " vs exact " << exact[i];
+        differ += got[i] != exact[i];
+      }
+      if (n >= cfg.min_elements) {
+        EXPECT_GT(differ, len / 10) << "looks exact: compressed?";
+      }
+    }
+    std::vector<int64_t> counts(p, 3);
+    std::vector<uint8_t> send(3 * p, static_cast<uint8_t>(me)), recv;
+    std::vector<int64_t> recv_counts;
+    ASSERT_TRUE(comm->AllToAllV(send.data(), counts, &recv, &recv_counts).ok());
+    ASSERT_EQ(recv.size(), static_cast<size_t>(3 * p));
+    for (int r = 0; r < p; ++r) EXPECT_EQ(recv[3 * r], r);
+  }
+}
+
 // Ranks that disagree on what to compress would exchange payloads of different sizes:
 // creation fails on every rank instead, naming the rank that differs.
 TEST(CompressedAllReduceTest, DifferentSettingsFailOnEveryRank) {

@@ -1,0 +1,176 @@
+// The all-to-all and combine-only MoE dispatches (runtime/engine/moe_dispatch.h) on a
+// synthetic layer, without a model or mpirun: 1-3 ranks as threads joined by the TCP
+// communicator on loopback, each holding the experts ExpertOwner gives it, against the whole
+// layer (MoeFfn) in one thread.
+// fp32 activations and per-row matmuls (no SGEMM tiles), so an expert's output for a row
+// does not depend on the batch: with at most two experts per row the result must be the
+// same bits (two-term sums commute), with more equal within fp32 rounding; every rank ends
+// with the same bits and the whole step's routing.
+#include "runtime/engine/moe_dispatch.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "runtime/comm/tcp_communicator.h"
+#include "tests/testutil/test_seed.h"
+
+namespace quantkv {
+namespace {
+
+int FreePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// body(rank, comm) on `world` threads, each with its TCP communicator (world 1: local).
+void OnRanks(int world, const std::function<void(int, Communicator&)>& body) {
+  if (world == 1) {
+    LocalCommunicator local;
+    body(0, local);
+    return;
+  }
+  const int port = FreePort();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      TcpCommunicatorOptions o;
+      o.rank = r;
+      o.world_size = world;
+      o.rendezvous = absl::StrCat("127.0.0.1:", port);
+      o.secret = "moe";
+      o.timeout_s = 20;
+      o.join_timeout_s = 20;
+      auto comm = CreateTcpCommunicator(o);
+      ASSERT_TRUE(comm.ok()) << comm.status();
+      body(r, **comm);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+// fp32 matrices with N(0, scale) entries, kept alive by the layer.
+struct Layer {
+  std::vector<std::vector<float>> storage;
+  MoeFfnWeights w;
+
+  kernels::WeightMatrix Add(std::mt19937_64& rng, int64_t rows, int64_t cols, float scale) {
+    std::normal_distribution<float> nd(0.0f, scale);
+    storage.emplace_back(static_cast<size_t>(rows * cols));
+    for (float& v : storage.back()) v = nd(rng);
+    return kernels::WeightMatrix{kernels::GgmlType::kF32,
+                                 reinterpret_cast<const uint8_t*>(storage.back().data()), rows,
+                                 cols};
+  }
+};
+
+Layer MakeLayer(std::mt19937_64& rng, int64_t H, int E, int64_t I, int64_t S) {
+  Layer l;
+  l.storage.reserve(static_cast<size_t>(3 * E + 4));
+  l.w.router = l.Add(rng, E, H, 0.5f);
+  for (int e = 0; e < E; ++e) {
+    ExpertMatrices m;
+    m.gate = l.Add(rng, I, H, 0.3f);
+    m.up = l.Add(rng, I, H, 0.3f);
+    m.down = l.Add(rng, H, I, 0.3f);
+    l.w.experts.push_back(m);
+  }
+  if (S > 0) {
+    l.w.shared.gate = l.Add(rng, S, H, 0.3f);
+    l.w.shared.up = l.Add(rng, S, H, 0.3f);
+    l.w.shared.down = l.Add(rng, H, S, 0.3f);
+    std::normal_distribution<float> nd(0.0f, 0.3f);
+    for (int64_t j = 0; j < H; ++j) l.w.shared_gate.push_back(nd(rng));
+  }
+  return l;
+}
+
+TEST(MoeAllToAllTest, EqualsTheWholeLayerOnOneToThreeRanks) {
+  std::mt19937_64 rng(testing::TestSeed());
+  constexpr int64_t H = 32, I = 16;
+  constexpr int E = 5;  // uneven over 2 and 3 ranks
+  kernels::MatMulOptions mm;
+  mm.activations = kernels::ActivationPrecision::kFloat32;
+  mm.gemm_min_rows = int64_t{1} << 40;
+  for (int64_t shared : {0, 24}) {
+    const Layer layer = MakeLayer(rng, H, E, I, shared);
+    for (int k : {1, 2, 3, E}) {
+      moe::RouterConfig rc;
+      rc.n_experts = E;
+      rc.top_k = k;
+      for (int64_t n : {0, 1, 2, 5, 17}) {
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        std::vector<float> x(static_cast<size_t>(n * H));
+        for (float& v : x) v = nd(rng);
+        std::vector<float> want(x.size());
+        moe::Routing want_routing;
+        MoeFfnScratch ws;
+        ASSERT_TRUE(
+            MoeFfn(layer.w, rc, x.data(), n, want.data(), nullptr, mm, ws, want_routing).ok());
+        for (int world : {1, 2, 3}) {
+          for (MoeDispatch d : {MoeDispatch::kAllToAll, MoeDispatch::kCombineOnly}) {
+            SCOPED_TRACE(::testing::Message()
+                         << world << " ranks, n " << n << ", top-" << k << ", shared " << shared
+                         << ", " << MoeDispatchName(d));
+            std::vector<std::vector<float>> got(world);
+            OnRanks(world, [&](int r, Communicator& comm) {
+              MoeFfnWeights w = layer.w;
+              w.owned.assign(E, 0);
+              for (int e = 0; e < E; ++e) w.owned[e] = ExpertOwner(e, world) == r;
+              MoeFfnScratch s;
+              MoeAllToAllScratch a;
+              moe::Routing routing;
+              int64_t ns = 0;
+              got[r].assign(x.size(), -1.0f);
+              const absl::Status st = MoeFfnAllToAll(d, w, rc, x.data(), n, got[r].data(), comm,
+                                                     nullptr, mm, s, a, routing, &ns);
+              ASSERT_TRUE(st.ok()) << "rank " << r << ": " << st;
+              EXPECT_EQ(routing.expert, want_routing.expert) << "rank " << r;
+              EXPECT_EQ(routing.weight, want_routing.weight) << "rank " << r;
+            });
+            for (int r = 0; r < world; ++r) {
+              ASSERT_EQ(0, std::memcmp(got[r].data(), got[0].data(), x.size() * sizeof(float)))
+                  << "rank " << r << " differs from rank 0";
+            }
+            for (size_t i = 0; i < x.size(); ++i) {
+              if (k <= 2) {
+                ASSERT_EQ(got[0][i], want[i]) << "value " << i << ": two-term sums commute";
+              } else {
+                ASSERT_NEAR(got[0][i], want[i], 1e-5 * (1 + std::fabs(want[i]))) << "value " << i;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(MoeDispatchTest, ParsesItsNames) {
+  EXPECT_EQ(*ParseMoeDispatch("all-reduce"), MoeDispatch::kAllReduce);
+  EXPECT_EQ(*ParseMoeDispatch("all-to-all"), MoeDispatch::kAllToAll);
+  EXPECT_EQ(*ParseMoeDispatch("combine-only"), MoeDispatch::kCombineOnly);
+  EXPECT_STREQ(MoeDispatchName(MoeDispatch::kAllToAll), "all-to-all");
+  const absl::StatusOr<MoeDispatch> bad = ParseMoeDispatch("alltoall");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find("'alltoall'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace quantkv
