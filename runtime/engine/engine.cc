@@ -982,7 +982,10 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.scale = scale * kv_[seq.cache]->policy().ScoreScale(li);  // temp= of the KV policy
       aq.fused_decode = config_.fused_decode_attention;
       aq.split_threads = pool->size();
-      kernels::KvLayerView view = kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n);
+      // A SnapKV prompt attends exactly, as SnapKV's prefill does; it is compressed at its end.
+      kernels::KvLayerView view =
+          seq.snap_pending ? kv_[seq.cache]->RetainedView(seq.kv, li, seq.kv.length + n)
+                           : kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n);
       std::vector<uint8_t> skip;  // page selection for decode inputs
       if (config_.page_fraction < 1.0 && n <= kFewRows &&
           kv_[seq.cache]->SelectPages(seq.kv, li, seq.kv.length + n, aq.q, n, n_heads,

@@ -134,7 +134,8 @@ struct EngineConfig {
   // "snapkv" (SnapKV: a prompt's blocks are decided at its end, by the attention of its last
   // snapkv_window tokens, runtime/engine/snapkv.h; blocks filled later as "attention"). The
   // prompt ends at a sequence's first one-token step; until then its exact rows are retained
-  // (an fp16 copy of the prompt, outside the KV budget). "" promotes nothing.
+  // (an fp16 copy of the prompt, outside the KV budget) and the prompt attends to them, as
+  // SnapKV prefills at full precision and compresses afterwards. "" promotes nothing.
   std::string kv_promote;
   int64_t snapkv_window = 32;
   int snapkv_pool = 7;  // odd max-pooling width over the scores

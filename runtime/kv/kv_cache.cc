@@ -545,6 +545,20 @@ kernels::KvLayerView KvCache::View(const SequenceKv& seq, int64_t layer, int64_t
   return v;
 }
 
+kernels::KvLayerView KvCache::RetainedView(const SequenceKv& seq, int64_t layer,
+                                           int64_t n_tokens) const {
+  kernels::KvLayerView v = View(seq, layer, n_tokens);
+  if (n_tokens < 1 || RetainedRow(seq, layer, 1, n_tokens - 1) == nullptr) return v;
+  // No encoded blocks: RingStart is 0, so every token past the sinks comes from the "ring",
+  // here the retained rows in token order.
+  v.n_blocks = 0;
+  v.has_floor = false;
+  v.k_ring = seq.retained[layer * 2 + 0].data();
+  v.v_ring = seq.retained[layer * 2 + 1].data();
+  v.ring_tokens = n_tokens;
+  return v;
+}
+
 int64_t KvCache::ProtectedTokensAt(int64_t n) const {
   if (n <= 0) return 0;
   const int64_t sinks = std::min(config_.policy.sink_tokens, n);

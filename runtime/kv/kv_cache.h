@@ -110,6 +110,10 @@ class KvCache {
   // Retained row of token t ([n_kv_heads][head_dim] in storage()), or nullptr.
   const uint8_t* RetainedRow(const SequenceKv& seq, int64_t layer, int kv, int64_t t) const;
   kernels::KvStorage storage() const { return storage_; }
+  // View() of the retained rows instead: every token read exactly (no encoded block), for a
+  // prompt that SnapKV compresses only at its end. View() itself when seq does not retain
+  // all n_tokens rows.
+  kernels::KvLayerView RetainedView(const SequenceKv& seq, int64_t layer, int64_t n_tokens) const;
   // True when some layer's codec keeps promoted rows.
   bool promotes() const { return promotes_; }
 
