@@ -19,7 +19,6 @@
 #include "launcher/model_session.h"
 #include "launcher/read_file.h"
 #include "launcher/serve_tensor_parallel.h"
-#include "runtime/comm/communicator.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
 #include "runtime/serve/metrics_http.h"
