@@ -23,6 +23,7 @@ struct ClientOptions {
   std::string api_key_file;
   std::string tls_ca;
   std::string prompt;
+  std::string prompt_file;
   bool chat = false;
   std::string system;
   int max_tokens = 64;
@@ -46,6 +47,9 @@ void Define(FlagSet& f, ClientOptions& o) {
   f.Path("tls-ca", &o.tls_ca, "", "PEM root certificates: connect with TLS");
   f.String("prompt", &o.prompt, "", "text (generate, score, tokenize; with --chat the user turn)")
       .Placeholder("TEXT");
+  f.Path("prompt-file", &o.prompt_file, "",
+         "read the prompt from this UTF-8 file instead of --prompt (long prompts)",
+         PathKind::kFile);
   f.Bool("chat", &o.chat, "send the prompt as a chat message (the server applies the template)");
   f.String("system", &o.system, "", "system message for --chat");
   f.Int("max-tokens", &o.max_tokens, 64, "most new tokens", {.min = 1, .max = 1 << 20});
@@ -78,8 +82,18 @@ int Fail(CommandContext& ctx, const grpc::Status& s) {
   return kExitFailure;
 }
 
-int Run(const ClientOptions& o, CommandContext& ctx) {
+int Run(const ClientOptions& options, CommandContext& ctx) {
+  ClientOptions o = options;
   const std::string& action = o.action[0];
+  if (!o.prompt_file.empty()) {
+    if (!o.prompt.empty()) {
+      ctx.err << ctx.command << ": give --prompt or --prompt-file, not both\n";
+      return kExitUsage;
+    }
+    auto text = ReadWholeFile(o.prompt_file);
+    if (!text.ok()) return ReportFailure(ctx, text.status());
+    o.prompt = *std::move(text);
+  }
   std::string api_key;
   if (!o.api_key_file.empty()) {
     auto key = ReadApiKeyFile(o.api_key_file);

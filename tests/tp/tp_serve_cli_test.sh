@@ -63,6 +63,10 @@ echo "server at $ADDRESS"
 
 "$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 12 \
   >"$TMP/served.txt" 2>"$TMP/client.err" || fail "client generate: $(cat "$TMP/client.err")"
+printf '%s' "$PROMPT" >"$TMP/prompt.txt"
+"$QUANTKV" client generate --server "$ADDRESS" --prompt-file "$TMP/prompt.txt" --max-tokens 12 \
+  >"$TMP/served_file.txt" 2>"$TMP/client.err" || fail "client --prompt-file: $(cat "$TMP/client.err")"
+cmp -s "$TMP/served.txt" "$TMP/served_file.txt" || fail "--prompt-file and --prompt differ"
 "$QUANTKV" client info --server "$ADDRESS" >"$TMP/info.txt" 2>&1 || fail "client info"
 grep -q '"tp_degree": *2' "$TMP/info.txt" || fail "ModelInfo: $(cat "$TMP/info.txt")"
 "$QUANTKV" client stats --server "$ADDRESS" >"$TMP/stats.txt" 2>&1 || fail "client stats"
@@ -71,7 +75,7 @@ import json, sys
 st = json.load(open(sys.argv[1]))
 ranks = st["ranks"]
 assert [r.get("rank", 0) for r in ranks] == [0, 1], ranks
-assert all(int(r["steps"]) == 12 for r in ranks), ranks  # 1 prefill + 11 decodes
+assert all(int(r["steps"]) == 24 for r in ranks), ranks  # 2 requests: 1 prefill + 11 decodes
 assert all(r["comm_seconds"] > 0 for r in ranks), ranks
 EOF
 
