@@ -470,6 +470,20 @@ class TcpCommunicator final : public Communicator {
   absl::Status RecvAll(int r, void* data, int64_t n) {
     auto* p = static_cast<uint8_t*>(data);
     const auto start = Clock::now();
+    // Spin on non-blocking reads for a while before sleeping in poll(): waking a blocked
+    // process took ~100 us in the VMs measured (bench/results/tp_netns.md), several times a
+    // decode step's whole all-reduce, and MPI spins the same way before it blocks.
+    const auto spin_until = start + SpinDuration();
+    while (n > 0 && Clock::now() < spin_until) {
+      const ssize_t k = ::recv(Fd(r), p, static_cast<size_t>(n), MSG_DONTWAIT);
+      if (k > 0) {
+        p += k;
+        n -= k;
+        continue;
+      }
+      if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+      break;  // closed or failed: the blocking path below reports it
+    }
     while (n > 0) {
       int wait_ms = -1;
       if (timeout_s_ > 0) {
@@ -493,6 +507,16 @@ class TcpCommunicator final : public Communicator {
       n -= k;
     }
     return absl::OkStatus();
+  }
+
+  // QUANTKV_COMM_SPIN_US (default 500; 0: block at once).
+  static std::chrono::microseconds SpinDuration() {
+    static const std::chrono::microseconds spin = [] {
+      const char* env = std::getenv("QUANTKV_COMM_SPIN_US");
+      const long us = env != nullptr ? std::strtol(env, nullptr, 10) : 500;
+      return std::chrono::microseconds(std::clamp<long>(us, 0, 1000000));
+    }();
+    return spin;
   }
 
   absl::Status Timeout(int r) const {

@@ -21,23 +21,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/testutil/free_port.h"
 #include "runtime/comm/tcp_communicator.h"
 #include "tests/testutil/test_seed.h"
 
 namespace quantkv {
 namespace {
 
-int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
+using testing::FreePort;
 
 // body(rank, comm) on `world` threads, each with its TCP communicator (world 1: local).
 void OnRanks(int world, const std::function<void(int, Communicator&)>& body) {

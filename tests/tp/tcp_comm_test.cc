@@ -22,22 +22,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/testutil/free_port.h"
+#include "tests/tp/collective_test_data.h"
 
 namespace quantkv {
 namespace {
 
-// A loopback port nothing listens on now (bound and released; a race only with other tests).
-int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
+using testing::FreePort;
+using testing::RankData;
+using testing::Count;
+using testing::Byte;
 
 TcpCommunicatorOptions Options(int rank, int world, int port) {
   TcpCommunicatorOptions o;
@@ -108,24 +102,6 @@ TEST(TcpCommTest, CollectivesMatchTheirDefinition) {
         [&](int r) { return Options(r, world, port); });
   }
 }
-
-// Rank r's n values over six decades (the order of a sum shows in its bits).
-std::vector<float> RankData(int r, int64_t n, uint32_t seed) {
-  std::mt19937 rng(seed * 131 + r);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::uniform_int_distribution<int> exp(-3, 3);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (float& v : x) v = std::ldexp(nd(rng), 3 * exp(rng));
-  return x;
-}
-
-// Uneven counts with zeros: rank p sends nothing to rank (p + 1) % world.
-int64_t Count(int from, int to, int world, int64_t scale) {
-  if (world > 1 && to == (from + 1) % world) return 0;
-  return ((from * 7 + to * 3) % 5 + 1) * scale + from;
-}
-
-uint8_t Byte(int from, int to, int64_t i) { return static_cast<uint8_t>(from * 31 + to * 7 + i); }
 
 TEST(TcpCommTest, ReduceScatterAndAllToAllMatchTheirDefinition) {
   for (int world : {1, 2, 3}) {
