@@ -181,9 +181,8 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
           const int64_t b = t / kv.block_tokens;
           const int64_t end = std::min(enc_end, (b + 1) * kv.block_tokens);
           const KvSlabs& slabs = kv.SlabsOf(0, b);
-          const uint64_t held = slabs.codecs[g]->HeldRows(slabs.Slab(kv.block_table[b], g),
-                                                          t - b * kv.block_tokens,
-                                                          end - b * kv.block_tokens);
+          const uint64_t held = slabs.codecs[g]->HeldRows(
+              slabs.Slab(kv.block_table[b], g), t - b * kv.block_tokens, end - b * kv.block_tokens);
           dropped |= (~held & attention_internal::TileBits(0, end - t)) << (t - s);
           t = end;
         }
@@ -225,9 +224,8 @@ void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, T
             }
             span.skip |= dropped & attention_internal::TileBits(span.enc_begin, span.enc_end);
             const int64_t r = (i - i0) * group;
-            attention_internal::TileUpdate(query.q + (i * query.n_heads + g * group) * d, group,
-                                           d, forms, span, query.scale, m + r, l + r,
-                                           acc + r * d);
+            attention_internal::TileUpdate(query.q + (i * query.n_heads + g * group) * d, group, d,
+                                           forms, span, query.scale, m + r, l + r, acc + r * d);
           }
           continue;
         }

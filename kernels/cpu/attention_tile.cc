@@ -75,8 +75,7 @@ QKV_TILE_AVX512 inline void Values(const float (*p)[kTileTokens], int64_t d, int
 
 template <int NR>
 QKV_TILE_AVX512 void UpdateRows(const float* q, int64_t d, const TileForms& tile,
-                                const TileSpan& span, float scale, float* m, float* l,
-                                float* acc) {
+                                const TileSpan& span, float scale, float* m, float* l, float* acc) {
   const uint64_t valid = TileBits(0, span.n) & ~span.skip;
   if (valid == 0) return;
   const uint64_t encoded = TileBits(span.enc_begin, span.enc_end);
@@ -130,10 +129,18 @@ QKV_TILE_AVX512 void UpdateRows(const float* q, int64_t d, const TileForms& tile
   }
   for (int64_t c0 = 0; c0 < d; c0 += 64) {
     switch (std::min<int64_t>(4, (d - c0) / 16)) {
-      case 4: Values<NR, 4>(p, d, c0, tile, span, acc); break;
-      case 3: Values<NR, 3>(p, d, c0, tile, span, acc); break;
-      case 2: Values<NR, 2>(p, d, c0, tile, span, acc); break;
-      default: Values<NR, 1>(p, d, c0, tile, span, acc); break;
+      case 4:
+        Values<NR, 4>(p, d, c0, tile, span, acc);
+        break;
+      case 3:
+        Values<NR, 3>(p, d, c0, tile, span, acc);
+        break;
+      case 2:
+        Values<NR, 2>(p, d, c0, tile, span, acc);
+        break;
+      default:
+        Values<NR, 1>(p, d, c0, tile, span, acc);
+        break;
     }
   }
 }
@@ -149,7 +156,8 @@ bool TileKernelUsable(int64_t head_dim) {
     __builtin_cpu_init();
     return kv_codec_internal::KvCodecIsa() >= 2 && __builtin_cpu_supports("avx512dq");
   }();
-  return isa && g_tile_kernel_enabled && head_dim % 16 == 0 && head_dim > 0 && head_dim <= kTileMaxHeadDim;
+  return isa && g_tile_kernel_enabled && head_dim % 16 == 0 && head_dim > 0 &&
+         head_dim <= kTileMaxHeadDim;
 }
 
 void TransposeTile(const float* rows, int64_t t0, int64_t t1, int64_t d, float* out) {
@@ -167,10 +175,18 @@ void TileUpdate(const float* q, int64_t n_rows, int64_t d, const TileForms& tile
     const float* qj = q + j * d;
     float* aj = acc + j * d;
     switch (std::min<int64_t>(kMaxRows, n_rows - j)) {
-      case 4: UpdateRows<4>(qj, d, tile, span, scale, m + j, l + j, aj); break;
-      case 3: UpdateRows<3>(qj, d, tile, span, scale, m + j, l + j, aj); break;
-      case 2: UpdateRows<2>(qj, d, tile, span, scale, m + j, l + j, aj); break;
-      default: UpdateRows<1>(qj, d, tile, span, scale, m + j, l + j, aj); break;
+      case 4:
+        UpdateRows<4>(qj, d, tile, span, scale, m + j, l + j, aj);
+        break;
+      case 3:
+        UpdateRows<3>(qj, d, tile, span, scale, m + j, l + j, aj);
+        break;
+      case 2:
+        UpdateRows<2>(qj, d, tile, span, scale, m + j, l + j, aj);
+        break;
+      default:
+        UpdateRows<1>(qj, d, tile, span, scale, m + j, l + j, aj);
+        break;
     }
   }
 }

@@ -207,8 +207,9 @@ absl::StatusOr<KvCodecSpec> ParseKvCodecSpec(std::string_view text_in) {
                         opt.data() + opt.size() &&
                     v >= 1 && v <= 32;
     if (!ok) {
-      return SpecError(trimmed, "drop holds only promoted rows: it takes exactly one option, "
-                                "keepN with 1 <= N <= 32 (e.g. drop:keep16)");
+      return SpecError(trimmed,
+                       "drop holds only promoted rows: it takes exactly one option, "
+                       "keepN with 1 <= N <= 32 (e.g. drop:keep16)");
     }
     spec.keep_rows = v;
     return spec;
@@ -461,10 +462,9 @@ absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(const KvCodecConfig& co
     KvCodecConfig inner = config;
     inner.spec.keep_rows = 0;
     if (spec.type == KvCodecType::kDrop) {
-      return kv_codec_internal::MakeKeepRowsCodec(spec, head_dim, block_tokens,
-                                                  kv_codec_internal::MakeDropCodec(inner.spec,
-                                                                                   head_dim,
-                                                                                   block_tokens));
+      return kv_codec_internal::MakeKeepRowsCodec(
+          spec, head_dim, block_tokens,
+          kv_codec_internal::MakeDropCodec(inner.spec, head_dim, block_tokens));
     }
     absl::StatusOr<std::unique_ptr<KvCodec>> in = Create(inner);
     if (!in.ok()) return in.status();

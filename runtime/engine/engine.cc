@@ -229,9 +229,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
       e->promote_ = Promote::kAttention;
     } else if (config.kv_promote == "snapkv") {
       if (config.snapkv_window < 1 || config.snapkv_pool < 1 || config.snapkv_pool % 2 == 0) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "--kv-promote snapkv: window %d must be >= 1 and pooling %d odd", config.snapkv_window,
-            config.snapkv_pool));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("--kv-promote snapkv: window %d must be >= 1 and pooling %d odd",
+                            config.snapkv_window, config.snapkv_pool));
       }
       e->promote_ = Promote::kSnapKv;
     } else if (config.kv_promote == "router-entropy") {
@@ -983,9 +983,9 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       aq.fused_decode = config_.fused_decode_attention;
       aq.split_threads = pool->size();
       // A SnapKV prompt attends exactly, as SnapKV's prefill does; it is compressed at its end.
-      kernels::KvLayerView view =
-          seq.snap_pending ? kv_[seq.cache]->RetainedView(seq.kv, li, seq.kv.length + n)
-                           : kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n);
+      kernels::KvLayerView view = seq.snap_pending
+                                      ? kv_[seq.cache]->RetainedView(seq.kv, li, seq.kv.length + n)
+                                      : kv_[seq.cache]->View(seq.kv, li, seq.kv.length + n);
       std::vector<uint8_t> skip;  // page selection for decode inputs
       if (config_.page_fraction < 1.0 && n <= kFewRows &&
           kv_[seq.cache]->SelectPages(seq.kv, li, seq.kv.length + n, aq.q, n, n_heads,

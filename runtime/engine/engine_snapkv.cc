@@ -45,9 +45,9 @@ absl::Status Engine::SnapPromote(Sequence& seq) {
     const SnapKvQueries queries{seq.snap_q[l].data(), seq.snap_positions.data(),
                                 static_cast<int64_t>(seq.snap_positions.size()), n_heads,
                                 scale * cache.policy().ScoreScale(l)};
-    QKV_ASSIGN_OR_RETURN(std::vector<float> scores,
-                         SnapKvScores(cache, seq.kv, l, seq.kv.length, queries,
-                                      config_.snapkv_pool, pool_.get()));
+    QKV_ASSIGN_OR_RETURN(
+        std::vector<float> scores,
+        SnapKvScores(cache, seq.kv, l, seq.kv.length, queries, config_.snapkv_pool, pool_.get()));
     for (int64_t pos = 0; pos < full * bt; ++pos) {
       (void)cache.PromoteRow(seq.kv, l, pos, scores[pos]);
     }

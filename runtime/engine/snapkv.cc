@@ -16,8 +16,8 @@ absl::StatusOr<std::vector<float>> SnapKvScores(const KvCache& cache, const Sequ
                                                 kernels::ThreadPool* pool) {
   const int64_t n_kv = cache.config().n_kv_heads, d = cache.config().head_dim;
   const int64_t n_heads = queries.n_heads;
-  if (n_heads <= 0 || n_heads % n_kv != 0 || queries.n_q < 0 || n_tokens < 0 ||
-      pool_kernel < 1 || pool_kernel % 2 == 0) {
+  if (n_heads <= 0 || n_heads % n_kv != 0 || queries.n_q < 0 || n_tokens < 0 || pool_kernel < 1 ||
+      pool_kernel % 2 == 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "SnapKV scores: %d query heads over %d KV heads, %d queries, %d tokens, pooling %d "
         "(want heads a multiple of the KV heads and an odd pooling width)",
@@ -25,9 +25,9 @@ absl::StatusOr<std::vector<float>> SnapKvScores(const KvCache& cache, const Sequ
   }
   for (int64_t i = 0; i < queries.n_q; ++i) {
     if (queries.positions[i] < 0 || queries.positions[i] >= n_tokens) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "SnapKV scores: query %d at position %d outside the %d tokens", i,
-          queries.positions[i], n_tokens));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("SnapKV scores: query %d at position %d outside the %d tokens", i,
+                          queries.positions[i], n_tokens));
     }
   }
   const int64_t group = n_heads / n_kv;
@@ -42,8 +42,8 @@ absl::StatusOr<std::vector<float>> SnapKvScores(const KvCache& cache, const Sequ
     for (int64_t t = 0; t < n_tokens; ++t) {
       const uint8_t* r = cache.RetainedRow(seq, layer, 0, t);
       if (r == nullptr) {
-        return absl::FailedPreconditionError(absl::StrFormat(
-            "SnapKV scores: layer %d token %d's key is not retained", layer, t));
+        return absl::FailedPreconditionError(
+            absl::StrFormat("SnapKV scores: layer %d token %d's key is not retained", layer, t));
       }
       float* out = keys.data() + t * d;
       if (cache.storage() == kernels::KvStorage::kF32) {

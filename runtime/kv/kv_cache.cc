@@ -285,8 +285,7 @@ void KvCache::RetainRows(SequenceKv& seq, bool on) const {
   if (on && seq.length > 0) seq.retain_rows = false;
 }
 
-const uint8_t* KvCache::RetainedRow(const SequenceKv& seq, int64_t layer, int kv,
-                                    int64_t t) const {
+const uint8_t* KvCache::RetainedRow(const SequenceKv& seq, int64_t layer, int kv, int64_t t) const {
   if (layer < 0 || layer >= config_.n_layers || t < 0 ||
       static_cast<int64_t>(seq.retained.size()) != 2 * config_.n_layers) {
     return nullptr;
@@ -474,8 +473,8 @@ int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float p
       seq.blocks[b] < 0) {
     return 0;
   }
-  const uint8_t* retained = pos < seq.length - ring_tokens_ ? RetainedRow(seq, layer, 0, pos)
-                                                             : nullptr;
+  const uint8_t* retained =
+      pos < seq.length - ring_tokens_ ? RetainedRow(seq, layer, 0, pos) : nullptr;
   if (pos < seq.length - ring_tokens_ && retained == nullptr) return 0;
   int64_t kept = 0;
   std::vector<float> x(static_cast<size_t>(d));
@@ -484,9 +483,9 @@ int64_t KvCache::PromoteRow(SequenceKv& seq, int64_t layer, int64_t pos, float p
     uint8_t* block = sc.pool + static_cast<int64_t>(seq.blocks[b]) * sc.stride;
     for (int64_t h = 0; h < config_.n_kv_heads; ++h) {
       if (sc.heads[h]->spec().keep_rows == 0) continue;
-      const uint8_t* r = (retained != nullptr ? RetainedRow(seq, layer, kv, pos)
-                                              : RingRow(seq, layer, kv, pos)) +
-                         h * d * kernels::KvStorageBytes(storage_);
+      const uint8_t* r =
+          (retained != nullptr ? RetainedRow(seq, layer, kv, pos) : RingRow(seq, layer, kv, pos)) +
+          h * d * kernels::KvStorageBytes(storage_);
       if (storage_ == kernels::KvStorage::kF32) {
         std::memcpy(x.data(), r, d * sizeof(float));
       } else {

@@ -228,9 +228,11 @@ TEST(AttentionTileKernelTest, VectorKernelMatchesScalarLoop) {
   const std::vector<float> k = testing::RandomFloats(rng, n_ctx * n_kv * d);
   const std::vector<float> v = testing::RandomFloats(rng, n_ctx * n_kv * d);
   const std::vector<float> q = testing::RandomFloats(rng, 100 * n_heads * d);
-  for (const char* spec : {"fp16", "int4", "int4-comp", "int2-comp", "k=int4:chan,v=int2,sink=3,window=70,block=32"}) {
+  for (const char* spec :
+       {"fp16", "int4", "int4-comp", "int2-comp", "k=int4:chan,v=int2,sink=3,window=70,block=32"}) {
     for (int64_t n_q : {1, 3, 37, 100}) {
-      testing::CacheAttention c{.spec = spec, .n_kv_heads = n_kv, .head_dim = d, .n_heads = n_heads};
+      testing::CacheAttention c{
+          .spec = spec, .n_kv_heads = n_kv, .head_dim = d, .n_heads = n_heads};
       c.fused_decode = false;
       const std::vector<float> fast = testing::AttendThroughCache(c, k, v, q, n_q);
       kernels::attention_internal::SetTileKernelEnabledForTesting(false);

@@ -115,14 +115,14 @@ TEST(KvPromoteTest, SnapKvDecidesAtThePromptsEndAndDropKeepsTheChosenRows) {
   EXPECT_GT(err_none, 1e-3);
   EXPECT_LT(err_snap, 0.9 * err_none);
   const std::string drop = "k=drop:keep6,v=drop:keep6,sink=2,window=4,block=16";
-  const double drop_none = RelativeL2Error(RunPromptThenDecode(model, drop, "").decode,
-                                           exact.decode);
-  const double drop_h2o = RelativeL2Error(RunPromptThenDecode(model, drop, "attention").decode,
-                                          exact.decode);
-  const double drop_snap = RelativeL2Error(RunPromptThenDecode(model, drop, "snapkv").decode,
-                                           exact.decode);
-  std::printf("decode error vs fp32: drop keep6 none %.4f attention %.4f snapkv %.4f\n",
-              drop_none, drop_h2o, drop_snap);
+  const double drop_none =
+      RelativeL2Error(RunPromptThenDecode(model, drop, "").decode, exact.decode);
+  const double drop_h2o =
+      RelativeL2Error(RunPromptThenDecode(model, drop, "attention").decode, exact.decode);
+  const double drop_snap =
+      RelativeL2Error(RunPromptThenDecode(model, drop, "snapkv").decode, exact.decode);
+  std::printf("decode error vs fp32: drop keep6 none %.4f attention %.4f snapkv %.4f\n", drop_none,
+              drop_h2o, drop_snap);
   EXPECT_LT(drop_h2o, drop_none);
   EXPECT_LT(drop_snap, drop_none);
 }

@@ -161,7 +161,8 @@ TEST(KvCodecKeepRowsTest, DropSpecsParseAndRefuseWhatTheyCannotBe) {
   kc.head_dim = 64;
   kc.max_bytes = 1 << 20;
   kc.max_step_tokens = 64;
-  for (const char* bad : {"k=drop:keep4,v=int2:keep4,block=32", "k=drop:keep4,v=drop:keep2,block=32"}) {
+  for (const char* bad :
+       {"k=drop:keep4,v=int2:keep4,block=32", "k=drop:keep4,v=drop:keep2,block=32"}) {
     auto policy = ParseKvPolicy(bad, 1, 1);
     ASSERT_TRUE(policy.ok()) << policy.status();
     kc.policy = *policy;
@@ -178,7 +179,7 @@ TEST(KvCodecKeepRowsTest, EvictedTokensAreNotAttended) {
   const uint64_t seed = testing::TestSeed();
   SCOPED_TRACE(::testing::Message() << "QUANTKV_TEST_SEED=" << seed);
   std::mt19937_64 rng(seed);
-  const int64_t d = 64, n_kv = 2, n_heads = 6, bt = 32, n = 100, row = n_kv * d;
+  const int64_t d = 64, n_kv = 2, n_heads = 6, n = 100, row = n_kv * d;
   KvCacheConfig kc;
   kc.n_layers = 1;
   kc.n_kv_heads = n_kv;

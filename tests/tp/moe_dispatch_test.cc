@@ -21,8 +21,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "tests/testutil/free_port.h"
 #include "runtime/comm/tcp_communicator.h"
+#include "tests/testutil/free_port.h"
 #include "tests/testutil/test_seed.h"
 
 namespace quantkv {

@@ -28,10 +28,10 @@
 namespace quantkv {
 namespace {
 
+using testing::Byte;
+using testing::Count;
 using testing::FreePort;
 using testing::RankData;
-using testing::Count;
-using testing::Byte;
 
 TcpCommunicatorOptions Options(int rank, int world, int port) {
   TcpCommunicatorOptions o;

@@ -11,18 +11,18 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "tests/tp/collective_test_data.h"
 #include "runtime/comm/communicator.h"
 #include "runtime/comm/mpi_communicator.h"
+#include "tests/tp/collective_test_data.h"
 #include "tests/tp/test_comm.h"
 
 namespace quantkv {
 namespace {
 
+using testing::Byte;
+using testing::Count;
 using testing::RankData;
 using testing::RankOrderedSum;
-using testing::Count;
-using testing::Byte;
 
 Communicator& Comm() { return testing::TestComm(); }
 
