@@ -278,17 +278,28 @@ class TcpCommunicator final : public Communicator {
     ++calls_;
     auto* out = static_cast<uint8_t*>(recv);
     const Frame frame{kAllGather, 0, static_cast<uint64_t>(bytes)};
+    // Rank 0 sends each rank every piece but its own: (N - 1) pieces, not N.
+    const Frame others{kAllGather, 0, static_cast<uint64_t>(bytes * (size_ - 1))};
     if (rank_ != 0) {
       if (absl::Status s = SendFrame(0, frame, send); !s.ok()) return s;
-      return RecvFrame(0, {kAllGather, 0, static_cast<uint64_t>(bytes * size_)}, out);
+      std::memmove(out + rank_ * bytes, send, static_cast<size_t>(bytes));
+      Frame got{};
+      if (absl::Status s = RecvHeader(0, &got); !s.ok()) return s;
+      if (absl::Status s = CheckHeader(0, got, others); !s.ok()) return s;
+      if (absl::Status s = RecvAll(0, out, rank_ * bytes); !s.ok()) return s;
+      return RecvAll(0, out + (rank_ + 1) * bytes, (size_ - 1 - rank_) * bytes);
     }
-    std::memcpy(out, send, static_cast<size_t>(bytes));
+    std::memmove(out, send, static_cast<size_t>(bytes));
     for (int r = 1; r < size_; ++r) {
       if (absl::Status s = RecvFrame(r, frame, out + r * bytes); !s.ok()) return FailPeers(s);
     }
-    const Frame all{kAllGather, 0, static_cast<uint64_t>(bytes * size_)};
     for (int r = 1; r < size_; ++r) {
-      if (absl::Status s = SendFrame(r, all, out); !s.ok()) return s;
+      if (absl::Status s = SendAll(r, &others, sizeof(others)); !s.ok()) return s;
+      if (absl::Status s = SendAll(r, out, r * bytes); !s.ok()) return s;
+      if (absl::Status s = SendAll(r, out + (r + 1) * bytes, (size_ - 1 - r) * bytes); !s.ok()) {
+        return s;
+      }
+      bytes_sent_ += static_cast<int64_t>(others.bytes);
     }
     return absl::OkStatus();
   }
