@@ -135,6 +135,8 @@ void TensorParallelExecutor::Heartbeat() {
       grpc::ClientContext ctx;
       PrepareContext(ctx, config_.token, absl::Seconds(5));
       v1::WorkerHealthResponse health;
+      // Only the call matters: it resets the worker's silence watchdog. A worker that does
+      // not answer is reported by the next Step, which every request waits on.
       (void)w->stub->Health(&ctx, v1::WorkerHealthRequest(), &health);
     }
     lock.lock();

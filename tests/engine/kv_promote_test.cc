@@ -21,8 +21,8 @@ std::unique_ptr<WeightSource> Open(const std::string& name) {
 
 // Logits of 48 tokens fed 4 per step, so blocks fill in early steps and later steps read
 // them (promotion happens at the end of the step that fills a block).
-std::vector<float> RunSteps(const std::string& model, const std::string& kv,
-                            const std::string& promote) {
+// Steps of 4 tokens, fp32 activations (so caches differ only in what they hold).
+EngineConfig PromoteConfig(const std::string& kv, const std::string& promote) {
   EngineConfig c;
   c.kv_spec = kv;
   c.kv_max_bytes = 1 << 20;
@@ -30,7 +30,12 @@ std::vector<float> RunSteps(const std::string& model, const std::string& kv,
   c.kv_promote = promote;
   c.decode_activations = kernels::ActivationPrecision::kFloat32;
   c.lm_head_activations = kernels::ActivationPrecision::kFloat32;
-  auto e = Engine::Create(Open(model), c);
+  return c;
+}
+
+std::vector<float> RunSteps(const std::string& model, const std::string& kv,
+                            const std::string& promote) {
+  auto e = Engine::Create(Open(model), PromoteConfig(kv, promote));
   EXPECT_TRUE(e.ok()) << e.status();
   std::vector<int32_t> tokens;
   for (int i = 0; i < 48; ++i) tokens.push_back((i * 37 + 11) % 256);
@@ -66,14 +71,8 @@ struct PromptThenDecode {
 };
 PromptThenDecode RunPromptThenDecode(const std::string& model, const std::string& kv,
                                      const std::string& promote) {
-  EngineConfig c;
-  c.kv_spec = kv;
-  c.kv_max_bytes = 1 << 20;
-  c.max_chunk_tokens = 4;
-  c.kv_promote = promote;
+  EngineConfig c = PromoteConfig(kv, promote);
   c.snapkv_window = 8;
-  c.decode_activations = kernels::ActivationPrecision::kFloat32;
-  c.lm_head_activations = kernels::ActivationPrecision::kFloat32;
   auto e = Engine::Create(Open(model), c);
   EXPECT_TRUE(e.ok()) << e.status();
   PromptThenDecode out;
