@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "runtime/comm/mpi_communicator.h"
+#include "runtime/comm/nccl_communicator.h"
 #include "runtime/comm/tcp_communicator.h"
 #include "runtime/engine/attn_correction.h"
 #include "runtime/kv/kv_policy.h"
@@ -64,7 +65,7 @@ struct Fingerprint {
   uint64_t kv_hash = 0;     // the --kv text, and the policy file's bytes for @FILE
   int32_t tp = 0;
   char kv[200] = {};       // the start of the --kv text, for the message
-  uint64_t comm_hash = 0;  // the --comm-compress* settings
+  uint64_t comm_hash = 0;  // the --comm-compress*, --comm-backend, ... settings
   char comm[120] = {};     // their start, for the message
 };
 
@@ -128,8 +129,9 @@ absl::Status CheckSameInputs(Communicator& comm, const Fingerprint& mine, const 
         path, mine.model_bytes, mine.model_hash, root.model_bytes, root.model_hash));
   } else if (root.comm_hash != mine.comm_hash) {
     local = absl::InvalidArgumentError(absl::StrFormat(
-        "--comm-compress / --rope-scaling settings %s differ from rank 0's %s: every rank "
-        "must compress the same all-reduces the same way and use the same RoPE",
+        "--comm-compress / --comm-backend / --rope-scaling / --ep settings %s differ from rank "
+        "0's %s: every rank must make the same collectives over the same backend, compress "
+        "them the same way and use the same RoPE",
         std::string(mine.comm, strnlen(mine.comm, sizeof(mine.comm))),
         std::string(root.comm, strnlen(root.comm, sizeof(root.comm)))));
   } else if (root.kv_hash != mine.kv_hash) {
@@ -163,6 +165,26 @@ absl::Status CheckLaunch(const ModelFlags& flags, const EngineConfig& base) {
     }
   } else if (flags.rank >= 0 || !flags.secret_file.empty()) {
     return absl::InvalidArgumentError("--rank and --secret-file go with --rendezvous");
+  }
+  if (flags.comm_backend == "nccl") {
+    if (!flags.rendezvous.empty()) {
+      // NCCL's own bootstrap opens sockets between the ranks that the shared secret does not
+      // guard, and the TCP data plane is the point of --rendezvous.
+      return absl::InvalidArgumentError(
+          "--comm-backend nccl is for ranks started by mpirun, not with --rendezvous: NCCL "
+          "connects the ranks itself, outside the --secret-file check that admits ranks to a "
+          "--rendezvous job (whose data plane is TCP)");
+    }
+    if (flags.tp < 2) {
+      return absl::InvalidArgumentError(
+          "--comm-backend nccl needs --tp > 1 under mpirun (one rank has no collectives)");
+    }
+    if (!NcclAvailable()) {
+      // Before the model is read: the NCCL group is made only after it.
+      return absl::UnimplementedError(
+          "--comm-backend nccl: this quantkv was built without CUDA (QUANTKV_CUDA=OFF); rebuild "
+          "with nvcc and NCCL, or use --comm-backend mpi");
+    }
   }
   if (flags.tp > 1 && world == 0 && flags.rendezvous.empty()) {
     return absl::FailedPreconditionError(absl::StrFormat(
@@ -320,6 +342,10 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
     flags.Path("secret-file", &o.secret_file, "",
                "with --rendezvous: a file whose first line is a secret shared by every rank; "
                "a process without it cannot join");
+    flags.Choice("comm-backend", &o.comm_backend, "mpi", {"mpi", "nccl"},
+                 "the collectives of ranks started by mpirun: mpi, or nccl (one GPU per rank, "
+                 "picked by node-local rank; MPI only hands out NCCL's unique id; today's CPU "
+                 "engine stages every collective through device memory)");
     flags
         .String("comm-compress", &o.comm_compress, "none",
                 "compress the --tp all-reduces: none, int8, fp8 or int4 (group-quantized with "
@@ -494,11 +520,18 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
     if (flags.ep != 0 || flags.ep_dispatch != "all-reduce") {
       comm += absl::StrFormat(", --ep %d --ep-dispatch %s", flags.ep, flags.ep_dispatch);
     }
+    // And the backend: a rank on NCCL and one on MPI would wait in different groups.
+    if (flags.comm_backend != "mpi") comm += ", --comm-backend " + flags.comm_backend;
     Fnv comm_hash;
     comm_hash.Add(comm);
     print.comm_hash = comm_hash.value();
     std::memcpy(print.comm, comm.data(), std::min(comm.size(), sizeof(print.comm) - 1));
     QKV_RETURN_IF_ERROR(CheckSameInputs(*s.comm, print, flags, s.path));
+    if (flags.comm_backend == "nccl") {
+      // After the comparison, so that every rank is here (a rank left on MPI would not join).
+      // The NCCL group owns the MPI one: its bootstrap, and what Abort ends the job with.
+      QKV_ASSIGN_OR_RETURN(s.comm, CreateNcclCommunicator(std::move(s.comm)));
+    }
     if (flags.comm_compress != "none") {
       // After the comparison: every rank wraps its group, or none does.
       QKV_RETURN_IF_ERROR(agree(config.status()));

@@ -30,6 +30,9 @@ struct ModelFlags {
   std::string rendezvous;
   int rank = -1;
   std::string secret_file;
+  // The data plane of ranks started by mpirun: "mpi", or "nccl" (one GPU per rank; MPI then
+  // only bootstraps it: runtime/comm/nccl_communicator.h).
+  std::string comm_backend = "mpi";
   // MoE models under --tp: experts split over the ranks whole (ep = tp, the default 0 means
   // that) or every expert split by neuron (ep = 1, tensor parallelism inside experts).
   int ep = 0;
