@@ -150,6 +150,7 @@ int Run(const ClientOptions& options, CommandContext& ctx) {
     prepare(c);
     auto reader = stub->Generate(&c, req);
     v1::GenerateResponse resp;
+    std::string stream_error;
     while (reader->Read(&resp)) {
       if (resp.has_chunk()) {
         ctx.out << resp.chunk().text() << std::flush;
@@ -164,11 +165,16 @@ int Run(const ClientOptions& options, CommandContext& ctx) {
             v1::FinishReason_Name(f.finish_reason()), f.ttft_ms(), f.tokens_per_s(),
             f.kv_bits_per_element(), f.preemptions());
       } else if (resp.has_error()) {
-        ctx.err << ctx.command << ": error: " << resp.error().message() << "\n";
+        stream_error = resp.error().message();
       }
     }
     grpc::Status s = reader->Finish();
-    return s.ok() ? kExitOk : Fail(ctx, s);
+    // The server ends a stream that carried an error with that error as its status, which
+    // says it with its code: print it once, from the status.
+    if (!s.ok()) return Fail(ctx, s);
+    if (stream_error.empty()) return kExitOk;
+    ctx.err << ctx.command << ": error: " << stream_error << "\n";
+    return kExitFailure;
   }
   grpc::ClientContext c;
   prepare(c);

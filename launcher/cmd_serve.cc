@@ -1,15 +1,18 @@
 // `quantkv serve`: the gRPC generation server (proto/quantkv/v1/generation.proto) over one
 // engine with continuous batching. SIGINT/SIGTERM stop it: new calls are refused, streams
-// in flight end with FINISH_REASON_ABORT, and the process exits. With --metrics-listen it
+// in flight end with FINISH_REASON_ABORT (under --tp N, with UNAVAILABLE naming the rank
+// when a worker rank no longer answers), and the process exits. With --metrics-listen it
 // also serves Prometheus metrics (vLLM's names, `quantkv:` prefix) over HTTP at /metrics.
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <fstream>
 #include <limits>
 #include <memory>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
@@ -19,6 +22,7 @@
 #include "launcher/model_session.h"
 #include "launcher/read_file.h"
 #include "launcher/serve_tensor_parallel.h"
+#include "runtime/comm/communicator.h"
 #include "runtime/serve/engine_loop.h"
 #include "runtime/serve/generation_server.h"
 #include "runtime/serve/metrics_http.h"
@@ -222,16 +226,41 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
                  : "")
       << std::flush;
 
+  // A collective that times out on this rank ends the job from inside the step: the clients
+  // hear why first (the streams' writers need a moment to send it).
+  if ((*loop)->tp_degree() > 1) {
+    SetBeforeJobAbortHook([l = loop->get()](std::string_view reason) {
+      l->FailAllNow(absl::UnavailableError(
+          absl::StrCat("the tensor-parallel job is being aborted, so this request cannot finish (",
+                       std::string(reason), ")")));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    });
+  }
   int sig = 0;
   sigwait(&stop_signals, &sig);
   ctx.err << ctx.command << ": " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ", shutting down\n"
           << std::flush;
+  // Under mpirun a SIGTERM usually means another rank exited and mpirun is ending the job:
+  // it kills this process 1 s later (odls_base_sigkill_timeout), while the loop thread may
+  // wait in a collective that will never complete. So ask the workers first; if one is
+  // gone, every client hears which one now, instead of "Socket closed" at the kill.
+  bool lost_rank = false;
+  if ((*loop)->tp_degree() > 1) {
+    if (absl::Status probe = (*loop)->ProbeRanks(absl::Milliseconds(300)); !probe.ok()) {
+      lost_rank = true;
+      ctx.err << ctx.command << ": " << probe.message() << "\n" << std::flush;
+      (*loop)->FailAllNow(absl::UnavailableError(
+          absl::StrCat("the tensor-parallel job lost a rank, so this request cannot finish (",
+                       probe.message(), ")")));
+    }
+  }
   // Scrapes stop first: nothing reads the metrics while the loop winds down.
   if (metrics_server) metrics_server->Stop();
   (*server)->Shutdown(absl::Seconds(5));
   (*loop)->Shutdown();
+  SetBeforeJobAbortHook(nullptr);
   pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
-  return kExitOk;
+  return lost_rank ? kExitFailure : kExitOk;
 }
 
 }  // namespace

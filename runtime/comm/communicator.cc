@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -54,6 +55,31 @@ absl::Status LocalCommunicator::Broadcast(void* data, int64_t bytes, int root) {
 }
 
 void LocalCommunicator::Abort(int exit_code) { std::exit(exit_code); }
+
+namespace {
+std::mutex& AbortHookMutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::function<void(std::string_view)>& AbortHook() {
+  static std::function<void(std::string_view)> hook;
+  return hook;
+}
+}  // namespace
+
+void SetBeforeJobAbortHook(std::function<void(std::string_view reason)> hook) {
+  std::lock_guard<std::mutex> lock(AbortHookMutex());
+  AbortHook() = std::move(hook);
+}
+
+void RunBeforeJobAbortHook(std::string_view reason) {
+  std::function<void(std::string_view)> hook;
+  {
+    std::lock_guard<std::mutex> lock(AbortHookMutex());
+    hook = AbortHook();
+  }
+  if (hook) hook(reason);
+}
 
 int LauncherWorldSize() {
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"}) {

@@ -9,9 +9,11 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -100,6 +102,14 @@ class LocalCommunicator final : public Communicator {
   absl::Status Barrier() override { return absl::OkStatus(); }
   [[noreturn]] void Abort(int exit_code) override;
 };
+
+// A process-wide callback run just before a communicator ends the whole job by itself (the
+// MPI communicator's collective timeout), with the line it prints: a server sets it to tell
+// its clients why, before the launcher kills the process. It runs on the thread that waited
+// and must return within a fraction of a second. Null clears it.
+void SetBeforeJobAbortHook(std::function<void(std::string_view reason)> hook);
+// Runs the hook, if one is set (for Communicator implementations).
+void RunBeforeJobAbortHook(std::string_view reason);
 
 // The number of processes the launcher started, from its environment (Open MPI's
 // OMPI_COMM_WORLD_SIZE; PMI_SIZE / PMIX_SIZE for MPICH / Slurm-style launchers); 0 when

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -119,14 +120,16 @@ absl::Status WaitBounded(MPI_Request* request, const char* what, Clock::duration
       // One line, flushed before MPI_Abort (whose own banner follows). The rank printing it
       // is the one that waited, not the culprit; other ranks that arrived may print the same
       // line before the abort reaches them, and the rank that never does is the one to debug.
-      absl::FPrintF(stderr,
-                    "quantkv: rank %d of %d (pid %d): MPI %s (collective #%d) not complete after "
-                    "%.1f s: another rank may have died or hung; aborting all ranks (timeout "
-                    "%g s; QUANTKV_COMM_TIMEOUT_S sets it, 0 waits forever)\n",
-                    rank, size, static_cast<int>(getpid()), what, seq,
-                    std::chrono::duration<double>(waited).count(),
-                    std::chrono::duration<double>(timeout).count());
+      const std::string line = absl::StrFormat(
+          "rank %d of %d (pid %d): MPI %s (collective #%d) not complete after %.1f s: another "
+          "rank may have died or hung; aborting all ranks (timeout %g s; QUANTKV_COMM_TIMEOUT_S "
+          "sets it, 0 waits forever)",
+          rank, size, static_cast<int>(getpid()), what, seq,
+          std::chrono::duration<double>(waited).count(),
+          std::chrono::duration<double>(timeout).count());
+      absl::FPrintF(stderr, "quantkv: %s\n", line);
       std::fflush(stderr);
+      RunBeforeJobAbortHook(line);
       MPI_Abort(MPI_COMM_WORLD, kCommTimeoutExitCode);
       std::_Exit(kCommTimeoutExitCode);  // MPI_Abort does not return
     }

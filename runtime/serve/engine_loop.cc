@@ -140,6 +140,8 @@ std::vector<StreamEvent> RequestStream::Wait(absl::Duration timeout) {
 void RequestStream::Push(StreamEvent event) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (ended_) return;
+    ended_ = event.kind != StreamEvent::Kind::kChunk;
     events_.push_back(std::move(event));
   }
   cv_.notify_all();
@@ -284,8 +286,8 @@ absl::StatusOr<std::shared_ptr<RequestStream>> EngineLoop::Submit(GenerationPara
     return absl::InvalidArgumentError(
         absl::StrFormat("GenerationParams.request_id '%s' is already live", p.request_id));
   }
-  live_ids_[p.request_id] = id;
   auto stream = std::make_shared<RequestStream>(p.request_id);
+  live_ids_[p.request_id] = {.id = id, .stream = stream};
   pending_.push_back(
       {.id = id, .params = std::move(p), .stream = stream, .submit_ns = MonotonicNowNs()});
   cv_.notify_one();
@@ -296,7 +298,7 @@ bool EngineLoop::Abort(const std::string& request_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = live_ids_.find(request_id);
   if (it == live_ids_.end()) return false;
-  aborts_.push_back(it->second);
+  aborts_.push_back(it->second.id);
   cv_.notify_one();
   return true;
 }
@@ -309,6 +311,22 @@ void EngineLoop::Shutdown() {
   cv_.notify_one();
   if (thread_.joinable()) thread_.join();
   executor_->Shutdown();
+}
+
+void EngineLoop::FailAllNow(const absl::Status& error) {
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    for (const auto& [name, live] : live_ids_) streams.push_back(live.stream);
+  }
+  cv_.notify_one();
+  for (const std::shared_ptr<RequestStream>& stream : streams) {
+    StreamEvent e;
+    e.kind = StreamEvent::Kind::kError;
+    e.error = error;
+    stream->Push(std::move(e));
+  }
 }
 
 EngineLoopStats EngineLoop::Stats() const {

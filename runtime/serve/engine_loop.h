@@ -89,7 +89,8 @@ struct StreamEvent {
 };
 
 // One request's output, produced by the loop thread and consumed by one reader. Ends with
-// exactly one kFinal or kError event.
+// exactly one kFinal or kError event: pushes after it are dropped (EngineLoop::FailAllNow
+// may end a stream from another thread while the loop thread still works on it).
 class RequestStream {
  public:
   explicit RequestStream(std::string request_id) : request_id_(std::move(request_id)) {}
@@ -106,6 +107,7 @@ class RequestStream {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<StreamEvent> events_;
+  bool ended_ = false;  // a kFinal or kError was pushed
 };
 
 struct EngineLoopConfig {
@@ -173,6 +175,15 @@ class EngineLoop {
   // Refuses new requests, aborts every live one, joins the loop thread and shuts the
   // executor down (other tensor-parallel ranks stop serving). Idempotent.
   void Shutdown();
+
+  // For a stop that cannot wait for the loop thread (a signal while a tensor-parallel step
+  // may be stuck in a collective with a dead rank, before the launcher kills this process):
+  // refuses new requests and ends every queued and running request's stream with `error`
+  // at once, from the calling thread. The loop's own later events for them are dropped.
+  // Shutdown() is still needed to stop the loop.
+  void FailAllNow(const absl::Status& error);
+  // The executor's ProbeWorkers: whether every other rank answers within `timeout`.
+  absl::Status ProbeRanks(absl::Duration timeout) { return executor_->ProbeWorkers(timeout); }
 
   EngineLoopStats Stats() const;
 
@@ -242,7 +253,11 @@ class EngineLoop {
   bool stop_ = false;
   std::vector<Pending> pending_;
   std::vector<uint64_t> aborts_;
-  absl::flat_hash_map<std::string, uint64_t> live_ids_;  // request_id -> internal id
+  struct Live {
+    uint64_t id;                            // internal id
+    std::shared_ptr<RequestStream> stream;  // for FailAllNow
+  };
+  absl::flat_hash_map<std::string, Live> live_ids_;  // by request_id
   int64_t waiting_ = 0;  // queued in the scheduler, as of the last iteration
   uint64_t next_id_ = 1;
   EngineLoopStats stats_;

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/time.h"
 #include "runtime/engine/engine.h"
 
 namespace quantkv {
@@ -44,6 +45,14 @@ class StepExecutor {
   virtual std::vector<RankStepTotals> StepTotals() const = 0;
   // The loop's last call: lets other ranks stop serving. Idempotent.
   virtual void Shutdown() {}
+  // Whether every other rank's process answers now, within `timeout` in all: UNAVAILABLE
+  // naming the first that does not (rank, address, the call's error). Safe from any thread
+  // while a Step runs, so that a signal handler can learn why a step may never return (a
+  // peer died mid-collective). OK without other ranks.
+  virtual absl::Status ProbeWorkers(absl::Duration timeout) {
+    (void)timeout;
+    return absl::OkStatus();
+  }
 };
 
 // One process, one engine.

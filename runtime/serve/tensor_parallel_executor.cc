@@ -143,6 +143,18 @@ void TensorParallelExecutor::Heartbeat() {
   }
 }
 
+absl::Status TensorParallelExecutor::ProbeWorkers(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  for (const auto& w : workers_) {
+    grpc::ClientContext ctx;
+    PrepareContext(ctx, config_.token, std::max(deadline - absl::Now(), absl::ZeroDuration()));
+    v1::WorkerHealthResponse health;
+    grpc::Status s = w->stub->Health(&ctx, v1::WorkerHealthRequest(), &health);
+    if (!s.ok()) return WorkerError(w->rank, w->address, "Health", s);
+  }
+  return absl::OkStatus();
+}
+
 TensorParallelExecutor::~TensorParallelExecutor() { Shutdown(); }
 
 int TensorParallelExecutor::world_size() const { return 1 + static_cast<int>(workers_.size()); }

@@ -43,6 +43,8 @@ class TensorParallelExecutor final : public StepExecutor {
   absl::Status RequantizeOldest(SequenceId seq, int64_t pairs) override;
   absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits) override;
   std::vector<RankStepTotals> StepTotals() const override;
+  // A Health call to each worker, all under one deadline `timeout` from now.
+  absl::Status ProbeWorkers(absl::Duration timeout) override;
   // Tells every worker to stop serving (their processes then end). Idempotent.
   void Shutdown() override;
 

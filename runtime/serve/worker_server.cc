@@ -51,9 +51,11 @@ class WorkerServer::Service final : public v1::Worker::Service {
   grpc::Status Health(grpc::ServerContext* context, const v1::WorkerHealthRequest*,
                       v1::WorkerHealthResponse* response) override {
     if (grpc::Status s = Authorize(context); !s.ok()) return s;
-    std::lock_guard<std::mutex> lock(mu_);
-    response->set_live_sequences(static_cast<int64_t>(sequences_.size()));
-    response->set_steps(static_cast<int64_t>(last_step_id_));
+    // Read from snapshots, not under mu_: Health must answer while a step runs, so that the
+    // coordinator's probe (TensorParallelExecutor::ProbeWorkers) can tell a busy worker
+    // from a dead one within its short deadline.
+    response->set_live_sequences(health_live_.load());
+    response->set_steps(health_steps_.load());
     return grpc::Status::OK;
   }
 
@@ -109,6 +111,7 @@ class WorkerServer::Service final : public v1::Worker::Service {
     for (const auto& [id, seq] : sequences_) (void)engine_->Release(seq);
     response->set_released(static_cast<int64_t>(sequences_.size()));
     sequences_.clear();
+    PublishHealth();
     return grpc::Status::OK;
   }
 
@@ -149,6 +152,7 @@ class WorkerServer::Service final : public v1::Worker::Service {
     }
     (void)engine_->Release(it->second);
     sequences_.erase(it);
+    PublishHealth();
     return absl::OkStatus();
   }
 
@@ -184,8 +188,10 @@ class WorkerServer::Service final : public v1::Worker::Service {
       if (!seq.ok()) return seq.status();
       sequences_[n.seq_id()] = *seq;
     }
+    PublishHealth();
     for (uint64_t id : request.release()) (void)ReleaseOne(id);
     last_step_id_ = request.step_id();
+    health_steps_.store(static_cast<int64_t>(last_step_id_));
     for (const v1::SequenceRequantize& r : request.requantize()) {
       absl::StatusOr<int64_t> done = engine_->RequantizeOldest(sequences_[r.seq_id()], r.pairs());
       if (!done.ok()) return done.status();
@@ -223,6 +229,9 @@ class WorkerServer::Service final : public v1::Worker::Service {
   std::mutex mu_;  // serialises calls that touch the engine
   absl::flat_hash_map<uint64_t, SequenceId> sequences_;
   uint64_t last_step_id_ = 0;
+  // What Health reports, published under mu_ and read without it.
+  std::atomic<int64_t> health_live_{0}, health_steps_{0};
+  void PublishHealth() { health_live_.store(static_cast<int64_t>(sequences_.size())); }
   std::vector<float> logits_;  // replicated logits, not needed here
   std::mutex shutdown_mu_;
   std::condition_variable shutdown_cv_;

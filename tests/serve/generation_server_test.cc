@@ -421,6 +421,41 @@ TEST_F(GenerationServerTest, AbortEndsTheStream) {
   EXPECT_TRUE(WaitIdle());
 }
 
+// The stop `quantkv serve --tp N` makes when a rank is lost (a signal while the loop thread
+// may be stuck in a collective): every stream, running or queued, ends at once with the
+// given error, from the calling thread, and new calls are refused.
+TEST_F(GenerationServerTest, FailAllNowEndsEveryStreamWithTheError) {
+  OwnServer own;
+  ASSERT_NO_FATAL_FAILURE(StartOwnServer(
+      ServingEngineConfig(),
+      {.max_running = 1, .max_queued = 8, .max_step_tokens = 64, .kv_preset = "fp16"}, &own));
+  grpc::ClientContext running_ctx, queued_ctx;
+  Authorize(running_ctx);
+  Authorize(queued_ctx);
+  auto running = own.stub->Generate(&running_ctx, Greedy(kPrompt, kLong));
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(running->Read(&resp));  // it runs; with max_running 1 the next one queues
+  auto queued = own.stub->Generate(&queued_ctx, Greedy(kPrompt, kLong));
+  for (int i = 0; i < 100 && GetStats(own.stub.get()).queued() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(GetStats(own.stub.get()).queued(), 1);
+
+  own.loop->FailAllNow(absl::UnavailableError("worker rank 1 is gone"));
+  for (auto* reader : {running.get(), queued.get()}) {
+    bool final_seen = false;
+    while (reader->Read(&resp)) final_seen = final_seen || resp.has_final();
+    const grpc::Status st = reader->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(st.error_message(), "worker rank 1 is gone");
+    EXPECT_FALSE(final_seen) << "a final event after the error";
+  }
+  const Collected late = Run(Greedy(kPrompt, 4), own.stub.get());
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::UNAVAILABLE) << late.status.error_message();
+  own.server->Shutdown(absl::Seconds(2));
+  own.loop->Shutdown();
+}
+
 TEST_F(GenerationServerTest, StopStringEndsGeneration) {
   const Collected full = Run(Greedy(kPrompt));
   ASSERT_TRUE(full.status.ok());

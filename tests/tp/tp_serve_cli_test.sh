@@ -5,7 +5,8 @@
 # Stats has both ranks with their steps; SIGTERM to the ranks (what mpirun forwards) ends
 # the job with exit 0 within 15 s and no rank left. Then the refusals: --tp 2 without mpirun,
 # and an unbindable --worker-listen, each a clear message and a non-zero exit. A worker rank
-# SIGKILLed mid-stream: the client gets UNAVAILABLE and the job ends within 15 s.
+# SIGKILLed mid-stream: the client gets UNAVAILABLE naming that rank, and the job ends
+# within 15 s; one SIGSTOPped: the client hears of rank 0's collective timeout.
 #   tp_serve_cli_test.sh QUANTKV_BINARY [MPIEXEC]
 # Exit 77 (ctest SKIP_RETURN_CODE) without mpirun or the default model.
 set -euo pipefail
@@ -50,9 +51,10 @@ fail() {
 source "$(dirname "$0")/../testutil/serve_helpers.sh"
 PROMPT="The capital of France is"
 ADDRESS=""
+# start_server [VAR=VALUE...]: the job in the background, with those variables set.
 start_server() {
   # timeout(1) bounds the job if this script is killed.
-  timeout -s KILL 240 "${MPI[@]}" "$QUANTKV" serve --tp 2 --listen 127.0.0.1:0 --kv int4-comp \
+  timeout -s KILL 240 env "$@" "${MPI[@]}" "$QUANTKV" serve --tp 2 --listen 127.0.0.1:0 --kv int4-comp \
     --kv-budget-mb 64 >"$TMP/server.out" 2>"$TMP/server.err" &
   JOB_PID=$!
   ADDRESS=$(wait_for_listening "$TMP/server.err" "$JOB_PID") || fail "the job is not listening"
@@ -99,7 +101,7 @@ echo "generated: $(cat "$TMP/generated.txt")"
   fail "served text differs from generate --tp 2"
 
 # A worker rank killed while a client streams: mpirun ends the job, and the client gets an
-# error (UNAVAILABLE) within 15 s, not a hang; no rank is left.
+# error (UNAVAILABLE, naming the rank) within 15 s, not a hang; no rank is left.
 start_server
 "$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 4000 \
   --ignore-eos >"$TMP/long.out" 2>"$TMP/long.err" &
@@ -116,10 +118,38 @@ rc=0
 wait "$CLIENT_PID" || rc=$?
 [[ $rc != 0 ]] || fail "the client's stream ended without error after a rank died"
 grep -q "UNAVAILABLE" "$TMP/long.err" || fail "client error: $(cat "$TMP/long.err")"
+# mpirun SIGTERMs rank 0 a second before it kills it: rank 0 probes its workers and tells
+# the client which rank is gone, rather than the client seeing the socket close.
+grep -q "lost a rank.*worker rank 1 at" "$TMP/long.err" ||
+  fail "the client's error does not name the lost rank: $(cat "$TMP/long.err")"
 wait_gone "$JOB_PID" 15 || fail "the job still runs 15 s after a rank died"
 wait "$JOB_PID" 2>/dev/null || true
 JOB_PID=""
 [[ -z $(ranks) ]] || fail "a rank outlived the job"
+
+# A worker rank stopped (SIGSTOP) while a client streams: nothing dies, so rank 0's own
+# collective timeout (5 s here) ends the job, and the client hears that reason first.
+start_server QUANTKV_COMM_TIMEOUT_S=5
+"$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 4000 \
+  --ignore-eos >"$TMP/hung.out" 2>"$TMP/hung.err" &
+CLIENT_PID=$!
+for _ in $(seq 100); do
+  [[ -s $TMP/hung.out ]] && break
+  sleep 0.1
+done
+[[ -s $TMP/hung.out ]] || fail "the stream before SIGSTOP produced nothing"
+RANK1=$(ranks | sort -n | tail -1)
+kill -STOP "$RANK1"
+wait_gone "$CLIENT_PID" 20 || fail "the client still waits 20 s after a rank stopped"
+rc=0
+wait "$CLIENT_PID" || rc=$?
+[[ $rc != 0 ]] || fail "the client's stream ended without error after a rank stopped"
+grep -q "UNAVAILABLE: the tensor-parallel job is being aborted.*not complete after" \
+  "$TMP/hung.err" || fail "client error after SIGSTOP: $(cat "$TMP/hung.err")"
+wait_gone "$JOB_PID" 20 || fail "the job still runs 20 s after a rank stopped"
+wait "$JOB_PID" 2>/dev/null || true
+JOB_PID=""
+[[ -z $(ranks) ]] || fail "a rank outlived the job (SIGSTOP case)"
 
 # --tp 2 without mpirun: refused with how to launch it.
 rc=0
