@@ -138,6 +138,13 @@ int Run(const PerplexityFlags& o, CommandContext& ctx) {
                         {"tp_comm_seconds", session->engine->comm_ns_total() * 1e-9},
                         // bytes per token above: rank 0's share of the KV heads
                         {"kv_heads_rank0", kv.config().n_kv_heads}};
+    if (o.model.tp > 1 && session->engine->model_config().moe.enabled()) {
+      // Rank 0's bytes in the MoE layers' collectives (dispatch, combine, all-gather, or the
+      // all-reduce form's), under --ep-payload's encoding.
+      j["moe_bytes_sent_rank0"] = session->engine->moe_bytes_sent_total();
+      j["ep_dispatch"] = o.model.ep_dispatch;
+      j["ep_payload"] = o.model.ep_payload;
+    }
     // Adapters change the model being measured: name them beside the cache.
     if (!o.model.kv_correction.empty()) j["kv_correction"] = o.model.kv_correction;
     if (!o.model.lora.empty()) j["lora"] = o.model.lora;

@@ -327,6 +327,15 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
                 "up to fp32 rounding; one-token steps send more than all-reduce",
                 [](std::string_view v) { return ParseMoeDispatch(v).status(); })
         .Placeholder("MODE");
+    flags
+        .String("ep-payload", &o.ep_payload, "fp32",
+                "with --ep-dispatch all-to-all or combine-only: how the dispatched tokens and "
+                "returned expert outputs travel. fp32 (exact), a codec (int8, int4, fp8, with "
+                "options like int4:g32:out2) for every record, or LOW/HIGH (e.g. int4/int8, "
+                "int4/fp32): HIGH for the records of the experts that --expert-levels holds at "
+                "its highest precision (the most routed mass), LOW for the others",
+                [](std::string_view v) { return ParseMoePayload(v).status(); })
+        .Placeholder("SPEC");
     flags.Int("tp", &o.tp, 1,
               "tensor-parallel ranks (split by KV head): run as `mpirun -np N quantkv ... --tp "
               "N`, or start each rank yourself with --rank and --rendezvous; only rank 0 "
@@ -520,6 +529,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
     if (flags.ep != 0 || flags.ep_dispatch != "all-reduce") {
       comm += absl::StrFormat(", --ep %d --ep-dispatch %s", flags.ep, flags.ep_dispatch);
     }
+    if (flags.ep_payload != "fp32") comm += ", --ep-payload " + flags.ep_payload;
     // And the backend: a rank on NCCL and one on MPI would wait in different groups.
     if (flags.comm_backend != "mpi") comm += ", --comm-backend " + flags.comm_backend;
     Fnv comm_hash;
@@ -555,6 +565,7 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.kv_floor = flags.kv_floor;
   cfg.moe_tensor_parallel = flags.tp > 1 && flags.ep == 1;
   QKV_ASSIGN_OR_RETURN(cfg.moe_dispatch, ParseMoeDispatch(flags.ep_dispatch));
+  QKV_ASSIGN_OR_RETURN(cfg.moe_payload, ParseMoePayload(flags.ep_payload));
   if (!flags.expert_levels.empty()) {
     QKV_ASSIGN_OR_RETURN(cfg.expert_levels, ParseExpertLevels(flags.expert_levels));
     cfg.expert_budget_bytes = static_cast<int64_t>(flags.expert_budget_mb * (1 << 20));

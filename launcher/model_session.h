@@ -42,6 +42,10 @@ struct ModelFlags {
   // combined back with all-to-alls, then all-gathered) or "combine-only" (the same without
   // sending the tokens, which every rank holds).
   std::string ep_dispatch = "all-reduce";
+  // With --ep-dispatch all-to-all / combine-only: how the records travel
+  // (runtime/engine/moe_dispatch.h, MoePayloadConfig): "fp32", a codec, or LOW/HIGH by
+  // expert sensitivity.
+  std::string ep_payload = "fp32";
   // Compressed all-reduce under --tp (runtime/comm/compressed_communicator.h): "none" or a
   // codec (int8, fp8, int4, with options like int4:g32:out2), the smallest all-reduce it
   // compresses, and layers kept exact ("0,29").

@@ -154,6 +154,25 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
           flag));
     }
   }
+  if (!config.moe_payload.exact()) {
+    const std::string flag = "--ep-payload " + config.moe_payload.ToString();
+    if (config.moe_dispatch == MoeDispatch::kAllReduce) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s encodes the records of --ep-dispatch all-to-all or combine-only; with "
+          "all-reduce there are none (compress that all-reduce with --comm-compress)",
+          flag));
+    }
+    const bool split = config.moe_payload.low.has_value() != config.moe_payload.high.has_value() ||
+                       (config.moe_payload.low &&
+                        config.moe_payload.low->ToString() != config.moe_payload.high->ToString());
+    if (split && config.expert_levels.size() < 2) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s sends the sensitive experts' records at the second precision: the sensitive "
+          "experts are those elastic precision holds at its highest level, so it needs "
+          "--expert-levels with two or more levels",
+          flag));
+    }
+  }
   QKV_RETURN_IF_ERROR(e->LoadWeights());
   const ModelConfig& c = e->model_config_;
   if (c.moe.enabled()) {
@@ -1026,9 +1045,19 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
       const int64_t sent_before = shard_.whole() ? 0 : config_.comm->bytes_sent();
       if (all_to_all) {
         int64_t ns = 0;
+        // The experts elastic precision holds at its highest level are the sensitive ones.
+        buf.moe_sensitive.clear();
+        if (expert_store_ != nullptr && expert_store_->n_levels() > 1) {
+          const int64_t E = c.moe.n_experts;
+          for (int64_t e = 0; e < E; ++e) {
+            buf.moe_sensitive.push_back(expert_levels_[li * E + e] ==
+                                        expert_store_->n_levels() - 1);
+          }
+        }
         QKV_RETURN_IF_ERROR(MoeFfnAllToAll(config_.moe_dispatch, l.moe, router_, xn.data(), total,
                                            proj.data(), *config_.comm, pool, mm, buf.moe,
-                                           buf.moe_a2a, buf.routing, &ns));
+                                           buf.moe_a2a, buf.routing, &ns, config_.moe_payload,
+                                           buf.moe_sensitive));
         last_step_.comm_ns += ns;
         comm_ns_total_ += ns;
       } else {

@@ -125,6 +125,11 @@ struct EngineConfig {
   // MoE model and expert parallelism (not moe_tensor_parallel); on one rank all three are
   // the whole layer.
   MoeDispatch moe_dispatch = MoeDispatch::kAllReduce;
+  // With kAllToAll / kCombineOnly: how the dispatched rows and returned partial sums are
+  // encoded (--ep-payload; exact fp32 by default). A LOW/HIGH payload sends the records of
+  // the experts that elastic precision holds at its highest level with HIGH, needing
+  // expert_levels.
+  MoePayloadConfig moe_payload;
   // Promoted tokens: with a KV codec that keeps rows (":keepN"), which tokens of each
   // filled block get the exact slots (KvCache::PromoteRow), decided at the end of the step
   // that fills the block: "key-norm" (per layer, the largest ||k||: the attention-sink-like
@@ -290,6 +295,7 @@ class Engine {
     std::vector<uint8_t> reads_encoded;
     MoeFfnScratch moe;
     MoeAllToAllScratch moe_a2a;
+    std::vector<uint8_t> moe_sensitive;  // one layer's experts at their highest level
     moe::Routing routing;
     std::vector<float> promote;               // [n_layers][rows], kv_promote scores
     std::vector<float> all_k, all_v, gather;  // kv_observer_all_heads

@@ -25,46 +25,98 @@ class CommTimer {
   std::chrono::steady_clock::time_point start_;
 };
 
-int64_t RecordBytes(int64_t hidden) {
-  return static_cast<int64_t>(sizeof(int32_t)) + hidden * static_cast<int64_t>(sizeof(float));
+constexpr int64_t kRecordHeaderBytes = 8;  // int32 row, tag byte, 3 zero bytes
+enum RecordTag : uint8_t { kExact = 0, kLow = 1, kHigh = 2 };
+
+// The codec a record of `tag` uses (null for kExact).
+kernels::CommCodec* CodecOf(MoeAllToAllScratch& a, uint8_t tag) {
+  return tag == kLow ? a.low_codec.get() : tag == kHigh ? a.high_codec.get() : nullptr;
 }
 
-void AppendRecord(std::vector<uint8_t>& out, int32_t row, const float* values, int64_t hidden) {
-  const size_t at = out.size();
-  out.resize(at + static_cast<size_t>(RecordBytes(hidden)));
-  std::memcpy(out.data() + at, &row, sizeof(row));
-  std::memcpy(out.data() + at + sizeof(row), values, static_cast<size_t>(hidden) * sizeof(float));
+int64_t ValueBytes(MoeAllToAllScratch& a, uint8_t tag, int64_t hidden) {
+  kernels::CommCodec* codec = CodecOf(a, tag);
+  return codec != nullptr ? codec->PayloadBytes(hidden)
+                          : hidden * static_cast<int64_t>(sizeof(float));
 }
 
-int32_t RecordRow(const uint8_t* record) {
-  int32_t row;
-  std::memcpy(&row, record, sizeof(row));
-  return row;
-}
-
-const uint8_t* RecordValues(const uint8_t* record) { return record + sizeof(int32_t); }
-
-// The records rank `from` sent, as [begin, begin + count) in a.recv.
-struct Section {
-  const uint8_t* begin;
-  int64_t records;
-};
-
-absl::StatusOr<std::vector<Section>> Sections(const MoeAllToAllScratch& a, int64_t hidden,
-                                              const char* what) {
-  std::vector<Section> out;
-  const int64_t rb = RecordBytes(hidden);
-  int64_t offset = 0;
-  for (size_t p = 0; p < a.recv_counts.size(); ++p) {
-    if (a.recv_counts[p] % rb != 0) {
-      return absl::InternalError(
-          absl::StrFormat("MoE %s: rank %d sent %d bytes, not a whole number of %d-byte rows", what,
-                          p, a.recv_counts[p], rb));
-    }
-    out.push_back({a.recv.data() + offset, a.recv_counts[p] / rb});
-    offset += a.recv_counts[p];
+// Appends row's record to a.send; returns its size.
+int64_t AppendRecord(MoeAllToAllScratch& a, const MoePayloadConfig& p, int32_t row,
+                     const float* values, int64_t hidden, bool sensitive) {
+  const uint8_t tag = sensitive ? (p.high ? kHigh : kExact) : (p.low ? kLow : kExact);
+  const int64_t bytes = kRecordHeaderBytes + ValueBytes(a, tag, hidden);
+  const size_t at = a.send.size();
+  a.send.resize(at + static_cast<size_t>(bytes), 0);
+  uint8_t* record = a.send.data() + at;
+  std::memcpy(record, &row, sizeof(row));
+  record[4] = tag;
+  if (kernels::CommCodec* codec = CodecOf(a, tag)) {
+    codec->Encode(values, hidden, record + kRecordHeaderBytes);
+  } else {
+    std::memcpy(record + kRecordHeaderBytes, values, static_cast<size_t>(hidden) * sizeof(float));
   }
-  return out;
+  (tag == kHigh ? a.counts.high : tag == kLow ? a.counts.low : a.counts.exact) += 1;
+  return bytes;
+}
+
+// Decodes every record of a.recv into a.recv_rows / a.recv_values, sender by sender.
+absl::Status DecodeReceived(MoeAllToAllScratch& a, int64_t hidden, const char* what) {
+  a.recv_rows.clear();
+  a.recv_values.clear();
+  a.recv_begin.assign(1, 0);
+  const uint8_t* at = a.recv.data();
+  for (size_t p = 0; p < a.recv_counts.size(); ++p) {
+    const uint8_t* end = at + a.recv_counts[p];
+    while (at < end) {
+      const int64_t left = end - at;
+      uint8_t tag = 0;
+      int64_t value_bytes = -1;
+      if (left >= kRecordHeaderBytes) {
+        tag = at[4];
+        if (tag <= kHigh && (tag == kExact || CodecOf(a, tag) != nullptr)) {
+          value_bytes = ValueBytes(a, tag, hidden);
+        }
+      }
+      if (value_bytes < 0 || left < kRecordHeaderBytes + value_bytes) {
+        return absl::InternalError(absl::StrFormat(
+            "MoE %s: rank %d sent a record this rank cannot read (%d bytes left, tag %d): the "
+            "ranks' --ep-payload settings differ",
+            what, p, left, tag));
+      }
+      int32_t row;
+      std::memcpy(&row, at, sizeof(row));
+      a.recv_rows.push_back(row);
+      const size_t v = a.recv_values.size();
+      a.recv_values.resize(v + static_cast<size_t>(hidden));
+      const uint8_t* values = at + kRecordHeaderBytes;
+      if (kernels::CommCodec* codec = CodecOf(a, tag)) {
+        QKV_RETURN_IF_ERROR(codec->Decode(values, value_bytes, a.recv_values.data() + v, hidden));
+      } else {
+        // Copied out rather than read in place: the buffer holds bytes, not float objects.
+        std::memcpy(a.recv_values.data() + v, values, static_cast<size_t>(hidden) * sizeof(float));
+      }
+      at += kRecordHeaderBytes + value_bytes;
+    }
+    a.recv_begin.push_back(static_cast<int64_t>(a.recv_rows.size()));
+  }
+  return absl::OkStatus();
+}
+
+// Makes a's codecs for p (kept between calls while p stays the same).
+absl::Status PrepareCodecs(MoeAllToAllScratch& a, const MoePayloadConfig& p) {
+  auto prepare = [](const std::optional<kernels::CommCodecConfig>& want,
+                    std::unique_ptr<kernels::CommCodec>& codec) -> absl::Status {
+    if (!want) {
+      codec.reset();
+      return absl::OkStatus();
+    }
+    if (codec != nullptr && codec->config().ToString() == want->ToString()) {
+      return absl::OkStatus();
+    }
+    QKV_ASSIGN_OR_RETURN(codec, kernels::CommCodec::Create(*want));
+    return absl::OkStatus();
+  };
+  QKV_RETURN_IF_ERROR(prepare(p.low, a.low_codec));
+  return prepare(p.high, a.high_codec);
 }
 
 }  // namespace
@@ -89,18 +141,67 @@ absl::StatusOr<MoeDispatch> ParseMoeDispatch(std::string_view name) {
       "'%s' is not an expert dispatch (all-reduce, all-to-all or combine-only)", name));
 }
 
+std::string MoePayloadConfig::ToString() const {
+  auto one = [](const std::optional<kernels::CommCodecConfig>& c) {
+    return c ? c->ToString() : std::string("fp32");
+  };
+  if (exact()) return "fp32";
+  const std::string low_name = one(low), high_name = one(high);
+  return low_name == high_name ? low_name : low_name + "/" + high_name;
+}
+
+absl::StatusOr<MoePayloadConfig> ParseMoePayload(std::string_view text) {
+  auto one = [](std::string_view part) -> absl::StatusOr<std::optional<kernels::CommCodecConfig>> {
+    if (part == "fp32") return std::optional<kernels::CommCodecConfig>();
+    absl::StatusOr<kernels::CommCodecConfig> c = kernels::ParseCommCodecConfig(part);
+    if (!c.ok()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "'%s' is not an expert payload: fp32 or a codec (%s)", part, c.status().message()));
+    }
+    return std::optional<kernels::CommCodecConfig>(*c);
+  };
+  MoePayloadConfig out;
+  const size_t slash = text.find('/');
+  if (slash == std::string_view::npos) {
+    QKV_ASSIGN_OR_RETURN(out.low, one(text));
+    out.high = out.low;
+    return out;
+  }
+  if (text.find('/', slash + 1) != std::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("'%s': an expert payload is CODEC or LOW/HIGH, one '/' at most", text));
+  }
+  QKV_ASSIGN_OR_RETURN(out.low, one(text.substr(0, slash)));
+  QKV_ASSIGN_OR_RETURN(out.high, one(text.substr(slash + 1)));
+  return out;
+}
+
 absl::Status MoeFfnAllToAll(MoeDispatch dispatch, const MoeFfnWeights& w,
                             const moe::RouterConfig& rc, const float* x, int64_t n, float* y,
                             Communicator& comm, kernels::ThreadPool* pool,
                             const kernels::MatMulOptions& mm, MoeFfnScratch& s,
-                            MoeAllToAllScratch& a, moe::Routing& routing, int64_t* comm_ns) {
+                            MoeAllToAllScratch& a, moe::Routing& routing, int64_t* comm_ns,
+                            const MoePayloadConfig& payload, std::span<const uint8_t> sensitive) {
   if (dispatch == MoeDispatch::kAllReduce) {
     return absl::InvalidArgumentError("MoeFfnAllToAll: the all-reduce dispatch is MoeFfn's");
   }
   const int64_t H = w.router.cols;
   const int P = comm.size(), me = comm.rank();
   const int k = rc.top_k;
-  const int64_t rb = RecordBytes(H);
+  if (!sensitive.empty() && static_cast<int64_t>(sensitive.size()) != rc.n_experts) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MoeFfnAllToAll: %d sensitivity flags for %d experts", sensitive.size(), rc.n_experts));
+  }
+  QKV_RETURN_IF_ERROR(PrepareCodecs(a, payload));
+  // Whether row i has a sensitive expert on rank q (its record to or from q uses HIGH).
+  auto sensitive_on = [&](int64_t i, int q) {
+    if (sensitive.empty()) return false;
+    for (int j = 0; j < k; ++j) {
+      const int64_t e = routing.expert[i * k + j];
+      if (ExpertOwner(e, P) == q && sensitive[e] != 0) return true;
+    }
+    return false;
+  };
   // 1. Every row's routing, on every rank.
   QKV_RETURN_IF_ERROR(MoeRoute(w, rc, x, n, pool, mm, s, routing));
   // owners[i * P + q]: row i has an expert on rank q.
@@ -116,21 +217,20 @@ absl::Status MoeFfnAllToAll(MoeDispatch dispatch, const MoeFfnWeights& w,
   a.send.clear();
   a.send_counts.assign(static_cast<size_t>(P), 0);
   const bool send_rows = dispatch == MoeDispatch::kAllToAll;
-  std::vector<Section> from;
   if (send_rows) {
     for (int q = 0; q < P; ++q) {
       if (q == me) continue;  // this rank's own rows stay here
       for (int64_t i = home.begin; i < home.end; ++i) {
         if (!owns(i, q)) continue;
-        AppendRecord(a.send, static_cast<int32_t>(i), x + i * H, H);
-        a.send_counts[q] += rb;
+        a.send_counts[q] +=
+            AppendRecord(a, payload, static_cast<int32_t>(i), x + i * H, H, sensitive_on(i, q));
       }
     }
     {
       CommTimer t(comm_ns);
       QKV_RETURN_IF_ERROR(comm.AllToAllV(a.send.data(), a.send_counts, &a.recv, &a.recv_counts));
     }
-    QKV_ASSIGN_OR_RETURN(from, Sections(a, H, "dispatch"));
+    QKV_RETURN_IF_ERROR(DecodeReceived(a, H, "dispatch"));
   }
 
   // 4. The rows this rank computes, in global row order (homes are ascending in rank order),
@@ -151,9 +251,8 @@ absl::Status MoeFfnAllToAll(MoeDispatch dispatch, const MoeFfnWeights& w,
     }
     const ChunkRange theirs = ReduceScatterChunk(n, P, p);
     int64_t last = -1;
-    for (int64_t r = 0; r < from[p].records; ++r) {
-      const uint8_t* record = from[p].begin + r * rb;
-      const int32_t row = RecordRow(record);
+    for (int64_t r = a.recv_begin[p]; r < a.recv_begin[p + 1]; ++r) {
+      const int32_t row = a.recv_rows[r];
       // The routing is every rank's own: a row outside the sender's home, out of order or
       // with no expert here means the ranks disagree on it (they should hold the same bits).
       if (row < theirs.begin || row >= theirs.end || row <= last || !owns(row, me)) {
@@ -163,10 +262,8 @@ absl::Status MoeFfnAllToAll(MoeDispatch dispatch, const MoeFfnWeights& w,
             p, row, me, theirs.begin, theirs.end));
       }
       last = row;
-      const size_t at = a.batch.size();
-      a.batch.resize(at + static_cast<size_t>(H));
-      std::memcpy(a.batch.data() + at, RecordValues(record),
-                  static_cast<size_t>(H) * sizeof(float));
+      a.batch.insert(a.batch.end(), a.recv_values.begin() + r * H,
+                     a.recv_values.begin() + (r + 1) * H);
       a.batch_rows.push_back(row);
       a.batch_source.push_back(p);
     }
@@ -193,14 +290,14 @@ absl::Status MoeFfnAllToAll(MoeDispatch dispatch, const MoeFfnWeights& w,
   for (int64_t b = 0; b < m; ++b) {
     const int p = a.batch_source[b];
     if (p == me) continue;
-    AppendRecord(a.send, a.batch_rows[b], a.partial.data() + b * H, H);
-    a.send_counts[p] += rb;
+    a.send_counts[p] += AppendRecord(a, payload, a.batch_rows[b], a.partial.data() + b * H, H,
+                                     sensitive_on(a.batch_rows[b], me));
   }
   {
     CommTimer t(comm_ns);
     QKV_RETURN_IF_ERROR(comm.AllToAllV(a.send.data(), a.send_counts, &a.recv, &a.recv_counts));
   }
-  QKV_ASSIGN_OR_RETURN(from, Sections(a, H, "combine"));
+  QKV_RETURN_IF_ERROR(DecodeReceived(a, H, "combine"));
   const int64_t rows = home.size();
   const int64_t max_rows = ReduceScatterChunk(n, P, 0).size();  // the first chunks are longest
   a.home.assign(static_cast<size_t>(max_rows * H), 0.0f);
@@ -215,19 +312,15 @@ absl::Status MoeFfnAllToAll(MoeDispatch dispatch, const MoeFfnWeights& w,
       for (; b < m && a.batch_source[b] == me; ++b) add(a.batch_rows[b], a.partial.data() + b * H);
       continue;
     }
-    for (int64_t r = 0; r < from[q].records; ++r) {
-      const uint8_t* record = from[q].begin + r * rb;
-      const int32_t row = RecordRow(record);
+    for (int64_t r = a.recv_begin[q]; r < a.recv_begin[q + 1]; ++r) {
+      const int32_t row = a.recv_rows[r];
       if (row < home.begin || row >= home.end || !owns(row, q)) {
         return absl::InternalError(absl::StrFormat(
             "MoE combine: rank %d returned row %d, which this rank (%d, rows [%d, %d)) did not "
             "send it",
             q, row, me, home.begin, home.end));
       }
-      // Copied out rather than read in place: the buffer holds bytes, not float objects.
-      a.row.resize(static_cast<size_t>(H));
-      std::memcpy(a.row.data(), RecordValues(record), static_cast<size_t>(H) * sizeof(float));
-      add(row, a.row.data());
+      add(row, a.recv_values.data() + r * H);
     }
   }
   QKV_RETURN_IF_ERROR(MoeAddShared(w, x + home.begin * H, rows, a.home.data(), pool, mm, s));

@@ -10,14 +10,14 @@
 
 namespace quantkv::testing {
 
-// Bytes rank `me` of `ranks` sends in one layer: records (a 4-byte row index and 4 * hidden
-// bytes) of its home rows to the other ranks owning their experts (kAllToAll only), records
-// of the rows it computes for other homes back to them, the all-gather of the home rows
-// padded to the longest chunk, and the all-gathers of the all-to-alls' send counts (8 bytes
-// per rank to every other rank).
+// Bytes rank `me` of `ranks` sends in one layer: records (an 8-byte header holding the row
+// index and a tag, then 4 * hidden bytes) of its home rows to the other ranks owning their experts
+// (kAllToAll only), records of the rows it computes for other homes back to them, the all-gather of
+// the home rows padded to the longest chunk, and the all-gathers of the all-to-alls' send counts (8
+// bytes per rank to every other rank).
 inline int64_t MoeAllToAllBytes(MoeDispatch dispatch, const moe::Routing& r, int64_t hidden,
                                 int ranks, int me) {
-  const int64_t n = r.n_tokens, record = 4 + 4 * hidden;
+  const int64_t n = r.n_tokens, record = 8 + 4 * hidden;
   auto owns = [&](int64_t row, int q) {
     for (int j = 0; j < r.top_k; ++j) {
       if (ExpertOwner(r.expert[row * r.top_k + j], ranks) == q) return true;

@@ -15,7 +15,9 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -151,6 +153,130 @@ TEST(MoeAllToAllTest, EqualsTheWholeLayerOnOneToThreeRanks) {
       }
     }
   }
+}
+
+// --ep-payload: each record encoded with a comm codec, the sensitive experts' records with
+// HIGH. Every rank still ends with the same bits; the error against the exact layer is small
+// for int8, larger for int4, in between for int4/int8, zero-free for fp32 HIGH records; and
+// the records sent at each precision are exactly what the routing and the flags imply.
+TEST(MoeAllToAllTest, CompressedPayloadsBySensitivity) {
+  std::mt19937_64 rng(testing::TestSeed());
+  constexpr int64_t H = 64, I = 32, n = 23;
+  constexpr int E = 6, k = 2;
+  kernels::MatMulOptions mm;
+  mm.activations = kernels::ActivationPrecision::kFloat32;
+  mm.gemm_min_rows = int64_t{1} << 40;
+  const Layer layer = MakeLayer(rng, H, E, I, 0);
+  moe::RouterConfig rc;
+  rc.n_experts = E;
+  rc.top_k = k;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n * H));
+  for (float& v : x) v = nd(rng);
+  std::vector<float> want(x.size());
+  moe::Routing routing;
+  MoeFfnScratch ws;
+  ASSERT_TRUE(MoeFfn(layer.w, rc, x.data(), n, want.data(), nullptr, mm, ws, routing).ok());
+  const std::vector<uint8_t> sensitive = {1, 0, 0, 1, 0, 1};
+  double want_sq = 0;
+  for (float v : want) want_sq += static_cast<double>(v) * v;
+
+  for (int world : {2, 3}) {
+    for (MoeDispatch d : {MoeDispatch::kAllToAll, MoeDispatch::kCombineOnly}) {
+      // (home row, owner) pairs that exchange records, split by sensitivity.
+      int64_t pairs_high = 0, pairs_low = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        int home = 0;
+        while (ReduceScatterChunk(n, world, home).end <= i) ++home;
+        for (int q = 0; q < world; ++q) {
+          if (q == home) continue;
+          bool owns = false, high = false;
+          for (int j = 0; j < k; ++j) {
+            const int64_t e = routing.expert[i * k + j];
+            if (ExpertOwner(e, world) != q) continue;
+            owns = true;
+            high = high || sensitive[e] != 0;
+          }
+          if (owns) (high ? pairs_high : pairs_low) += 1;
+        }
+      }
+      const int64_t ways = d == MoeDispatch::kAllToAll ? 2 : 1;  // dispatch and combine
+      std::map<std::string, double> rel;
+      for (const char* spec : {"int8", "int4", "int4/int8", "int4/fp32"}) {
+        SCOPED_TRACE(::testing::Message()
+                     << world << " ranks, " << MoeDispatchName(d) << ", --ep-payload " << spec);
+        const absl::StatusOr<MoePayloadConfig> payload = ParseMoePayload(spec);
+        ASSERT_TRUE(payload.ok()) << payload.status();
+        std::vector<std::vector<float>> got(world);
+        std::vector<MoePayloadCounts> counts(world);
+        OnRanks(world, [&](int r, Communicator& comm) {
+          MoeFfnWeights w = layer.w;
+          w.owned.assign(E, 0);
+          for (int e = 0; e < E; ++e) w.owned[e] = ExpertOwner(e, world) == r;
+          MoeFfnScratch s;
+          MoeAllToAllScratch a;
+          moe::Routing rr;
+          int64_t ns = 0;
+          got[r].assign(x.size(), -1.0f);
+          const absl::Status st = MoeFfnAllToAll(d, w, rc, x.data(), n, got[r].data(), comm,
+                                                 nullptr, mm, s, a, rr, &ns, *payload, sensitive);
+          ASSERT_TRUE(st.ok()) << "rank " << r << ": " << st;
+          counts[r] = a.counts;
+        });
+        for (int r = 1; r < world; ++r) {
+          ASSERT_EQ(0, std::memcmp(got[r].data(), got[0].data(), x.size() * sizeof(float)))
+              << "rank " << r << " differs from rank 0";
+        }
+        MoePayloadCounts total;
+        for (const MoePayloadCounts& c : counts) {
+          total.exact += c.exact;
+          total.low += c.low;
+          total.high += c.high;
+        }
+        const std::string name = spec;
+        if (name == "int4/int8") {
+          EXPECT_EQ(total.high, ways * pairs_high);
+          EXPECT_EQ(total.low, ways * pairs_low);
+          EXPECT_EQ(total.exact, 0);
+        } else if (name == "int4/fp32") {
+          EXPECT_EQ(total.exact, ways * pairs_high);
+          EXPECT_EQ(total.low, ways * pairs_low);
+          EXPECT_EQ(total.high, 0);
+        } else {  // one codec: its records are LOW or HIGH by sensitivity alike
+          EXPECT_EQ(total.low + total.high, ways * (pairs_high + pairs_low));
+          EXPECT_EQ(total.exact, 0);
+        }
+        double err_sq = 0;
+        for (size_t i = 0; i < x.size(); ++i) {
+          const double e = static_cast<double>(got[0][i]) - want[i];
+          err_sq += e * e;
+        }
+        rel[name] = std::sqrt(err_sq / want_sq);
+      }
+      SCOPED_TRACE(::testing::Message() << world << " ranks, " << MoeDispatchName(d));
+      EXPECT_GT(rel["int8"], 0.0) << "int8 records changed nothing";
+      EXPECT_LT(rel["int8"], 0.01);
+      EXPECT_LT(rel["int8"], rel["int4"] / 4);
+      EXPECT_LT(rel["int4"], 0.15);
+      EXPECT_LT(rel["int4/int8"], rel["int4"]);
+      EXPECT_LT(rel["int4/fp32"], rel["int4"]);
+    }
+  }
+}
+
+TEST(MoeDispatchTest, ParsesPayloads) {
+  EXPECT_TRUE(ParseMoePayload("fp32")->exact());
+  EXPECT_EQ(ParseMoePayload("fp32")->ToString(), "fp32");
+  EXPECT_EQ(ParseMoePayload("int8")->ToString(), "int8:g64:out2");
+  EXPECT_EQ(ParseMoePayload("int4:g32:out0/int8")->ToString(), "int4:g32:out0/int8:g64:out2");
+  EXPECT_EQ(ParseMoePayload("int4/fp32")->ToString(), "int4:g64:out2/fp32");
+  EXPECT_FALSE(ParseMoePayload("int4/fp32")->high.has_value());
+  for (const char* bad : {"", "int5", "int4/", "int4/int8/fp32", "fp16"}) {
+    const absl::StatusOr<MoePayloadConfig> p = ParseMoePayload(bad);
+    EXPECT_FALSE(p.ok()) << "'" << bad << "' parsed";
+  }
+  EXPECT_NE(std::string(ParseMoePayload("int5").status().message()).find("'int5'"),
+            std::string::npos);
 }
 
 TEST(MoeDispatchTest, ParsesItsNames) {
