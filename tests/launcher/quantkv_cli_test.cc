@@ -86,6 +86,8 @@ TEST_F(QuantkvCliTest, UsageErrorsExit2OnStderr) {
       {{"fetch-model", "--force", "--force"}, "--force is given more than once"},
       {{"fetch-model", "a", "b"}, "at most 1 NAME argument"},
       {{"fetch-model", "llama-7b"}, "unknown model 'llama-7b'; known models: smollm2-135m"},
+      {{"perplexity", "--ep-payload", "int9"}, "'int9' is not an expert payload"},
+      {{"perplexity", "--ep-payload", "int4/int8/fp32"}, "one '/' at most"},
   };
   for (const Case& c : cases) {
     const ProcessOutput r = Quantkv(c.args);
