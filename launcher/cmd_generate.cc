@@ -5,6 +5,7 @@
 #include "absl/strings/str_format.h"
 #include "launcher/commands.h"
 #include "launcher/model_session.h"
+#include "launcher/read_file.h"
 #include "runtime/engine/sampler.h"
 #include "runtime/tokenizer/chat_template.h"
 
@@ -14,6 +15,7 @@ namespace {
 struct GenerateOptions {
   ModelFlags model;
   std::string prompt;
+  std::string prompt_file;
   std::string system;
   bool chat = false;
   int max_tokens = 128;
@@ -28,9 +30,14 @@ struct GenerateOptions {
 
 void Define(FlagSet& f, GenerateOptions& o) {
   DefineModelFlags(f, o.model, {.tensor_parallel = true});
-  f.String("prompt", &o.prompt, "", "text to continue (with --chat: the user message)")
-      .Required()
+  f.String("prompt", &o.prompt, "",
+           "text to continue (with --chat: the user message); this or --prompt-file is required")
       .Placeholder("TEXT");
+  // A command-line argument holds at most 128 KiB on Linux (MAX_ARG_STRLEN): long prompts
+  // come from a file.
+  f.Path("prompt-file", &o.prompt_file, "",
+         "read the prompt from this UTF-8 file instead of --prompt (long prompts)",
+         PathKind::kFile);
   f.Bool("chat", &o.chat, "wrap the prompt in the model's chat template");
   f.String("system", &o.system, "", "system message for --chat (default: the template's own)");
   f.Int("max-tokens", &o.max_tokens, 128, "most new tokens to generate", {.min = 1, .max = 1 << 20});
@@ -46,9 +53,22 @@ void Define(FlagSet& f, GenerateOptions& o) {
   f.Bool("ignore-eos", &o.ignore_eos, "keep generating past end-of-turn tokens");
 }
 
-int Run(const GenerateOptions& o, CommandContext& ctx) {
+int Run(GenerateOptions o, CommandContext& ctx) {
+  if (!o.prompt_file.empty()) {
+    if (!o.prompt.empty()) {
+      ctx.err << ctx.command << ": give --prompt or --prompt-file, not both\n";
+      return kExitUsage;
+    }
+    auto text = ReadWholeFile(o.prompt_file);
+    if (!text.ok()) return ReportFailure(ctx, text.status());
+    if (text->empty()) {
+      ctx.err << ctx.command << ": --prompt-file " << o.prompt_file << " is empty\n";
+      return kExitUsage;
+    }
+    o.prompt = *std::move(text);
+  }
   if (o.prompt.empty()) {
-    ctx.err << ctx.command << ": --prompt is empty\n";
+    ctx.err << ctx.command << ": --prompt (or --prompt-file) is required and must not be empty\n";
     return kExitUsage;
   }
   auto session = OpenModelSession(o.model);
