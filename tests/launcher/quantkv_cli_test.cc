@@ -88,6 +88,9 @@ TEST_F(QuantkvCliTest, UsageErrorsExit2OnStderr) {
       {{"fetch-model", "llama-7b"}, "unknown model 'llama-7b'; known models: smollm2-135m"},
       {{"perplexity", "--ep-payload", "int9"}, "'int9' is not an expert payload"},
       {{"perplexity", "--ep-payload", "int4/int8/fp32"}, "one '/' at most"},
+      {{"generate"}, "--prompt (or --prompt-file) is required"},
+      {{"generate", "--prompt", "x", "--prompt-file", "/etc/passwd"}, "not both"},
+      {{"generate", "--prompt-file", "/nonexistent/prompt.txt"}, "does not exist"},
   };
   for (const Case& c : cases) {
     const ProcessOutput r = Quantkv(c.args);
