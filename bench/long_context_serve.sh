@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KV=${1:-int4-comp}
-LENGTHS=${2:-"8000 32000"}
+LENGTHS=${2-"8000 32000"}  # an empty LENGTHS (not unset) measures nothing
 MODE=${3:-serve}
 [[ $MODE == serve || $MODE == generate ]] || { echo "MODE is serve or generate, not $MODE" >&2; exit 2; }
 Q=build/launcher/quantkv
@@ -28,8 +28,10 @@ cleanup() {
 }
 trap cleanup EXIT
 export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-Cooperlake}
-ROWS=$TMP/rows.jsonl
-: >"$ROWS"  # LENGTHS "" re-renders the results file from its JSON
+# Each measured row is appended here at once (not in $TMP): a run of an hour is not lost to
+# a failure after it; the next run of this script merges what is left over.
+ROWS=$OUT.new.jsonl
+touch "$ROWS"  # LENGTHS "" re-renders the results file from its JSON
 # start_server FACTOR [TIME_FILE]: `quantkv serve` in the background (SERVER, ADDRESS).
 start_server() {
   local timing=()
@@ -94,8 +96,7 @@ PY
 done
 python3 - "$ROWS" "$KV" "$OUT" "$MODE" <<'PY'
 import json, os, sys, datetime
-import numpy as np
-new = [json.loads(l) for l in open(sys.argv[1])]
+new = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 kv, out, mode = sys.argv[2], sys.argv[3], sys.argv[4]
 old = json.load(open(out + ".json")) if os.path.exists(out + ".json") else []
 for r in old:  # rows from before "target" was recorded: the length asked for, to the thousand
@@ -104,11 +105,15 @@ for r in old:  # rows from before "target" was recorded: the length asked for, t
         r["peak_rss_mb"] = r.pop("server_peak_rss_mb")
 done = {r["target"] for r in new}
 rows = sorted([r for r in old if r["target"] not in done] + new, key=lambda r: r["prompt_tokens"])
-n = np.array([r["prompt_tokens"] for r in rows], float)
-t = np.array([r["ttft_s"] for r in rows], float)
+n = [float(r["prompt_tokens"]) for r in rows]
+t = [r["ttft_s"] for r in rows]
 fit = ""
 if len(rows) >= 2:
-    a, b = np.linalg.lstsq(np.stack([n, n * n], 1), t, rcond=None)[0]
+    # Least squares for t = a n + b n^2 (the 2x2 normal equations; no numpy needed).
+    s2 = sum(x * x for x in n); s3 = sum(x ** 3 for x in n); s4 = sum(x ** 4 for x in n)
+    y1 = sum(x * y for x, y in zip(n, t)); y2 = sum(x * x * y for x, y in zip(n, t))
+    det = s2 * s4 - s3 * s3
+    a, b = (y1 * s4 - y2 * s3) / det, (s2 * y2 - s3 * y1) / det
     fit = (f"Prefill fitted as a*n + b*n^2: a = {a * 1e3:.3f} ms/token, b = {b * 1e9:.3f} ns/token^2; "
            f"at 100,000 tokens {(a * 1e5 + b * 1e10) / 60:.0f} min ({b * 1e10 / (a * 1e5 + b * 1e10) * 100:.0f}% of it attention).")
 how = ("`quantkv serve` + `quantkv client generate --prompt-file`, one request at a time, "
@@ -131,3 +136,4 @@ open(out + ".md", "w").write("\n".join(lines) + "\n")
 json.dump(rows, open(out + ".json", "w"), indent=1)
 print("\n".join(lines))
 PY
+rm -f "$ROWS"  # merged
