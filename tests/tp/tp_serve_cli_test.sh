@@ -100,56 +100,41 @@ echo "generated: $(cat "$TMP/generated.txt")"
 [[ $(cat "$TMP/served.txt") == "$(cat "$TMP/generated.txt")" ]] ||
   fail "served text differs from generate --tp 2"
 
-# A worker rank killed while a client streams: mpirun ends the job, and the client gets an
-# error (UNAVAILABLE, naming the rank) within 15 s, not a hang; no rank is left.
-start_server
-"$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 4000 \
-  --ignore-eos >"$TMP/long.out" 2>"$TMP/long.err" &
-CLIENT_PID=$!
-for _ in $(seq 100); do
-  [[ -s $TMP/long.out ]] && break
-  sleep 0.1
-done
-[[ -s $TMP/long.out ]] || fail "the long stream produced nothing"
-RANK1=$(ranks | sort -n | tail -1)
-kill -KILL "$RANK1"
-wait_gone "$CLIENT_PID" 15 || fail "the client still waits 15 s after a rank died"
-rc=0
-wait "$CLIENT_PID" || rc=$?
-[[ $rc != 0 ]] || fail "the client's stream ended without error after a rank died"
-grep -q "UNAVAILABLE" "$TMP/long.err" || fail "client error: $(cat "$TMP/long.err")"
-# mpirun SIGTERMs rank 0 a second before it kills it: rank 0 probes its workers and tells
-# the client which rank is gone, rather than the client seeing the socket close.
-grep -q "lost a rank.*worker rank 1 at" "$TMP/long.err" ||
-  fail "the client's error does not name the lost rank: $(cat "$TMP/long.err")"
-wait_gone "$JOB_PID" 15 || fail "the job still runs 15 s after a rank died"
-wait "$JOB_PID" 2>/dev/null || true
-JOB_PID=""
-[[ -z $(ranks) ]] || fail "a rank outlived the job"
-
-# A worker rank stopped (SIGSTOP) while a client streams: nothing dies, so rank 0's own
-# collective timeout (5 s here) ends the job, and the client hears that reason first.
-start_server QUANTKV_COMM_TIMEOUT_S=5
-"$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 4000 \
-  --ignore-eos >"$TMP/hung.out" 2>"$TMP/hung.err" &
-CLIENT_PID=$!
-for _ in $(seq 100); do
-  [[ -s $TMP/hung.out ]] && break
-  sleep 0.1
-done
-[[ -s $TMP/hung.out ]] || fail "the stream before SIGSTOP produced nothing"
-RANK1=$(ranks | sort -n | tail -1)
-kill -STOP "$RANK1"
-wait_gone "$CLIENT_PID" 20 || fail "the client still waits 20 s after a rank stopped"
-rc=0
-wait "$CLIENT_PID" || rc=$?
-[[ $rc != 0 ]] || fail "the client's stream ended without error after a rank stopped"
-grep -q "UNAVAILABLE: the tensor-parallel job is being aborted.*not complete after" \
-  "$TMP/hung.err" || fail "client error after SIGSTOP: $(cat "$TMP/hung.err")"
-wait_gone "$JOB_PID" 20 || fail "the job still runs 20 s after a rank stopped"
-wait "$JOB_PID" 2>/dev/null || true
-JOB_PID=""
-[[ -z $(ranks) ]] || fail "a rank outlived the job (SIGSTOP case)"
+# signal_rank1_mid_stream NAME SIGNAL SECONDS PATTERN [VAR=VALUE...]: a fresh job (with those
+# variables), a long client stream, SIGNAL to worker rank 1 once tokens flow; then the client
+# must fail within SECONDS with an error matching PATTERN, and the job must end within
+# SECONDS leaving no rank.
+signal_rank1_mid_stream() {
+  local name=$1 signal=$2 seconds=$3 pattern=$4 rc=0
+  shift 4
+  start_server "$@"
+  "$QUANTKV" client generate --server "$ADDRESS" --prompt "$PROMPT" --max-tokens 4000 \
+    --ignore-eos >"$TMP/$name.out" 2>"$TMP/$name.err" &
+  local client=$!
+  for _ in $(seq 100); do
+    [[ -s $TMP/$name.out ]] && break
+    sleep 0.1
+  done
+  [[ -s $TMP/$name.out ]] || fail "($name) the long stream produced nothing"
+  kill "-$signal" "$(ranks | sort -n | tail -1)"
+  wait_gone "$client" "$seconds" || fail "($name) the client still waits $seconds s after SIG$signal"
+  wait "$client" || rc=$?
+  [[ $rc != 0 ]] || fail "($name) the client's stream ended without error after SIG$signal"
+  grep -q "$pattern" "$TMP/$name.err" || fail "($name) client error: $(cat "$TMP/$name.err")"
+  wait_gone "$JOB_PID" "$seconds" || fail "($name) the job still runs $seconds s after SIG$signal"
+  wait "$JOB_PID" 2>/dev/null || true
+  JOB_PID=""
+  [[ -z $(ranks) ]] || fail "($name) a rank outlived the job"
+}
+# A worker rank killed while a client streams: mpirun SIGTERMs rank 0 a second before it
+# kills it; rank 0 probes its workers and tells the client which rank is gone (UNAVAILABLE)
+# instead of the client seeing the socket close.
+signal_rank1_mid_stream killed KILL 15 "UNAVAILABLE: the tensor-parallel job lost a rank.*worker rank 1 at"
+# A worker rank stopped: nothing dies, so rank 0's own collective timeout (5 s here) ends the
+# job, and the client hears that reason first.
+signal_rank1_mid_stream stopped STOP 20 \
+  "UNAVAILABLE: the tensor-parallel job is being aborted.*not complete after" \
+  QUANTKV_COMM_TIMEOUT_S=5
 
 # --tp 2 without mpirun: refused with how to launch it.
 rc=0
