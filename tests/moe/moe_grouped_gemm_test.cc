@@ -14,19 +14,13 @@
 
 #include "gtest/gtest.h"
 #include "kernels/thread_pool.h"
+#include "tests/testutil/test_seed.h"
 
 namespace quantkv::kernels {
 namespace {
 
 bool MessageHas(const absl::Status& s, std::string_view needle) {
   return std::string(s.message()).find(needle) != std::string::npos;
-}
-
-uint64_t FreshSeed() {
-  const uint64_t seed =
-      (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
-  std::cout << "[ seed ] " << seed << "\n";
-  return seed;
 }
 
 // One problem: host arrays for a MoeGroupedFfnConfig.
@@ -179,7 +173,7 @@ std::vector<Layout> Layouts(std::mt19937_64& rng) {
 }
 
 TEST(MoeGroupedFfnTest, MatchesFloat64ReferenceOnRandomLayouts) {
-  std::mt19937_64 rng(FreshSeed());
+  std::mt19937_64 rng(testing::TestSeed());
   double worst = 0;
   for (const Layout& layout : Layouts(rng)) {
     for (auto [hidden, intermediate] :
@@ -196,7 +190,7 @@ TEST(MoeGroupedFfnTest, MatchesFloat64ReferenceOnRandomLayouts) {
 }
 
 TEST(MoeGroupedFfnTest, ThreadPoolGivesTheSameBits) {
-  std::mt19937_64 rng(FreshSeed());
+  std::mt19937_64 rng(testing::TestSeed());
   Problem p = RandomProblem({3, 0, 9, 1, 12}, 24, 40, rng);
   ASSERT_TRUE(MoeGroupedFfn(p.Config()).ok());
   const std::vector<float> serial = p.y;
@@ -209,7 +203,7 @@ TEST(MoeGroupedFfnTest, ThreadPoolGivesTheSameBits) {
 }
 
 TEST(MoeGroupedFfnTest, RowWeightScalesEachRow) {
-  std::mt19937_64 rng(FreshSeed());
+  std::mt19937_64 rng(testing::TestSeed());
   Problem p = RandomProblem({2, 3}, 16, 8, rng);
   ASSERT_TRUE(MoeGroupedFfn(p.Config()).ok());
   const std::vector<float> weighted = p.y;
