@@ -94,6 +94,39 @@ Layer MakeLayer(std::mt19937_64& rng, int64_t H, int E, int64_t I, int64_t S) {
   return l;
 }
 
+// What each rank of one MoeFfnAllToAll call over `world` ranks returned.
+struct RankResults {
+  std::vector<std::vector<float>> y;
+  std::vector<moe::Routing> routing;
+  std::vector<MoePayloadCounts> counts;
+};
+
+// MoeFfnAllToAll of x[n x hidden] on `world` ranks, each owning the experts ExpertOwner gives
+// it; every rank's call must succeed.
+RankResults RunOnRanks(int world, const MoeFfnWeights& whole, const moe::RouterConfig& rc,
+                       MoeDispatch d, const std::vector<float>& x, int64_t n,
+                       const kernels::MatMulOptions& mm, const MoePayloadConfig& payload = {},
+                       const std::vector<uint8_t>& sensitive = {}) {
+  RankResults out;
+  out.y.resize(world);
+  out.routing.resize(world);
+  out.counts.resize(world);
+  OnRanks(world, [&](int r, Communicator& comm) {
+    MoeFfnWeights w = whole;
+    w.owned.assign(rc.n_experts, 0);
+    for (int e = 0; e < rc.n_experts; ++e) w.owned[e] = ExpertOwner(e, world) == r;
+    MoeFfnScratch s;
+    MoeAllToAllScratch a;
+    int64_t ns = 0;
+    out.y[r].assign(x.size(), -1.0f);
+    const absl::Status st = MoeFfnAllToAll(d, w, rc, x.data(), n, out.y[r].data(), comm, nullptr,
+                                           mm, s, a, out.routing[r], &ns, payload, sensitive);
+    ASSERT_TRUE(st.ok()) << "rank " << r << ": " << st;
+    out.counts[r] = a.counts;
+  });
+  return out;
+}
+
 TEST(MoeAllToAllTest, EqualsTheWholeLayerOnOneToThreeRanks) {
   std::mt19937_64 rng(testing::TestSeed());
   constexpr int64_t H = 32, I = 16;
@@ -121,22 +154,12 @@ TEST(MoeAllToAllTest, EqualsTheWholeLayerOnOneToThreeRanks) {
             SCOPED_TRACE(::testing::Message()
                          << world << " ranks, n " << n << ", top-" << k << ", shared " << shared
                          << ", " << MoeDispatchName(d));
-            std::vector<std::vector<float>> got(world);
-            OnRanks(world, [&](int r, Communicator& comm) {
-              MoeFfnWeights w = layer.w;
-              w.owned.assign(E, 0);
-              for (int e = 0; e < E; ++e) w.owned[e] = ExpertOwner(e, world) == r;
-              MoeFfnScratch s;
-              MoeAllToAllScratch a;
-              moe::Routing routing;
-              int64_t ns = 0;
-              got[r].assign(x.size(), -1.0f);
-              const absl::Status st = MoeFfnAllToAll(d, w, rc, x.data(), n, got[r].data(), comm,
-                                                     nullptr, mm, s, a, routing, &ns);
-              ASSERT_TRUE(st.ok()) << "rank " << r << ": " << st;
-              EXPECT_EQ(routing.expert, want_routing.expert) << "rank " << r;
-              EXPECT_EQ(routing.weight, want_routing.weight) << "rank " << r;
-            });
+            const RankResults res = RunOnRanks(world, layer.w, rc, d, x, n, mm);
+            const std::vector<std::vector<float>>& got = res.y;
+            for (int r = 0; r < world; ++r) {
+              EXPECT_EQ(res.routing[r].expert, want_routing.expert) << "rank " << r;
+              EXPECT_EQ(res.routing[r].weight, want_routing.weight) << "rank " << r;
+            }
             for (int r = 0; r < world; ++r) {
               ASSERT_EQ(0, std::memcmp(got[r].data(), got[0].data(), x.size() * sizeof(float)))
                   << "rank " << r << " differs from rank 0";
@@ -207,22 +230,9 @@ TEST(MoeAllToAllTest, CompressedPayloadsBySensitivity) {
                      << world << " ranks, " << MoeDispatchName(d) << ", --ep-payload " << spec);
         const absl::StatusOr<MoePayloadConfig> payload = ParseMoePayload(spec);
         ASSERT_TRUE(payload.ok()) << payload.status();
-        std::vector<std::vector<float>> got(world);
-        std::vector<MoePayloadCounts> counts(world);
-        OnRanks(world, [&](int r, Communicator& comm) {
-          MoeFfnWeights w = layer.w;
-          w.owned.assign(E, 0);
-          for (int e = 0; e < E; ++e) w.owned[e] = ExpertOwner(e, world) == r;
-          MoeFfnScratch s;
-          MoeAllToAllScratch a;
-          moe::Routing rr;
-          int64_t ns = 0;
-          got[r].assign(x.size(), -1.0f);
-          const absl::Status st = MoeFfnAllToAll(d, w, rc, x.data(), n, got[r].data(), comm,
-                                                 nullptr, mm, s, a, rr, &ns, *payload, sensitive);
-          ASSERT_TRUE(st.ok()) << "rank " << r << ": " << st;
-          counts[r] = a.counts;
-        });
+        const RankResults res = RunOnRanks(world, layer.w, rc, d, x, n, mm, *payload, sensitive);
+        const std::vector<std::vector<float>>& got = res.y;
+        const std::vector<MoePayloadCounts>& counts = res.counts;
         for (int r = 1; r < world; ++r) {
           ASSERT_EQ(0, std::memcmp(got[r].data(), got[0].data(), x.size() * sizeof(float)))
               << "rank " << r << " differs from rank 0";
