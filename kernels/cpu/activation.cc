@@ -22,27 +22,20 @@ void SwiGluScalar(const float* gate, const float* up, float* out, int64_t n) {
 
 // 16 at a time with simd::Exp, which takes x <= 0: with t = exp(-|g|), sigmoid(g) is
 // 1 / (1 + t) for g >= 0 and t / (1 + t) below (no overflow either way). The libm exp of
-// the scalar loop was ~7% of a batched decode step. The tail runs the same vector code under
-// a mask, so a value's result does not depend on where it sits in the call (batched rows
-// must get the bits they get alone).
-QKV_SIMD_AVX512F inline __m512 SwiGlu16(__m512 g, __m512 u) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 t = simd::Exp(_mm512_or_ps(g, _mm512_set1_ps(-0.0f)));  // exp(-|g|)
-  const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 sigmoid = _mm512_div_ps(_mm512_mask_mov_ps(one, negative, t), _mm512_add_ps(one, t));
-  return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
-}
-
+// the scalar loop was ~7% of a batched decode step.
 QKV_SIMD_AVX512F void SwiGluAvx512(const float* gate, const float* up, float* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(out + i, SwiGlu16(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i)));
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 t = simd::Exp(_mm512_or_ps(g, sign));  // exp(-|g|)
+    const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 num = _mm512_mask_mov_ps(one, negative, t);
+    const __m512 sigmoid = _mm512_div_ps(num, _mm512_add_ps(one, t));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), _mm512_loadu_ps(up + i)));
   }
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(
-        out + i, m, SwiGlu16(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
-  }
+  SwiGluScalar(gate + i, up + i, out + i, n - i);
 }
 
 bool HasAvx512() {
