@@ -126,10 +126,11 @@ signal_rank1_mid_stream() {
   JOB_PID=""
   [[ -z $(ranks) ]] || fail "($name) a rank outlived the job"
 }
-# A worker rank killed while a client streams: mpirun SIGTERMs rank 0 a second before it
-# kills it; rank 0 probes its workers and tells the client which rank is gone (UNAVAILABLE)
-# instead of the client seeing the socket close.
-signal_rank1_mid_stream killed KILL 15 "UNAVAILABLE: the tensor-parallel job lost a rank.*worker rank 1 at"
+# A worker rank killed while a client streams: the client hears which rank is gone
+# (UNAVAILABLE naming worker rank 1), either from the step in flight, whose call to the worker
+# fails, or, when mpirun's SIGTERM comes first, from rank 0's probe of its workers; never just
+# a closed socket.
+signal_rank1_mid_stream killed KILL 15 "UNAVAILABLE: .*tensor-parallel worker rank 1 at"
 # A worker rank stopped: nothing dies, so rank 0's own collective timeout (5 s here) ends the
 # job, and the client hears that reason first.
 signal_rank1_mid_stream stopped STOP 20 \
