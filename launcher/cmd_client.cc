@@ -85,15 +85,7 @@ int Fail(CommandContext& ctx, const grpc::Status& s) {
 int Run(const ClientOptions& options, CommandContext& ctx) {
   ClientOptions o = options;
   const std::string& action = o.action[0];
-  if (!o.prompt_file.empty()) {
-    if (!o.prompt.empty()) {
-      ctx.err << ctx.command << ": give --prompt or --prompt-file, not both\n";
-      return kExitUsage;
-    }
-    auto text = ReadWholeFile(o.prompt_file);
-    if (!text.ok()) return ReportFailure(ctx, text.status());
-    o.prompt = *std::move(text);
-  }
+  if (std::optional<int> exit = TakePromptFile(o.prompt_file, &o.prompt, ctx)) return *exit;
   std::string api_key;
   if (!o.api_key_file.empty()) {
     auto key = ReadApiKeyFile(o.api_key_file);

@@ -40,11 +40,13 @@ void Define(FlagSet& f, GenerateOptions& o) {
          PathKind::kFile);
   f.Bool("chat", &o.chat, "wrap the prompt in the model's chat template");
   f.String("system", &o.system, "", "system message for --chat (default: the template's own)");
-  f.Int("max-tokens", &o.max_tokens, 128, "most new tokens to generate", {.min = 1, .max = 1 << 20});
+  f.Int("max-tokens", &o.max_tokens, 128, "most new tokens to generate",
+        {.min = 1, .max = 1 << 20});
   f.Float("temperature", &o.temperature, 0.0f, "sampling temperature; 0 is greedy",
           {.min = 0.0, .max = 100.0});
   f.Int("top-k", &o.top_k, 0, "keep the k most likely tokens (0: all)", {.min = 0});
-  f.Float("top-p", &o.top_p, 1.0f, "nucleus sampling mass", {.min = 0.0, .max = 1.0, .min_exclusive = true});
+  f.Float("top-p", &o.top_p, 1.0f, "nucleus sampling mass",
+          {.min = 0.0, .max = 1.0, .min_exclusive = true});
   f.Float("min-p", &o.min_p, 0.0f, "drop tokens below min-p times the top probability",
           {.min = 0.0, .max = 1.0, .max_exclusive = true});
   f.Float("repeat-penalty", &o.repeat_penalty, 1.0f, "penalty for tokens already seen (1: off)",
@@ -54,18 +56,10 @@ void Define(FlagSet& f, GenerateOptions& o) {
 }
 
 int Run(GenerateOptions o, CommandContext& ctx) {
-  if (!o.prompt_file.empty()) {
-    if (!o.prompt.empty()) {
-      ctx.err << ctx.command << ": give --prompt or --prompt-file, not both\n";
-      return kExitUsage;
-    }
-    auto text = ReadWholeFile(o.prompt_file);
-    if (!text.ok()) return ReportFailure(ctx, text.status());
-    if (text->empty()) {
-      ctx.err << ctx.command << ": --prompt-file " << o.prompt_file << " is empty\n";
-      return kExitUsage;
-    }
-    o.prompt = *std::move(text);
+  if (std::optional<int> exit = TakePromptFile(o.prompt_file, &o.prompt, ctx)) return *exit;
+  if (!o.prompt_file.empty() && o.prompt.empty()) {
+    ctx.err << ctx.command << ": --prompt-file " << o.prompt_file << " is empty\n";
+    return kExitUsage;
   }
   if (o.prompt.empty()) {
     ctx.err << ctx.command << ": --prompt (or --prompt-file) is required and must not be empty\n";

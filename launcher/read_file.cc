@@ -16,4 +16,17 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
   return buf.str();
 }
 
+std::optional<int> TakePromptFile(const std::string& file, std::string* prompt,
+                                  CommandContext& ctx) {
+  if (file.empty()) return std::nullopt;
+  if (!prompt->empty()) {
+    ctx.err << ctx.command << ": give --prompt or --prompt-file, not both\n";
+    return kExitUsage;
+  }
+  absl::StatusOr<std::string> text = ReadWholeFile(file);
+  if (!text.ok()) return ReportFailure(ctx, text.status());
+  *prompt = *std::move(text);
+  return std::nullopt;
+}
+
 }  // namespace quantkv::launcher

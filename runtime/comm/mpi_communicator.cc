@@ -17,24 +17,14 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "runtime/comm/collective_wait.h"
 
 namespace quantkv {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// How a rank waits for a collective (WaitBounded). A decode step's all-reduces complete
-// within microseconds to a millisecond of the slowest rank's arrival, so the first kSpinFor
-// is a tight MPI_Test loop, as fast as MPI_Wait (MPI's blocking calls poll too; measured here
-// the non-blocking Iallgather costs ~2 us more per call than MPI_Allgather, the polling
-// nothing). A longer wait means a peer is far behind (start-up skew, a long prefill, a stopped
-// or dead rank): yield the core until kYieldFor, then sleep in steps doubling up to kMaxSleep,
-// so that a waiting rank does not burn a core its peers may need (with --oversubscribe they
-// share one); a wait that long loses at most kMaxSleep.
-constexpr auto kSpinFor = std::chrono::milliseconds(2);
-constexpr auto kYieldFor = std::chrono::milliseconds(20);
-constexpr auto kFirstSleep = std::chrono::microseconds(20);
-constexpr auto kMaxSleep = std::chrono::milliseconds(1);
+// WaitBounded polls with CollectiveBackoff (collective_wait.h).
 
 absl::Status MpiStatus(int code, const char* what) {
   if (code == MPI_SUCCESS) return absl::OkStatus();
@@ -108,7 +98,7 @@ absl::Status EnsureInitialized() {
 absl::Status WaitBounded(MPI_Request* request, const char* what, Clock::duration timeout, int rank,
                          int size, int64_t seq) {
   const Clock::time_point start = Clock::now();
-  auto sleep = std::chrono::duration_cast<Clock::duration>(kFirstSleep);
+  CollectiveBackoff backoff;
   for (;;) {
     int done = 0;
     if (const int rc = MPI_Test(request, &done, MPI_STATUS_IGNORE); rc != MPI_SUCCESS) {
@@ -133,13 +123,7 @@ absl::Status WaitBounded(MPI_Request* request, const char* what, Clock::duration
       MPI_Abort(MPI_COMM_WORLD, kCommTimeoutExitCode);
       std::_Exit(kCommTimeoutExitCode);  // MPI_Abort does not return
     }
-    if (waited < kSpinFor) continue;
-    if (waited < kYieldFor) {
-      std::this_thread::yield();
-      continue;
-    }
-    std::this_thread::sleep_for(sleep);
-    sleep = std::min<Clock::duration>(sleep * 2, kMaxSleep);
+    backoff.Pause(waited);
   }
 }
 

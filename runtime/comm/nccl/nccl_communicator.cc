@@ -11,6 +11,7 @@
 // the stream yet when its call returns ncclInProgress (NCCL's rule: poll the communicator until
 // ncclSuccess before issuing more work on its stream).
 #include "runtime/comm/nccl_communicator.h"
+#include "runtime/comm/collective_wait.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -37,14 +38,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// How a rank waits (as the MPI communicator's WaitBounded, for the same reasons): a tight
-// poll for the first kSpinFor (a decode step's collectives finish within microseconds of the
-// slowest rank's arrival), then yield until kYieldFor, then sleep in steps doubling up to
-// kMaxSleep so that a rank waiting for a far-behind peer does not hold a core.
-constexpr auto kSpinFor = std::chrono::milliseconds(2);
-constexpr auto kYieldFor = std::chrono::milliseconds(20);
-constexpr auto kFirstSleep = std::chrono::microseconds(20);
-constexpr auto kMaxSleep = std::chrono::milliseconds(1);
+// WaitFor polls with CollectiveBackoff (collective_wait.h), as the MPI communicator does.
 
 // Capped so that a huge timeout (as good as none) cannot overflow the clock's ticks.
 Clock::duration ToDuration(double seconds) {
@@ -87,7 +81,7 @@ struct WaitResult {
 // `start`. Does not abort anything itself.
 WaitResult WaitFor(ncclComm_t comm, cudaStream_t stream, Clock::time_point start,
                    Clock::duration timeout) {
-  auto sleep = std::chrono::duration_cast<Clock::duration>(kFirstSleep);
+  CollectiveBackoff backoff;
   for (;;) {
     WaitResult w;
     ncclResult_t state = ncclSuccess;
@@ -112,13 +106,7 @@ WaitResult WaitFor(ncclComm_t comm, cudaStream_t stream, Clock::time_point start
       w.kind = WaitResult::kTimeout;
       return w;
     }
-    if (w.waited < kSpinFor) continue;
-    if (w.waited < kYieldFor) {
-      std::this_thread::yield();
-      continue;
-    }
-    std::this_thread::sleep_for(sleep);
-    sleep = std::min<Clock::duration>(sleep * 2, kMaxSleep);
+    backoff.Pause(w.waited);
   }
 }
 
