@@ -109,7 +109,10 @@ absl::Status PrepareCodecs(MoeAllToAllScratch& a, const MoePayloadConfig& p) {
       codec.reset();
       return absl::OkStatus();
     }
-    if (codec != nullptr && codec->config().ToString() == want->ToString()) {
+    // Per layer and step: compare fields, not spellings.
+    if (codec != nullptr && codec->config().type == want->type &&
+        codec->config().group_size == want->group_size &&
+        codec->config().outliers == want->outliers) {
       return absl::OkStatus();
     }
     QKV_ASSIGN_OR_RETURN(codec, kernels::CommCodec::Create(*want));
