@@ -42,6 +42,17 @@ std::vector<std::string> SplitMoreKv(const std::string& text) {
   return out;
 }
 
+// Restores the default handling of SIGINT/SIGTERM once the server is down. A second stop
+// signal may be pending by then (timeout(1) and process-group kills deliver SIGTERM twice,
+// and the second can arrive after sigwait took the first): it is consumed first, or
+// unblocking would let it kill the process that is about to exit cleanly.
+void UnblockStopSignals(const sigset_t& stop_signals) {
+  const timespec now{};
+  while (sigtimedwait(&stop_signals, nullptr, &now) > 0) {
+  }
+  pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+}
+
 struct ServeOptions {
   ModelFlags model;
   std::string listen;
@@ -133,7 +144,7 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
     auto session = OpenModelSession(o.model, base);
     if (!session.ok()) return ReportFailure(ctx, session.status());
     const int rc = RunServeWorker(*session, o.worker_listen, stop_signals, ctx);
-    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+    UnblockStopSignals(stop_signals);
     return rc;
   }
 
@@ -259,7 +270,7 @@ int Run(const ServeOptions& o, CommandContext& ctx) {
   (*server)->Shutdown(absl::Seconds(5));
   (*loop)->Shutdown();
   SetBeforeJobAbortHook(nullptr);
-  pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+  UnblockStopSignals(stop_signals);
   return lost_rank ? kExitFailure : kExitOk;
 }
 
