@@ -1,5 +1,7 @@
 #include "launcher/serve_tensor_parallel.h"
 
+#include "runtime/comm/mpi_communicator.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -43,6 +45,9 @@ absl::StatusOr<std::unique_ptr<StepExecutor>> ConnectServeWorkers(
   QKV_ASSIGN_OR_RETURN(std::vector<std::string> addresses, GatherWorkerAddresses(comm, ""));
   TensorParallelExecutorConfig config{.worker_addresses = std::move(addresses),
                                       .token = std::move(token)};
+  // A worker's reply waits no longer than one of the collectives would.
+  QKV_ASSIGN_OR_RETURN(const double timeout_s, CommTimeoutFromEnv());
+  config.reply_timeout = timeout_s > 0 ? absl::Seconds(timeout_s) : absl::InfiniteDuration();
   QKV_ASSIGN_OR_RETURN(std::unique_ptr<TensorParallelExecutor> executor,
                        TensorParallelExecutor::Create(std::move(session.engine), config));
   return std::unique_ptr<StepExecutor>(std::move(executor));

@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 
 #include "absl/strings/str_format.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "quantkv/v1/worker.grpc.pb.h"
+#include "runtime/comm/mpi_communicator.h"
 #include "runtime/serve/worker_server.h"
 #include "runtime/util/monotonic_clock.h"
 #include "runtime/util/status_macros.h"
@@ -143,6 +145,18 @@ void TensorParallelExecutor::Heartbeat() {
   }
 }
 
+void TensorParallelExecutor::AbortJobForLateWorker(const Worker& w, int64_t local_end_ns) {
+  const std::string line = absl::StrFormat(
+      "rank 0: tensor-parallel worker rank %d at %s did not answer step %d within %.1f s of rank "
+      "0 finishing its part: it may have stopped or hung; aborting all ranks "
+      "(QUANTKV_COMM_TIMEOUT_S sets the limit)",
+      w.rank, w.address, step_id_, (MonotonicNowNs() - local_end_ns) / 1e9);
+  absl::FPrintF(stderr, "quantkv: %s\n", line);
+  std::fflush(stderr);
+  RunBeforeJobAbortHook(line);
+  engine_->config().comm->Abort(kCommTimeoutExitCode);
+}
+
 absl::Status TensorParallelExecutor::ProbeWorkers(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   for (const auto& w : workers_) {
@@ -229,11 +243,12 @@ absl::Status TensorParallelExecutor::Step(std::span<const StepInput> inputs,
     PrepareContext(*contexts.back(), config_.token, config_.step_timeout);
     w->response.Clear();
     w->sent_ns = MonotonicNowNs();
+    w->done_ns = 0;
     Worker* worker = w.get();
     w->stub->async()->Step(contexts.back().get(), &request, &w->response,
                            [&, worker](grpc::Status s) {
-                             worker->done_ns = MonotonicNowNs();
                              std::lock_guard<std::mutex> lock(mu);
+                             worker->done_ns = MonotonicNowNs();
                              worker->status = std::move(s);
                              if (--outstanding == 0) cv.notify_one();
                            });
@@ -243,7 +258,17 @@ absl::Status TensorParallelExecutor::Step(std::span<const StepInput> inputs,
   const int64_t local_end = MonotonicNowNs();
   {
     std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return outstanding == 0; });
+    auto replied = [&] { return outstanding == 0; };
+    if (config_.reply_timeout == absl::InfiniteDuration()) {
+      cv.wait(lock, replied);
+    } else if (!cv.wait_for(lock, absl::ToChronoNanoseconds(config_.reply_timeout), replied)) {
+      const Worker* late = nullptr;
+      for (const auto& w : workers_) {
+        if (w->done_ns == 0 && late == nullptr) late = w.get();
+      }
+      lock.unlock();
+      AbortJobForLateWorker(*late, local_end);
+    }
   }
   for (auto& w : workers_) {
     if (!w->status.ok()) {

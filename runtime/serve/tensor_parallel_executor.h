@@ -26,6 +26,12 @@ struct TensorParallelExecutorConfig {
   // A step's RPC deadline. The collectives' own timeout (QUANTKV_COMM_TIMEOUT_S) normally
   // ends a hung step first; this is the backstop.
   absl::Duration step_timeout = absl::Minutes(10);
+  // How long a worker's reply may lag rank 0's own part of a step. By then the worker has
+  // been through the step's collectives too, so only its short tail is left; a worker stopped
+  // or hung in that window would otherwise hold the step until step_timeout. Past it the job
+  // is ended as a collective timeout ends it: RunBeforeJobAbortHook (communicator.h) with the
+  // reason, then the communicator's Abort(kCommTimeoutExitCode). Infinite: no limit.
+  absl::Duration reply_timeout = absl::Seconds(30);
 };
 
 class TensorParallelExecutor final : public StepExecutor {
@@ -66,6 +72,8 @@ class TensorParallelExecutor final : public StepExecutor {
   // Calls every worker's Health every few seconds, so that a worker can tell a live but idle
   // coordinator from a dead one (WorkerServer::last_call).
   void Heartbeat();
+  // reply_timeout passed with worker w's reply missing: ends the job (does not return).
+  [[noreturn]] void AbortJobForLateWorker(const Worker& w, int64_t local_end_ns);
   std::thread heartbeat_;
   std::mutex heartbeat_mu_;
   std::condition_variable heartbeat_cv_;

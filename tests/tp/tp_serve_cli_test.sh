@@ -131,10 +131,11 @@ signal_rank1_mid_stream() {
 # fails, or, when mpirun's SIGTERM comes first, from rank 0's probe of its workers; never just
 # a closed socket.
 signal_rank1_mid_stream killed KILL 15 "UNAVAILABLE: .*tensor-parallel worker rank 1 at"
-# A worker rank stopped: nothing dies, so rank 0's own collective timeout (5 s here) ends the
-# job, and the client hears that reason first.
+# A worker rank stopped: nothing dies, so rank 0's own time bound (5 s here) ends the job,
+# and the client hears that reason first: a collective of rank 0's not completing, or, when
+# the worker stopped after the step's collectives, its reply not coming.
 signal_rank1_mid_stream stopped STOP 20 \
-  "UNAVAILABLE: the tensor-parallel job is being aborted.*not complete after" \
+  "UNAVAILABLE: the tensor-parallel job is being aborted.*\(not complete after\|did not answer step\)" \
   QUANTKV_COMM_TIMEOUT_S=5
 
 # --tp 2 without mpirun: refused with how to launch it.
