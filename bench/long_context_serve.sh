@@ -15,7 +15,7 @@ KV=${1:-int4-comp}
 LENGTHS=${2-"8000 32000"}  # an empty LENGTHS (not unset) measures nothing
 MODE=${3:-serve}
 [[ $MODE == serve || $MODE == generate ]] || { echo "MODE is serve or generate, not $MODE" >&2; exit 2; }
-Q=build/launcher/quantkv
+Q=${QUANTKV_BIN:-build/launcher/quantkv}  # a copy keeps a long run safe from rebuilds
 TEXT=../shared/data/wikitext-2/test.txt
 OUT=bench/results/long_context/${MODE}_long_$KV
 [[ -x $Q ]] || { echo "build $Q first" >&2; exit 1; }

@@ -8,7 +8,9 @@
 
 #include <cstdint>
 
+#include "absl/status/status.h"
 #include "kernels/kv_codec.h"
+#include "kernels/kv_slab_format.h"
 #include "kernels/rope.h"
 #include "kernels/thread_pool.h"
 
@@ -114,5 +116,64 @@ struct AttentionQuery {
 
 // out: [n_q][n_heads][head_dim]. Query heads map to KV heads in contiguous groups (GQA).
 void Attention(const AttentionQuery& query, const KvLayerView& kv, float* out, ThreadPool* pool);
+
+namespace cuda {
+// The device counterpart of KvLayerView for a batch of sequences: one layer's encoded
+// blocks (one format for all K heads, one for all V heads) in a pool addressed by physical
+// block id, and each sequence's block table and protected rows (kernels/kv_encode.h). A
+// query at position p reads token t exactly where KvLayerView says (RingStart above): sinks
+// for t < min(sink_tokens, p + 1), the ring for t >= RingStart(p), encoded blocks between.
+struct DeviceKvLayer {
+  KvSlabFormat k_format, v_format;
+  // Head h of physical block b: k_base + b * block_stride + h * k_format.slab_bytes (and V's).
+  const uint8_t* k_base = nullptr;
+  const uint8_t* v_base = nullptr;
+  int64_t block_stride = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t block_tokens = 0;
+  int64_t ring_tokens = 0;
+  int64_t sink_tokens = 0;
+  int64_t window_tokens = 0;
+  KvStorage storage = KvStorage::kF16;  // of the protected rows
+};
+
+// One sequence of the batch as this layer sees it (device pointers).
+struct DeviceSeqKv {
+  const int32_t* block_table = nullptr;  // physical ids of its full blocks
+  int64_t n_blocks = 0;                  // encoded blocks (KvLayerView::n_blocks)
+  int64_t n_tokens = 0;                  // tokens in the cache, this step's included
+  const uint8_t* k_ring = nullptr;       // rows as KvProtectedRows
+  const uint8_t* v_ring = nullptr;
+  const uint8_t* k_sinks = nullptr;
+  const uint8_t* v_sinks = nullptr;
+};
+
+struct DeviceAttentionBatch {
+  const float* q = nullptr;            // [rows][n_heads][head_dim], RoPE applied
+  const int32_t* positions = nullptr;  // [rows]: row r sees tokens 0..positions[r]
+  const int32_t* row_seq = nullptr;    // [rows]: index into seqs
+  const DeviceSeqKv* seqs = nullptr;   // device array
+  int64_t rows = 0;
+  int64_t n_heads = 0;
+  float scale = 0.0f;
+  // Longest context of any row (max positions[r] + 1): sizes the flash-decoding split.
+  int64_t max_context = 0;
+  float* out = nullptr;  // [rows][n_heads][head_dim]
+  // Flash-decoding partials (PagedAttentionWorkspaceBytes); device memory.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+};
+
+// Bytes of workspace PagedAttention needs for this many rows, heads and longest context.
+int64_t PagedAttentionWorkspaceBytes(int64_t rows, int64_t n_heads, int64_t head_dim,
+                                     int64_t max_context);
+
+// Attention of every row over its sequence: the context split over thread blocks
+// (flash-decoding) and merged by exact log-sum-exp; each K/V element read once per GQA
+// group; codes decoded in registers. `stream` a cudaStream_t.
+absl::Status PagedAttention(const DeviceKvLayer& kv, const DeviceAttentionBatch& batch,
+                            void* stream);
+}  // namespace cuda
 
 }  // namespace quantkv::kernels

@@ -117,4 +117,15 @@ class CommCodec {
   std::vector<float> scratch_;
 };
 
+namespace cuda {
+// CommCodec::Encode / Decode on the device (the compressed exchange's pack and unpack kernels),
+// byte for byte the CPU payload for the same input. x, payload, out: device pointers;
+// payload holds CommCodec::PayloadBytes(n) bytes. Decode checks the header on the host first
+// (it copies the 16 header bytes down) and fails like the CPU's on a bad one.
+absl::Status CommEncode(const CommCodecConfig& config, const float* x, int64_t n, uint8_t* payload,
+                        void* stream);
+absl::Status CommDecode(const CommCodecConfig& config, const uint8_t* payload, int64_t bytes,
+                        float* out, int64_t n, void* stream);
+}  // namespace cuda
+
 }  // namespace quantkv::kernels

@@ -101,4 +101,25 @@ absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t m, float* y, 
 // Which SIMD level the int8 dot products use on this CPU ("avx512vnni", "avx2", "scalar").
 const char* MatMulIsa();
 
+namespace cuda {
+// Weight element types of the CUDA GEMM (weights are dequantized to one of them at load).
+enum class GemmWeights { kF32, kBF16 };
+
+// A cuBLAS handle (a cublasHandle_t) bound to `stream` (a cudaStream_t; nullptr: default).
+absl::StatusOr<void*> CreateCublasHandle(void* stream);
+void DestroyCublasHandle(void* handle);
+
+// Scratch bytes Gemm needs for n rows of k inputs: bf16 weights take bf16 activations
+// (converted from x in the scratch), fp32 weights none.
+int64_t GemmScratchBytes(GemmWeights weights, int64_t n, int64_t k);
+
+// Device pointers. y[n][m] = x[n][k] . w[m][k]^T, plus y's previous contents when
+// `accumulate` (the residual add fused into o_proj / down_proj). fp32 accumulation; kF32
+// weights run full fp32 (no TF32), so the result is the CPU reference's within summation
+// order. All row-major. Asynchronous on the handle's stream.
+absl::Status Gemm(void* cublas, const float* x, const void* w, GemmWeights weights, float* y,
+                  int64_t n, int64_t k, int64_t m, bool accumulate, void* scratch,
+                  int64_t scratch_bytes);
+}  // namespace cuda
+
 }  // namespace quantkv::kernels

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace quantkv::kernels {
 
 enum class RopeScaling { kNone, kLinear, kYarn, kLlama3 };
@@ -41,6 +43,9 @@ class RopeTable {
   void RotateRows(float* x, int64_t n, int64_t first_position, bool inverse) const;
   // Caches cos/sin for positions [0, n_positions). Not thread-safe: call before sharing.
   void Precompute(int64_t n_positions);
+  // The cos and sin Apply multiplies by for positions [0, n_positions), [position][head_dim /
+  // 2] each, magnitude included: the table a device uploads (cuda::RopeApply).
+  void CosSin(int64_t n_positions, std::vector<float>* cos, std::vector<float>* sin) const;
 
  private:
   RopeSpec spec_;
@@ -49,5 +54,14 @@ class RopeTable {
   int64_t cached_positions_ = 0;
   std::vector<float> cos_cache_, sin_cache_;  // [position][head_dim / 2], magnitude included
 };
+
+namespace cuda {
+// RopeTable::Apply on the device: x [n_tokens][n_heads][head_dim] in place, token t at
+// positions[t] < n_positions; cos / sin from RopeTable::CosSin uploaded ([n_positions]
+// [head_dim / 2]). neox as RopeSpec::neox. Device pointers; `stream` a cudaStream_t.
+absl::Status RopeApply(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim,
+                       const int32_t* positions, const float* cos, const float* sin,
+                       int64_t n_positions, bool neox, void* stream);
+}  // namespace cuda
 
 }  // namespace quantkv::kernels

@@ -420,6 +420,17 @@ void DefineModelFlags(FlagSet& flags, ModelFlags& o, ModelFlagOptions what) {
   flags.Int<int64_t>("page-min-blocks", &o.page_min_blocks, 2,
                      "with --page-fraction: attend to at least this many encoded blocks",
                      {.min = 1});
+  flags.Choice("device", &o.device, "auto", {"auto", "cpu", "cuda"},
+               "where the forward runs: cuda (weights and the KV pool in this rank's "
+               "node-local GPU), cpu, or auto (cuda when a GPU is usable and the options are "
+               "ones the GPU path runs, else cpu)");
+  flags.Choice("gpu-weights", &o.gpu_weights, "bf16", {"bf16", "f32"},
+               "with --device cuda: the type weights are dequantized to at load (f32: exact "
+               "fp32 GEMMs, twice the memory)");
+  flags.Float("gpu-memory-fraction", &o.gpu_memory_fraction, 0.9,
+              "with --device cuda: the KV pool takes at most this share of the GPU memory free "
+              "after the weights (and at most --kv-budget-mb)",
+              {.min = 0.01, .max = 1.0});
   flags
       .String("expert-levels", &o.expert_levels, "",
               "MoE: hold every expert at these weight types, lowest precision first (e.g. "
@@ -559,6 +570,9 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   cfg.comm = s.comm.get();
   cfg.moe_top_k = flags.moe_top_k;
   cfg.page_fraction = flags.page_fraction;
+  cfg.device = flags.device;
+  cfg.gpu_weights = flags.gpu_weights;
+  cfg.gpu_memory_fraction = flags.gpu_memory_fraction;
   cfg.page_min_blocks = flags.page_min_blocks;
   cfg.kv_promote = flags.kv_promote == "none" ? "" : flags.kv_promote;
   cfg.snapkv_window = flags.snapkv_window;
@@ -579,6 +593,10 @@ absl::StatusOr<ModelSession> OpenModelSession(const ModelFlags& flags, const Eng
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(std::move(*weights), cfg);
   QKV_RETURN_IF_ERROR(agree(engine.status()));
   s.engine = std::move(*engine);
+  if (s.engine->device() != nullptr && s.rank() == 0) {
+    std::cerr << "device: " << s.engine->device()->Describe() << ", KV pool "
+              << (s.engine->device()->kv_pool_bytes() >> 20) << " MB\n";
+  }
   if (s.compressed_comm != nullptr && s.rank() == 0) {
     s.comm_report = std::make_unique<CommStatsReporter>(s.compressed_comm);
   }

@@ -72,6 +72,10 @@ struct ModelFlags {
   std::string kv_floor;
   // Page selection (Quest) for decode: the share of encoded blocks attended, and a floor.
   double page_fraction = 1.0;
+  // Where the forward runs (EngineConfig::device, gpu_weights, gpu_memory_fraction).
+  std::string device = "auto";
+  std::string gpu_weights = "bf16";
+  double gpu_memory_fraction = 0.9;
   int64_t page_min_blocks = 2;
   std::string expert_levels;
   double expert_budget_mb = 0;

@@ -11,6 +11,19 @@ double YarnCorrectionDim(double rotations, int64_t dim, double base, double cont
   return (dim * std::log(context / (rotations * 2 * std::numbers::pi))) / (2 * std::log(base));
 }
 
+// The cos and sin (magnitude included) that rotate pair i at `position`, for every pair. The one
+// place they are computed, so that Apply, the cache and the device table (CosSin) agree bit for
+// bit. Angles in double: positions up to 1e5 times frequencies near 1 keep full fp32 accuracy.
+void PositionCosSin(const std::vector<double>& inv_freq, double magnitude, int64_t position,
+                    float* cos_out, float* sin_out) {
+  const int64_t half = static_cast<int64_t>(inv_freq.size());
+  for (int64_t i = 0; i < half; ++i) {
+    const double angle = static_cast<double>(position) * inv_freq[i];
+    cos_out[i] = static_cast<float>(std::cos(angle) * magnitude);
+    sin_out[i] = static_cast<float>(std::sin(angle) * magnitude);
+  }
+}
+
 }  // namespace
 
 RopeTable::RopeTable(const RopeSpec& spec) : spec_(spec) {
@@ -40,8 +53,8 @@ RopeTable::RopeTable(const RopeSpec& spec) : spec_(spec) {
         const double interp = inv_freq_[i] / spec.factor;
         inv_freq_[i] = interp * (1.0 - extrapolation_weight) + extrap * extrapolation_weight;
       }
-      magnitude_ = (spec.factor > 1.0 ? 0.1 * std::log(spec.factor) + 1.0 : 1.0) *
-                   spec.yarn_attn_factor;
+      magnitude_ =
+          (spec.factor > 1.0 ? 0.1 * std::log(spec.factor) + 1.0 : 1.0) * spec.yarn_attn_factor;
       break;
     }
     case RopeScaling::kLlama3: {
@@ -63,18 +76,12 @@ RopeTable::RopeTable(const RopeSpec& spec) : spec_(spec) {
   }
 }
 
-void RopeTable::Apply(float* x, int64_t n_tokens, int64_t n_heads,
-                      const int32_t* positions) const {
+void RopeTable::Apply(float* x, int64_t n_tokens, int64_t n_heads, const int32_t* positions) const {
   const int64_t d = spec_.head_dim;
   const int64_t half = d / 2;
   std::vector<float> cos_t(half), sin_t(half);
   for (int64_t t = 0; t < n_tokens; ++t) {
-    // Angles in double: positions up to 1e5 times frequencies near 1 keep full fp32 accuracy.
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(positions[t]) * inv_freq_[i];
-      cos_t[i] = static_cast<float>(std::cos(angle) * magnitude_);
-      sin_t[i] = static_cast<float>(std::sin(angle) * magnitude_);
-    }
+    PositionCosSin(inv_freq_, magnitude_, positions[t], cos_t.data(), sin_t.data());
     for (int64_t h = 0; h < n_heads; ++h) {
       float* v = x + (t * n_heads + h) * d;
       if (spec_.neox) {
@@ -99,13 +106,25 @@ void RopeTable::Precompute(int64_t n_positions) {
   cos_cache_.resize(n_positions * half);
   sin_cache_.resize(n_positions * half);
   for (int64_t p = 0; p < n_positions; ++p) {
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(p) * inv_freq_[i];
-      cos_cache_[p * half + i] = static_cast<float>(std::cos(angle) * magnitude_);
-      sin_cache_[p * half + i] = static_cast<float>(std::sin(angle) * magnitude_);
-    }
+    PositionCosSin(inv_freq_, magnitude_, p, cos_cache_.data() + p * half,
+                   sin_cache_.data() + p * half);
   }
   cached_positions_ = n_positions;
+}
+
+void RopeTable::CosSin(int64_t n_positions, std::vector<float>* cos,
+                       std::vector<float>* sin) const {
+  const int64_t half = spec_.head_dim / 2;
+  n_positions = std::max<int64_t>(n_positions, 0);
+  cos->resize(n_positions * half);
+  sin->resize(n_positions * half);
+  // The cache holds exactly these values; reuse what Precompute already paid for.
+  const int64_t cached = std::min(n_positions, cached_positions_);
+  std::copy(cos_cache_.begin(), cos_cache_.begin() + cached * half, cos->begin());
+  std::copy(sin_cache_.begin(), sin_cache_.begin() + cached * half, sin->begin());
+  for (int64_t p = cached; p < n_positions; ++p) {
+    PositionCosSin(inv_freq_, magnitude_, p, cos->data() + p * half, sin->data() + p * half);
+  }
 }
 
 void RopeTable::RotateRows(float* x, int64_t n, int64_t first_position, bool inverse) const {
@@ -122,11 +141,7 @@ void RopeTable::RotateRows(float* x, int64_t n, int64_t first_position, bool inv
       c = cos_cache_.data() + p * half;
       s = sin_cache_.data() + p * half;
     } else {
-      for (int64_t i = 0; i < half; ++i) {
-        const double angle = static_cast<double>(p) * inv_freq_[i];
-        cos_buf[i] = static_cast<float>(std::cos(angle) * magnitude_);
-        sin_buf[i] = static_cast<float>(std::sin(angle) * magnitude_);
-      }
+      PositionCosSin(inv_freq_, magnitude_, p, cos_buf, sin_buf);
       c = cos_buf;
       s = sin_buf;
     }

@@ -173,7 +173,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
           flag));
     }
   }
-  QKV_RETURN_IF_ERROR(e->LoadWeights());
+  if (config.device != "cpu" && config.device != "cuda" && config.device != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--device '%s' is not one of cpu, cuda, auto", config.device));
+  }
+  if (!(config.gpu_memory_fraction > 0.0 && config.gpu_memory_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--gpu-memory-fraction %g must be in (0, 1]", config.gpu_memory_fraction));
+  }
+  // Weights go to the CPU kernels unless the forward will run on a device (which loads its
+  // own copy); "auto" that falls back to the CPU loads them then.
+  const bool maybe_device =
+      config.device == "cuda" || (config.device == "auto" && CudaDeviceUsable());
+  if (!maybe_device) QKV_RETURN_IF_ERROR(e->LoadWeights());
   const ModelConfig& c = e->model_config_;
   if (c.moe.enabled()) {
     e->router_.n_experts = static_cast<int>(c.moe.n_experts);
@@ -225,10 +237,24 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
     }
     return cache;
   };
+  int64_t kv_bytes = config.kv_max_bytes;
+  if (maybe_device && e->CheckDeviceSupports().ok()) {
+    // The device pool mirrors cache 0 block for block: size it within the device's memory.
+    absl::StatusOr<DeviceInfo> info = OpenCudaDevice();
+    if (info.ok()) {
+      const int64_t weights_estimate =
+          2 * e->weights_->config().vocab_size * e->weights_->config().hidden * 4 +
+          (int64_t{1} << 30);
+      kv_bytes = std::min<int64_t>(
+          kv_bytes, static_cast<int64_t>(config.gpu_memory_fraction *
+                                         static_cast<double>(std::max<int64_t>(
+                                             0, info->free_bytes - weights_estimate))));
+    }
+  }
   for (size_t i = 0; i < specs.size(); ++i) {
     QKV_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache,
                          make_cache(specs[i], i == 0 ? config.kv_floor : std::string(),
-                                    config.kv_max_bytes / static_cast<int64_t>(specs.size())));
+                                    kv_bytes / static_cast<int64_t>(specs.size())));
     e->kv_.push_back(std::move(cache));
   }
   // Adapters act on whole attention outputs and projections; under tensor parallelism
@@ -281,8 +307,53 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
                                     config.kv_max_bytes / static_cast<int64_t>(specs.size())));
   }
   e->pool_ = std::make_unique<kernels::ThreadPool>(config.threads);
+  if (maybe_device) {
+    QKV_ASSIGN_OR_RETURN(const bool on_device, e->SetUpDevice());
+    if (!on_device) QKV_RETURN_IF_ERROR(e->LoadWeights());
+  }
   QKV_RETURN_IF_ERROR(e->SetUpExpertPrecision());
   return e;
+}
+
+absl::Status Engine::CheckDeviceSupports() const {
+  const EngineConfig& k = config_;
+  auto refuse = [](const std::string& what) {
+    return absl::UnimplementedError(
+        absl::StrFormat("--device cuda does not run %s yet (use --device cpu)", what));
+  };
+  if (model_config_.moe.enabled()) return refuse("mixture-of-experts models");
+  if (!k.more_kv_specs.empty()) return refuse("several KV presets per server");
+  if (!k.kv_floor.empty()) return refuse("--kv-floor (elastic re-quantization)");
+  if (!k.kv_promote.empty()) return refuse("--kv-promote");
+  if (k.page_fraction < 1.0) return refuse("--page-fraction (page selection)");
+  if (k.attn_correction) return refuse("attention corrections");
+  if (k.lora) return refuse("LoRA adapters");
+  if (k.attn_observer || k.kv_observer || k.mlp_observer) {
+    return refuse("observers (calibration, sensitivity, moefy)");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Engine::SetUpDevice() {
+  const bool automatic = config_.device == "auto";
+  absl::Status supported = CheckDeviceSupports();
+  if (!supported.ok()) {
+    if (automatic) return false;
+    return supported;
+  }
+  DeviceForwardConfig dc;
+  dc.weights = config_.gpu_weights;
+  dc.max_chunk_tokens = config_.max_chunk_tokens;
+  absl::StatusOr<std::unique_ptr<DeviceForward>> device =
+      CreateCudaForward(*weights_, model_config_, shard_, *rope_, *kv_[0], config_.comm, dc);
+  if (!device.ok()) {
+    // "auto" runs on the CPU what the device path does not (yet) run; an explicit
+    // --device cuda, or a device that fails for another reason, is an error.
+    if (automatic && absl::IsUnimplemented(device.status())) return false;
+    return device.status();
+  }
+  device_ = std::move(*device);
+  return true;
 }
 
 absl::Status Engine::PlanShard() {
@@ -689,6 +760,7 @@ absl::Status Engine::Release(SequenceId seq) {
   }
   kv_[it->second.cache]->Free(it->second.kv);
   if (shadow_kv_) shadow_kv_->Free(it->second.shadow);
+  if (device_) device_->Release(seq);
   sequences_.erase(it);
   return absl::OkStatus();
 }
@@ -706,9 +778,9 @@ absl::Status Engine::FillSyntheticKv(SequenceId seq, int64_t n_tokens, uint32_t 
   if (it == sequences_.end()) {
     return absl::NotFoundError(absl::StrFormat("engine: unknown sequence %d", seq));
   }
-  if (promote_ != Promote::kNone || shadow_kv_) {
+  if (promote_ != Promote::kNone || shadow_kv_ || device_) {
     return absl::UnimplementedError(
-        "engine: synthetic KV with promoted tokens or an exact shadow cache");
+        "engine: synthetic KV with promoted tokens, an exact shadow cache or on a device");
   }
   Sequence& s = it->second;
   KvCache& cache = *kv_[s.cache];
@@ -758,6 +830,7 @@ void Engine::Embed(std::span<const int32_t> tokens, float* out) const {
 }
 
 int64_t Engine::WeightBytesPerToken() const {
+  if (device_) return device_->weight_bytes();  // as uploaded (bf16 or f32)
   const auto bytes = kernels::WeightBytes;
   int64_t total = bytes(lm_head_) + *kernels::GgmlRowBytes(embedding_.type, embedding_.cols);
   auto mlp = [&](const ExpertMatrices& m) {
@@ -857,6 +930,25 @@ absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>*
     }
   }
 
+  if (device_) {
+    std::vector<DeviceStepInput> device_inputs;
+    device_inputs.reserve(inputs.size());
+    for (const StepInput& in : inputs) {
+      device_inputs.push_back({in.seq, &sequences_[in.seq].kv, in.tokens, in.all_logits});
+    }
+    int64_t comm_ns = 0;
+    QKV_RETURN_IF_ERROR(device_->Step(device_inputs, logits, &comm_ns));
+    for (const StepInput& in : inputs) {
+      sequences_[in.seq].kv.length += static_cast<int64_t>(in.tokens.size());
+    }
+    last_step_.comm_ns = comm_ns;
+    comm_ns_total_ += comm_ns;
+    last_step_.tokens = total;
+    last_step_.forward_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::steady_clock::now() - start)
+                                .count();
+    return absl::OkStatus();
+  }
   // This rank's dimensions: all of them without tensor parallelism.
   const int64_t H = c.hidden;
   const int64_t n_heads = shard_.heads.size;

@@ -19,6 +19,7 @@
 #include "runtime/comm/communicator.h"
 #include "runtime/comm/tensor_shard.h"
 #include "runtime/engine/attn_correction.h"
+#include "runtime/engine/device_forward.h"
 #include "runtime/engine/expert_store.h"
 #include "runtime/engine/moe_dispatch.h"
 #include "runtime/engine/moe_ffn.h"
@@ -44,6 +45,15 @@ struct AttnObservation {
 
 struct EngineConfig {
   int threads = 1;
+  // Where the forward runs: "cpu"; "cuda" (runtime/engine/device_forward.h: weights and KV
+  // pool in GPU memory, the bookkeeping here); "auto": cuda when this build has it, a GPU is
+  // usable and the configuration is one the GPU path runs, else cpu.
+  std::string device = "cpu";
+  // --device cuda: weights dequantized at load to "bf16" or "f32" (DeviceForwardConfig).
+  std::string gpu_weights = "bf16";
+  // --device cuda: the KV pool takes at most this fraction of the device memory free after
+  // the weights (and at most kv_max_bytes).
+  double gpu_memory_fraction = 0.9;
   // KV cache policy: a preset ("fp16", "int4-comp", ...), a spec or "@policy.json"
   // (runtime/kv/kv_policy.h).
   std::string kv_spec = "fp16";
@@ -213,6 +223,8 @@ class Engine {
   int64_t active_expert_bytes() const;
   // The heads and MLP columns this engine computes (everything without tensor parallelism).
   const TensorShard& shard() const { return shard_; }
+  // The device the forward runs on (EngineConfig::device), nullptr on the CPU.
+  const DeviceForward* device() const { return device_.get(); }
 
   // A new empty sequence in KV cache `kv_cache` (< kv_cache_count(), else OUT_OF_RANGE).
   absl::StatusOr<SequenceId> NewSequenceIn(int kv_cache);
@@ -277,7 +289,14 @@ class Engine {
   absl::Status GatherKvHeads(const float* mine, int64_t n, std::vector<float>* out);
   void Embed(std::span<const int32_t> tokens, float* out) const;
 
+  // EngineConfig::device: the features the CUDA forward does not run, named; OK otherwise.
+  absl::Status CheckDeviceSupports() const;
+  // Creates device_ for cache 0 when the config asks for a device; false when the forward
+  // stays on the CPU ("auto" without a usable device or with a configuration it cannot run).
+  absl::StatusOr<bool> SetUpDevice();
+
   EngineConfig config_;
+  std::unique_ptr<DeviceForward> device_;
   std::unique_ptr<WeightSource> weights_;
   ModelConfig model_config_;
   std::unique_ptr<kernels::ThreadPool> pool_;

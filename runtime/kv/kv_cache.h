@@ -72,6 +72,9 @@ class KvCache {
   BlockAllocator& allocator() { return allocator_; }
   const BlockAllocator& allocator() const { return allocator_; }
   int64_t block_tokens() const { return config_.policy.block_tokens; }
+  // Rows of a sequence's protected ring (window + a block + the longest step), per layer and
+  // K/V; a device copy of the cache (runtime/engine/device_forward.h) uses the same.
+  int64_t ring_tokens() const { return ring_tokens_; }
 
   // Makes room for `seq` to grow to n_tokens: blocks for every block that will be full,
   // and its protected storage. On failure `seq` is unchanged.
