@@ -62,8 +62,8 @@ for t in kernels_gpu_test elementwise_gpu_test gemm_gpu_test kv_encode_gpu_test 
   timeout 150 "$LOADER" --library-path "$B/lib$CUDA_LIBS" "$B/bin/$t" > /tmp/one.log 2>&1
   rc=$?
   cat /tmp/one.log >> "$LOG"
-  RESULT[$t]="rc=$rc $(( $(date +%s) - start ))s passed $(grep -c '^\[       OK' /tmp/one.log)"
-  RESULT[$t]+=" failed $(grep -c '^\[  FAILED  \] [A-Za-z]' /tmp/one.log) skipped $(grep -c '^\[  SKIPPED \] [A-Za-z]' /tmp/one.log)"
+  count() { grep -E "^\[ +$1 +\] [A-Za-z]" /tmp/one.log | sed 's/ (.*//' | sort -u | wc -l; }
+  RESULT[$t]="rc=$rc $(( $(date +%s) - start ))s passed $(count OK) failed $(count FAILED) skipped $(count SKIPPED)"
   say "   ${RESULT[$t]}"
 done
 # Benchmarks.
