@@ -286,7 +286,6 @@ absl::Status CudaForward::LoadWeights(const WeightSource& w) {
                                      all_hidden, &lm_head_));
   }
   QKV_RETURN_IF_ERROR(UploadVector(w, "output_norm.weight", c.hidden, all_hidden, &output_norm_));
-  layers_.resize(c.n_layers);
   for (int64_t i = 0; i < c.n_layers; ++i) {
     DeviceLayer& l = layers_[i];
     const std::string p = absl::StrFormat("blk.%d.", i);
@@ -410,6 +409,10 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
   QKV_RETURN_IF_ERROR(
       CudaCheck(cudaStreamCreateWithFlags(&f->stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
   QKV_ASSIGN_OR_RETURN(f->cublas_, kernels::cuda::CreateCublasHandle(f->stream_));
+  // The cache first: a policy the device cannot hold is refused before seconds of uploads
+  // (and "auto" then falls back to the CPU at once).
+  f->layers_.resize(config.n_layers);
+  QKV_RETURN_IF_ERROR(f->SetUpCache(cache));
   QKV_RETURN_IF_ERROR(f->LoadWeights(weights));
   // cos/sin for every position a sequence may reach (Engine::CheckStep caps it at 16x the
   // context), capped at 2^18 positions (64 MB at head_dim 64).
@@ -421,7 +424,6 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
       f->Upload(cos.data(), static_cast<int64_t>(cos.size()) * 4, &f->rope_cos_, "RoPE cos"));
   QKV_RETURN_IF_ERROR(
       f->Upload(sin.data(), static_cast<int64_t>(sin.size()) * 4, &f->rope_sin_, "RoPE sin"));
-  QKV_RETURN_IF_ERROR(f->SetUpCache(cache));
   return f;
 }
 
