@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 
 #include "absl/strings/str_format.h"
@@ -155,6 +156,8 @@ void TensorParallelExecutor::AbortJobForLateWorker(const Worker& w, int64_t loca
   std::fflush(stderr);
   RunBeforeJobAbortHook(line);
   engine_->config().comm->Abort(kCommTimeoutExitCode);
+  // Abort ends the job; should a communicator's return, this process still must not go on.
+  std::_Exit(kCommTimeoutExitCode);
 }
 
 absl::Status TensorParallelExecutor::ProbeWorkers(absl::Duration timeout) {
