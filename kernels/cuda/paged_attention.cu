@@ -663,7 +663,10 @@ absl::Status PagedAttention(const DeviceKvLayer& kv, const DeviceAttentionBatch&
   P.ws_m = need > 0 ? ws + parts * kv.head_dim : nullptr;
   P.ws_l = need > 0 ? ws + parts * (kv.head_dim + 1) : nullptr;
 
-  const int groups = group >= kMaxGroup ? 8 : group > 2 ? 4 : group == 2 ? 2 : 1;
+  // Heads per block (the kernel's kG) must cover a whole subgroup: subgroups start every
+  // kMaxGroup heads (g0 in the kernel), so a group of 5..7 needs kG = 8, not 4 (with 4 its
+  // heads 4.. were never computed).
+  const int groups = group > 4 ? 8 : group > 2 ? 4 : group == 2 ? 2 : 1;
   const size_t shared = SharedBytes(groups, P.dp);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));

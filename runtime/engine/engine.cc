@@ -242,9 +242,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<WeightSou
     // The device pool mirrors cache 0 block for block: size it within the device's memory.
     absl::StatusOr<DeviceInfo> info = OpenCudaDevice();
     if (info.ok()) {
-      const int64_t weights_estimate =
-          2 * e->weights_->config().vocab_size * e->weights_->config().hidden * 4 +
-          (int64_t{1} << 30);
+      // An upper bound of the uploaded weights (f32; untied lm_head) and a margin for
+      // activations, cuBLAS and the runtime.
+      const ModelConfig& m = e->weights_->config();
+      const int64_t q_dim = m.n_heads * m.head_dim, kv_dim = m.n_kv_heads * m.head_dim;
+      const int64_t params =
+          2 * m.vocab_size * m.hidden +
+          m.n_layers * (m.hidden * (2 * q_dim + 2 * kv_dim) + 3 * m.hidden * m.intermediate);
+      const int64_t weights_estimate = 4 * params + (int64_t{1} << 30);
       kv_bytes = std::min<int64_t>(
           kv_bytes, static_cast<int64_t>(config.gpu_memory_fraction *
                                          static_cast<double>(std::max<int64_t>(

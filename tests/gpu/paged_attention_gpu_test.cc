@@ -475,6 +475,8 @@ TEST(PagedAttentionGpu, Int8) { RunConfig({"int8", 3, 9, 64, kContexts}); }
 TEST(PagedAttentionGpu, Int4Comp) { RunConfig({"int4-comp", 3, 9, 64, kContexts}); }
 TEST(PagedAttentionGpu, Int2Comp) { RunConfig({"int2-comp", 3, 9, 64, kContexts}); }
 TEST(PagedAttentionGpu, Fp8) { RunConfig({"fp8", 3, 9, 64, kContexts}); }
+// 7 query heads per KV head (Qwen2.5-0.5B's 14/2): a group between 4 and 8 once lost heads.
+TEST(PagedAttentionGpu, GroupOfSeven) { RunConfig({"int4-comp", 2, 14, 64, kContexts}); }
 
 // head_dim 128, a GQA group of 8.
 TEST(PagedAttentionGpu, HeadDim128Group8) {

@@ -170,6 +170,8 @@ class CudaForward final : public DeviceForward {
   absl::Status Gemm(const float* x, const DeviceMatrix& w, float* y, int64_t n, bool accumulate);
   // Sums a row-parallel partial output over the group through pinned host memory.
   absl::Status ReduceSum(float* x, int64_t n, int64_t layer, int64_t* comm_ns);
+  absl::Status RunStep(std::span<const DeviceStepInput> inputs, std::vector<float>* logits,
+                       int64_t* comm_ns);
 
   DeviceInfo info_;
   ModelConfig config_;
@@ -471,6 +473,15 @@ class PlanBuilder {
 
 absl::Status CudaForward::Step(std::span<const DeviceStepInput> inputs, std::vector<float>* logits,
                                int64_t* comm_ns) {
+  absl::Status s = RunStep(inputs, logits, comm_ns);
+  // A failed step may have queued copies from the pinned plan and kernels on its buffers:
+  // let them finish before the next step rewrites either.
+  if (!s.ok()) cudaStreamSynchronize(stream_);
+  return s;
+}
+
+absl::Status CudaForward::RunStep(std::span<const DeviceStepInput> inputs,
+                                  std::vector<float>* logits, int64_t* comm_ns) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden;
   const int64_t n_heads = shard_.heads.size;
