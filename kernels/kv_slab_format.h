@@ -13,13 +13,8 @@
 #include <cstdint>
 
 #include "absl/status/statusor.h"
+#include "kernels/host_device_math.h"
 #include "kernels/kv_codec.h"
-
-#if defined(__CUDACC__)
-#define QKV_HD __host__ __device__ __forceinline__
-#else
-#define QKV_HD inline
-#endif
 
 namespace quantkv::kernels {
 
@@ -50,29 +45,14 @@ absl::StatusOr<KvSlabFormat> KvSlabFormatOf(const KvCodecSpec& spec, int64_t hea
 
 namespace slab {
 
-QKV_HD float F32FromBits(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float f;
-  __builtin_memcpy(&f, &b, 4);
-  return f;
-#endif
-}
-
-// a * b + c rounded once, as the CPU decoders' FMA instructions compute it. (code * scale
-// is exact in fp32, so the CPU's scalar decoders, which round twice, give the same.)
-QKV_HD float Fma(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return __builtin_fmaf(a, b, c);
-#endif
-}
-
-QKV_HD uint16_t LoadU16(const uint8_t* p) {
-  return static_cast<uint16_t>(p[0] | (static_cast<uint16_t>(p[1]) << 8));
-}
+using hd::Add;
+using hd::Div;
+using hd::Fma;
+using hd::LoadU16;
+using hd::Mul;
+using hd::Sub;
+QKV_HD float F32FromBits(uint32_t b) { return hd::FloatFromBits(b); }
+QKV_HD uint32_t F32Bits(float f) { return hd::BitsFromFloat(f); }
 
 // IEEE half -> float, exact (subnormals included).
 QKV_HD float HalfToFloat(uint16_t h) {
@@ -167,44 +147,6 @@ QKV_HD float DecodeElement(const KvSlabFormat& f, const uint8_t* slab, int t, in
 // spells every operation as an _rn intrinsic. The CPU test runs the same functions on the
 // host against the codecs.
 
-QKV_HD uint32_t F32Bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t b;
-  __builtin_memcpy(&b, &f, 4);
-  return b;
-#endif
-}
-
-QKV_HD float Mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-QKV_HD float Add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-QKV_HD float Sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-QKV_HD float Div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
 // std::max / std::min exactly: NaN in `b` loses to `a`, and equal values (+0, -0) keep `a`.
 QKV_HD float MaxOf(float a, float b) { return a < b ? b : a; }
 QKV_HD float MinOf(float a, float b) { return b < a ? b : a; }

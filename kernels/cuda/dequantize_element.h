@@ -13,14 +13,19 @@
 #include "kernels/fp16.h"
 #include "kernels/ggml_types.h"
 
+#include "kernels/host_device_math.h"
+
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
-#define QKV_HD __host__ __device__ __forceinline__
-#else
-#define QKV_HD inline
 #endif
 
 namespace quantkv::kernels::cuda::detail {
+
+using hd::Add;
+using hd::BitsFromFloat;
+using hd::FloatFromBits;
+using hd::Mul;
+using hd::Sub;
 
 QKV_HD uint32_t Byte(const uint8_t* p, int i) { return p[i]; }
 
@@ -32,46 +37,6 @@ QKV_HD float HalfToFloat(uint32_t h) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
 #else
   return Fp16ToFp32(static_cast<uint16_t>(h));
-#endif
-}
-
-QKV_HD float FloatFromBits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  return Fp32FromBits(bits);
-#endif
-}
-
-QKV_HD uint32_t BitsFromFloat(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  return BitsFromFp32(f);
-#endif
-}
-
-QKV_HD float Mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-QKV_HD float Add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-QKV_HD float Sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
 #endif
 }
 

@@ -21,52 +21,18 @@
 #include "kernels/ggml_types.h"
 #include "kernels/moe_grouped_gemm.h"
 #include "kernels/rmsnorm.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace quantkv::kernels {
 namespace {
-
-#define SKIP_WITHOUT_CUDA_DEVICE()                                                   \
-  do {                                                                               \
-    const absl::StatusOr<int> count = cuda::QueryCudaDeviceCount();                  \
-    if (!count.ok()) GTEST_SKIP() << "no CUDA device: " << count.status().message(); \
-    if (*count == 0) GTEST_SKIP() << "no CUDA device: the driver reports 0 devices"; \
-  } while (0)
 
 // absl::Status messages are absl::string_view, which Debian's absl keeps distinct from std's.
 bool MessageHas(const absl::Status& s, std::string_view needle) {
   return std::string(s.message()).find(needle) != std::string::npos;
 }
 
-uint64_t FreshSeed() {
-  const uint64_t seed =
-      (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
-  std::cout << "[ seed ] " << seed << "\n";
-  return seed;
-}
-
-// Owns a device allocation for the length of a test.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    EXPECT_EQ(cudaMalloc(&ptr_, bytes_ == 0 ? 1 : bytes_), cudaSuccess) << bytes_ << " bytes";
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  void* get() const { return ptr_; }
-  float* f32() const { return static_cast<float*>(ptr_); }
-  void Upload(const void* src) {
-    ASSERT_EQ(cudaMemcpy(ptr_, src, bytes_, cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  void Download(void* dst) const {
-    ASSERT_EQ(cudaMemcpy(dst, ptr_, bytes_, cudaMemcpyDeviceToHost), cudaSuccess);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_;
-};
+using gpu_test::DeviceBuffer;
+using gpu_test::FreshSeed;
 
 // Offsets and ranges of each block type's fp16 scale fields; the rest is random bytes.
 std::vector<uint8_t> RandomBlocks(GgmlType type, int64_t blocks, std::mt19937_64& rng) {
@@ -199,7 +165,7 @@ void CheckDequantize(GgmlType type, int64_t rows, int64_t n, std::mt19937_64& rn
 }
 
 TEST_P(CudaDequantizeTypeTest, MatchesCpuOnFreshRandomBlocks) {
-  SKIP_WITHOUT_CUDA_DEVICE();
+  QKV_SKIP_WITHOUT_CUDA_DEVICE();
   std::mt19937_64 rng(FreshSeed());
   const int64_t bs = GgmlTypeInfoOf(GetParam()).block_size;
   CheckDequantize(GetParam(), 1, bs, rng);
@@ -216,7 +182,7 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, CudaDequantizeTypeTest,
                          });
 
 TEST(CudaDequantizeTest, LargeTensorCoversGridStrideLoop) {
-  SKIP_WITHOUT_CUDA_DEVICE();
+  QKV_SKIP_WITHOUT_CUDA_DEVICE();
   std::mt19937_64 rng(FreshSeed());
   // 18.9M elements: more than the 2^16 blocks x 256 threads of one grid pass.
   CheckDequantize(GgmlType::kQ4_0, 4096, 4608, rng);
@@ -251,7 +217,7 @@ TEST(CudaRmsNormTest, RejectsNegativeShapesBeforeLaunching) {
 }
 
 TEST(CudaRmsNormTest, MatchesCpuOnFreshRandomInput) {
-  SKIP_WITHOUT_CUDA_DEVICE();
+  QKV_SKIP_WITHOUT_CUDA_DEVICE();
   std::mt19937_64 rng(FreshSeed());
   const float eps = 1e-5f;
   for (auto [rows, n] :
@@ -280,7 +246,7 @@ TEST(CudaRmsNormTest, MatchesCpuOnFreshRandomInput) {
 }
 
 TEST(CudaRmsNormTest, AddRmsNormMatchesCpuOnFreshRandomInput) {
-  SKIP_WITHOUT_CUDA_DEVICE();
+  QKV_SKIP_WITHOUT_CUDA_DEVICE();
   std::mt19937_64 rng(FreshSeed());
   const float eps = 1e-6f;
   for (auto [rows, n] : {std::pair<int64_t, int64_t>{1, 7}, {4, 576}, {3, 1500}}) {
@@ -476,7 +442,7 @@ TEST(CudaMoeGroupedFfnTest, RejectsBadArgumentsBeforeLaunching) {
 //   term dominates; typical errors are far smaller). This is the bf16-level accuracy the
 //   engine would see with bf16 weights dequantized at load.
 TEST(CudaMoeGroupedFfnTest, MatchesCpuOnFreshRandomInput) {
-  SKIP_WITHOUT_CUDA_DEVICE();
+  QKV_SKIP_WITHOUT_CUDA_DEVICE();
   std::mt19937_64 rng(FreshSeed());
   struct Case {
     std::vector<int64_t> groups;
