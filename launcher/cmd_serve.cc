@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <fstream>
 #include <limits>
@@ -42,15 +43,25 @@ std::vector<std::string> SplitMoreKv(const std::string& text) {
   return out;
 }
 
-// Restores the default handling of SIGINT/SIGTERM once the server is down. A second stop
-// signal may be pending by then (timeout(1) and process-group kills deliver SIGTERM twice,
-// and the second can arrive after sigwait took the first): it is consumed first, or
-// unblocking would let it kill the process that is about to exit cleanly.
+// Restores the default handling of SIGINT/SIGTERM once the server is down. Duplicates of
+// the signal that stopped it may be pending or still on their way: timeout(1) delivers
+// SIGTERM twice (to the child, then to its process group), and under load the second can
+// come well after sigwait took the first. Pending ones are consumed; late ones are ignored
+// for a grace period, after which the defaults return, so that an exit step that hangs
+// (MPI_Finalize, say) can still be stopped. Without this a duplicate killed a rank that was
+// exiting cleanly (exit 143 in tcp_launch_test).
 void UnblockStopSignals(const sigset_t& stop_signals) {
   const timespec now{};
   while (sigtimedwait(&stop_signals, nullptr, &now) > 0) {
   }
+  std::signal(SIGINT, SIG_IGN);
+  std::signal(SIGTERM, SIG_IGN);
   pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+  std::thread([] {
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
+  }).detach();
 }
 
 struct ServeOptions {
