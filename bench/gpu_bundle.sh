@@ -19,7 +19,7 @@ CARRY=.gpu-carry
 TREE_MB=$(( ($(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) >> 20) + 1 ))
 BUDGET_MB=$(( 60 - TREE_MB ))
 TARGETS=(kernels_gpu_test elementwise_gpu_test gemm_gpu_test kv_encode_gpu_test
-         paged_attention_gpu_test comm_codec_gpu_test cuda_engine_gpu_test gpu_bench)
+         paged_attention_gpu_test comm_codec_gpu_test cuda_engine_gpu_test gpu_bench quantkv)
 [[ -f $MODEL ]] || { echo "gpu_bundle: no model at $MODEL (build/launcher/quantkv fetch-model)" >&2; exit 1; }
 [[ -f $BUILD/CMakeCache.txt ]] || { echo "gpu_bundle: configure $BUILD first (scripts/build.sh)" >&2; exit 1; }
 grep -q "QUANTKV_CUDA:BOOL=ON" "$BUILD/CMakeCache.txt" || { echo "gpu_bundle: $BUILD has no CUDA backend" >&2; exit 1; }

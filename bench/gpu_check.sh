@@ -66,6 +66,32 @@ for t in kernels_gpu_test elementwise_gpu_test gemm_gpu_test kv_encode_gpu_test 
   RESULT[$t]="rc=$rc $(( $(date +%s) - start ))s passed $(count OK) failed $(count FAILED) skipped $(count SKIPPED)"
   say "   ${RESULT[$t]}"
 done
+# The command line on the GPU: generate on the CPU, on the GPU, and at --tp 2 with both
+# ranks on this one GPU (ranks over TCP, no mpirun in the bundle; the row-parallel sums go
+# through pinned host memory and the TCP communicator). The texts are printed side by side:
+# greedy decoding may part at a near-tie, since the GPU sums in another order.
+say "== quantkv generate: cpu, cuda, cuda --tp 2"
+Q=("$LOADER" --library-path "$B/lib$CUDA_LIBS" "$B/bin/quantkv")
+GEN=(generate --kv int4-comp --kv-budget-mb 256 --prompt "The three primary colors are" --max-tokens 24)
+for dev in cpu cuda; do
+  timeout 60 "${Q[@]}" "${GEN[@]}" --device $dev > "/tmp/gen.$dev" 2>> "$LOG"
+  say "   $dev: rc=$? $(cat /tmp/gen.$dev)"
+done
+if [[ -s $MODEL ]]; then
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  echo "secret-$RANDOM$RANDOM" > /tmp/gen.secret
+  TP=(--tp 2 --device cuda --rendezvous 127.0.0.1:$PORT --secret-file /tmp/gen.secret)
+  timeout 90 "${Q[@]}" "${GEN[@]}" "${TP[@]}" --rank 0 > /tmp/gen.tp2 2>> "$LOG" &
+  r0=$!
+  timeout 90 "${Q[@]}" "${GEN[@]}" "${TP[@]}" --rank 1 > /dev/null 2>> "$LOG"
+  rc1=$?
+  wait $r0
+  say "   cuda --tp 2: rc=$? (rank 1 rc=$rc1) $(cat /tmp/gen.tp2)"
+  if [[ -s /tmp/gen.cuda && -s /tmp/gen.tp2 ]]; then
+    cmp -s /tmp/gen.cuda /tmp/gen.tp2 && say "   cuda --tp 2 == cuda" || say "   cuda --tp 2 != cuda (see above)"
+  fi
+fi
+
 # Benchmarks.
 say "== gpu_bench"
 timeout 240 "$LOADER" --library-path "$B/lib$CUDA_LIBS" "$B/bin/gpu_bench" --out "$OUT" \
