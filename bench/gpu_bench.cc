@@ -24,6 +24,7 @@
 #include "bench/results.h"
 #include "kernels/attention.h"
 #include "kernels/kv_slab_format.h"
+#include "runtime/engine/device_forward.h"
 #include "runtime/engine/engine.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/kv/kv_policy.h"
@@ -54,15 +55,18 @@ std::string DefaultModel() {
          "/.cache/quantkv/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
+// The device as the engine opens it (node-local rank's GPU), with the driver and runtime.
 std::string DeviceLine() {
-  int dev = 0, driver = 0, runtime = 0;
-  CUDA_OR_DIE(cudaGetDevice(&dev));
-  cudaDeviceProp p;
-  CUDA_OR_DIE(cudaGetDeviceProperties(&p, dev));
+  absl::StatusOr<DeviceInfo> info = OpenCudaDevice();
+  if (!info.ok()) {
+    std::cerr << "gpu_bench: " << info.status() << "\n";
+    std::exit(1);
+  }
+  int driver = 0, runtime = 0;
   cudaDriverGetVersion(&driver);
   cudaRuntimeGetVersion(&runtime);
-  return absl::StrFormat("%s (sm_%d%d, %d MB), CUDA driver %d.%d, runtime %d.%d", p.name, p.major,
-                         p.minor, static_cast<int64_t>(p.totalGlobalMem >> 20), driver / 1000,
+  return absl::StrFormat("%s (sm_%d%d, %d MB), CUDA driver %d.%d, runtime %d.%d", info->name,
+                         info->sm_major, info->sm_minor, info->total_bytes >> 20, driver / 1000,
                          driver % 1000 / 10, runtime / 1000, runtime % 1000 / 10);
 }
 

@@ -35,6 +35,7 @@
 #include "kernels/fp16.h"
 #include "kernels/kv_clip_model.h"
 #include "kernels/kv_codec.h"
+#include "kernels/kv_slab_format.h"
 
 namespace quantkv::kernels {
 namespace kv_codec_internal {
@@ -139,19 +140,8 @@ class ChannelAffine {
   const float* bi_ = nullptr;
 };
 
-// Code of channel c in a packed row.
-inline int CodeAt(const uint8_t* row, int bits, int64_t c) {
-  switch (bits) {
-    case 8:
-      return row[c];
-    case 4:
-      return (row[c >> 1] >> ((c & 1) * 4)) & 0xf;
-    case 2:
-      return (row[c >> 2] >> ((c & 3) * 2)) & 0x3;
-    default:
-      return static_cast<int>((Load24(row + 3 * (c >> 3)) >> (3 * (c & 7))) & 0x7u);
-  }
-}
+// Code of channel c in a packed row: the layout header's, which the CUDA kernels share.
+using slab::CodeAt;
 
 void PackRow(const uint8_t* q, int bits, int64_t d, uint8_t* row) {
   switch (bits) {

@@ -234,27 +234,20 @@ absl::Status CudaForward::UploadMatrix(const WeightSource& w, const std::string&
   const kernels::GgmlTypeInfo& info = kernels::GgmlTypeInfoOf(t->type);
   const int64_t row_bytes = cols / info.block_size * info.type_size;
   std::vector<float> row(static_cast<size_t>(cols));
-  const bool bf16 = gemm_weights_ == kernels::cuda::GemmWeights::kBF16;
-  std::vector<float> f32;
-  std::vector<uint16_t> b16;
-  (bf16 ? static_cast<void>(b16.resize(keep_rows.size * keep_cols.size))
-        : static_cast<void>(f32.resize(keep_rows.size * keep_cols.size)));
+  std::vector<float> f32(static_cast<size_t>(keep_rows.size * keep_cols.size));
   for (int64_t r = 0; r < keep_rows.size; ++r) {
     QKV_RETURN_IF_ERROR(kernels::DequantizeRow(t->type, t->data + (keep_rows.begin + r) * row_bytes,
                                                row.data(), cols));
-    for (int64_t c = 0; c < keep_cols.size; ++c) {
-      const float x = row[keep_cols.begin + c];
-      if (bf16) {
-        b16[r * keep_cols.size + c] = kernels::Fp32ToBf16(x);
-      } else {
-        f32[r * keep_cols.size + c] = x;
-      }
-    }
+    std::copy_n(row.data() + keep_cols.begin, keep_cols.size, f32.data() + r * keep_cols.size);
   }
   out->rows = keep_rows.size;
   out->cols = keep_cols.size;
-  return bf16 ? Upload(b16.data(), static_cast<int64_t>(b16.size()) * 2, &out->mem, name.c_str())
-              : Upload(f32.data(), static_cast<int64_t>(f32.size()) * 4, &out->mem, name.c_str());
+  if (gemm_weights_ == kernels::cuda::GemmWeights::kF32) {
+    return Upload(f32.data(), static_cast<int64_t>(f32.size()) * 4, &out->mem, name.c_str());
+  }
+  std::vector<uint16_t> b16(f32.size());
+  for (size_t i = 0; i < f32.size(); ++i) b16[i] = kernels::Fp32ToBf16(f32[i]);
+  return Upload(b16.data(), static_cast<int64_t>(b16.size()) * 2, &out->mem, name.c_str());
 }
 
 absl::Status CudaForward::UploadVector(const WeightSource& w, const std::string& name, int64_t n,
